@@ -1,0 +1,33 @@
+# Replication DAG: data -> one job per (run, seed) -> per-experiment aggregation + figure -> tables -> report.
+# Usage: snakemake --cores N            (scale from params.yaml, `default`)
+#        snakemake --cores N --config scale=smoke
+#        snakemake -n                   (the plan)       snakemake --report report.html
+# Experiments, runs and scales are defined in params.yaml only (validated below before any job runs).
+import sys
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+configfile: "params.yaml"
+validate(config, "src/trainability/params.schema.yaml")
+
+from trainability.config import validate_params, resolve_run, config_hash
+from trainability import pipeline as P
+
+validate_params(config)
+SCALE = config["scale"]
+SEEDS = config["scales"][SCALE]["seeds"]
+PY = sys.executable  # jobs use the interpreter that runs Snakemake (the project's venv)
+
+report: "workflow/report/workflow.rst"
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/runs.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    input:
+        [f for e in config["experiments"] for f in P.figure_paths(SCALE, e)],
+        P.table_paths(SCALE),

@@ -1,0 +1,132 @@
+"""Configuration: params.yaml is the single source of truth.
+
+A *run config* is `run_defaults`, overridden by the scale's `run` block, then by the named run in
+`runs`, then by the seed. `params.schema.yaml` (beside this file) validates both params.yaml and every
+resolved run config, so a bad value fails before any compute with a message naming the key.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+
+SCHEMA_PATH = Path(str(files("trainability") / "params.schema.yaml"))
+
+
+class ConfigError(ValueError):
+    """An invalid params.yaml or run config; the message names the offending key."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _key_path(error) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def _check(instance: dict, schema: dict, what: str) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_key_path(e)}: {e.message}" for e in errors[:10]]
+        raise ConfigError(f"invalid {what}:\n" + "\n".join(lines))
+
+
+def deep_merge(base: dict, override: dict | None) -> dict:
+    """Recursive dict merge; `override` wins, lists are replaced whole."""
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def validate_params(params: dict) -> dict:
+    """Validate a params.yaml dict (schema + cross references). Returns it unchanged."""
+    _check(params, load_schema(), "params.yaml")
+    if params["scale"] not in params["scales"]:
+        raise ConfigError(f"invalid params.yaml:\n  scale: {params['scale']!r} is not one of scales "
+                          f"{sorted(params['scales'])}")
+    for name, exp in params["experiments"].items():
+        for r in exp["runs"]:
+            if r not in params["runs"]:
+                raise ConfigError(f"invalid params.yaml:\n  experiments.{name}.runs: unknown run {r!r}")
+    for name, scale in params["scales"].items():
+        for r in scale.get("runs", []):
+            if r not in params["runs"]:
+                raise ConfigError(f"invalid params.yaml:\n  scales.{name}.runs: unknown run {r!r}")
+    # every run must resolve to a valid config at every scale: catch impossible combinations early
+    for scale in params["scales"]:
+        for run in run_names(params, scale):
+            resolve_run(params, scale, run, seed=0)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    params = deep_merge(yaml.safe_load(path.read_text()) or {}, overrides)
+    return validate_params(params)
+
+
+def run_names(params: dict, scale: str) -> list[str]:
+    """The runs a scale executes: its `runs` list, or all runs."""
+    return list(params["scales"][scale].get("runs") or params["runs"])
+
+
+def resolve_run(params: dict, scale: str, run: str, seed: int) -> dict:
+    """The complete config of one (scale, run, seed), validated."""
+    if run not in params["runs"]:
+        raise ConfigError(f"unknown run {run!r}; known runs: {sorted(params['runs'])}")
+    cfg = deep_merge(params["run_defaults"], params["scales"][scale].get("run"))
+    cfg = deep_merge(cfg, params["runs"][run])
+    cfg["seed"] = int(seed)
+    cfg.setdefault("wandb", {})
+    validate_run(cfg, where=f"run {run!r} at scale {scale!r}")
+    return cfg
+
+
+def validate_run(cfg: dict, where: str = "run config") -> dict:
+    schema = load_schema()
+    run_schema = {"definitions": schema["definitions"],
+                  "allOf": [{"$ref": "#/definitions/run"},
+                            schema["properties"]["run_defaults"]["allOf"][1],
+                            {"required": ["seed"]}]}
+    _check(cfg, run_schema, where)
+    return cfg
+
+
+def set_dotted(cfg: dict, assignment: str) -> dict:
+    """Apply a `key.sub=value` override (value parsed as YAML) to a copy of cfg."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads "3e-4" as a string; users mean a number
+            value = float(value)
+        except ValueError:
+            pass
+    override: dict = {}
+    node = override
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return deep_merge(cfg, override)
+
+
+def config_hash(cfg: dict) -> str:
+    """Stable hash of the scientific config (W&B naming and resume checks excluded)."""
+    core = {k: v for k, v in cfg.items() if k not in ("wandb", "device", "threads", "data")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]

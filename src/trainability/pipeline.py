@@ -1,0 +1,120 @@
+"""Where the pipeline's files live, shared by the Snakefile and dvc.yaml so they cannot drift apart.
+
+`python -m trainability.pipeline dvc-yaml` regenerates dvc.yaml from params.yaml (a test checks the
+committed file is current). Both Snakemake rules and DVC stages run the same commands:
+`trainability-run` for a run, `workflow/scripts/aggregate.py` and `workflow/scripts/figures.py` after.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import load_params, run_names
+
+FIGURE_EXPERIMENTS = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig9",
+                      "ablation-global", "ablation-bound")
+TABLES = ("table1.md", "results.md", "results.csv", "paper_vs_ours.md")
+
+
+def results_dir(params: dict) -> str:
+    return params.get("results_dir", "results")
+
+
+def run_dir(params: dict, scale: str, run: str, seed: int) -> str:
+    return f"{results_dir(params)}/{scale}/runs/{run}/seed{seed}"
+
+
+def record_path(params: dict, scale: str, run: str, seed: int) -> str:
+    return f"{run_dir(params, scale, run, seed)}/record.json"
+
+
+def summary_path(params: dict, scale: str, experiment: str) -> str:
+    return f"{results_dir(params)}/{scale}/experiments/{experiment}/summary.json"
+
+
+def curves_path(params: dict, scale: str, experiment: str) -> str:
+    return f"{results_dir(params)}/{scale}/experiments/{experiment}/curves.csv"
+
+
+def figure_paths(scale: str, experiment: str) -> list[str]:
+    return [f"figures/{scale}/{experiment}.png", f"figures/{scale}/{experiment}.pdf"]
+
+
+def table_paths(scale: str) -> list[str]:
+    return [f"figures/{scale}/tables/{t}" for t in TABLES]
+
+
+def experiment_records(params: dict, scale: str, experiment: str) -> list[str]:
+    seeds = params["scales"][scale]["seeds"]
+    return [record_path(params, scale, r, s) for r in params["experiments"][experiment]["runs"] for s in seeds]
+
+
+def all_records(params: dict, scale: str) -> list[str]:
+    seeds = params["scales"][scale]["seeds"]
+    return [record_path(params, scale, r, s) for r in run_names(params, scale) for s in seeds]
+
+
+def dvc_yaml(params: dict) -> dict:
+    """dvc.yaml for params['scale']: one stage per (run, seed), per experiment, and for the tables."""
+    scale = params["scale"]
+    py = "python"
+    stages: dict = {"data": {"cmd": f"{py} -m trainability.data --root data",
+                             "deps": ["src/trainability/data.py"],
+                             "params": ["run_defaults.data"],
+                             "outs": ["data/MNIST/raw"]}}
+    for run in run_names(params, scale):
+        for seed in params["scales"][scale]["seeds"]:
+            out = run_dir(params, scale, run, seed)
+            stages[f"run@{run}-seed{seed}"] = {
+                "cmd": f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",
+                "deps": ["data/MNIST/raw", "src/trainability"],
+                "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"],
+                "outs": [{f"{out}/record.json": {"cache": True}}]}
+    for exp in params["experiments"]:
+        recs = experiment_records(params, scale, exp)
+        stages[f"experiment@{exp}"] = {
+            "cmd": f"{py} workflow/scripts/aggregate.py --scale {scale} --experiment {exp} && "
+                   f"{py} workflow/scripts/figures.py --scale {scale} --experiment {exp}",
+            "deps": sorted(set(recs)) + ["workflow/scripts/aggregate.py", "workflow/scripts/figures.py",
+                                         "src/trainability/figures.py"],
+            "params": [f"experiments.{exp}"],
+            "metrics": [{summary_path(params, scale, exp): {"cache": False}}],
+            "plots": [{curves_path(params, scale, exp): {"x": "task", "y": "online_acc", "cache": False}}],
+            "outs": [{p: {"cache": False}} for p in figure_paths(scale, exp)]}
+    stages["tables"] = {
+        "cmd": f"{py} workflow/scripts/tables.py --scale {scale}",
+        "deps": [summary_path(params, scale, e) for e in params["experiments"]]
+                + ["workflow/scripts/tables.py", "src/trainability/tables.py"],
+        "params": ["run_defaults", f"scales.{scale}"],
+        "outs": [{p: {"cache": False}} for p in table_paths(scale)]}
+    return {"stages": stages}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainability.pipeline",
+                                description="Pipeline helpers shared by the Snakefile and dvc.yaml.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("dvc-yaml", help="write dvc.yaml generated from params.yaml")
+    g.add_argument("--params", default="params.yaml")
+    g.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is not current")
+    args = p.parse_args(argv)
+    params = load_params(args.params)
+    text = ("# GENERATED from params.yaml by `python -m trainability.pipeline dvc-yaml`; do not edit.\n"
+            "# Regenerate after changing the scale, the runs or the experiments.\n"
+            + yaml.safe_dump(dvc_yaml(params), sort_keys=False, width=120))
+    if args.check:
+        current = Path("dvc.yaml").read_text() if Path("dvc.yaml").exists() else ""
+        if current != text:
+            print("dvc.yaml is out of date: run `python -m trainability.pipeline dvc-yaml`", file=sys.stderr)
+            return 1
+        return 0
+    Path("dvc.yaml").write_text(text)
+    print(f"wrote dvc.yaml ({len(text.splitlines())} lines, scale {params['scale']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The run record: the one machine-readable output of a run, and the source of every figure.
+
+Layout in docs/DESIGN.md. Written atomically, so an interrupted run never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import config_hash
+
+RECORD_NAME = "record.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(cfg: dict, device: torch.device) -> dict:
+    import numpy
+
+    from . import __version__
+    return {
+        "package": __version__,
+        "git_commit": _git_commit(),
+        "config_hash": config_hash(cfg),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def new_record(cfg: dict, device: torch.device, layers: list[str]) -> dict:
+    return {
+        "config": cfg,
+        "seed": cfg["seed"],
+        "status": "running",
+        "diverged_at_task": None,
+        "provenance": provenance(cfg, device),
+        "tasks": [],
+        "decisions": {"step": [], "task": [], "task_frac": [],
+                      "layers": {name: {} for name in layers}},
+    }
+
+
+def append_decision(record: dict, step: int, task: int, task_frac: float, rows: dict) -> None:
+    """Append one decision step (rows = scheduler.step output: {layer: {field: value}})."""
+    d = record["decisions"]
+    d["step"].append(step)
+    d["task"].append(task)
+    d["task_frac"].append(round(task_frac, 6))
+    for layer, row in rows.items():
+        series = d["layers"].setdefault(str(layer), {})
+        for field, value in row.items():
+            series.setdefault(field, []).append(_jsonable(value))
+
+
+def _jsonable(v):
+    # NaN/inf stay as Python's json tokens (NaN, Infinity): records are read back by our code only;
+    # the DVC metrics files written by the aggregation step are strict JSON.
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_record(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

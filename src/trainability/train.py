@@ -1,0 +1,291 @@
+"""The continual-training engine (SPEC 2-3, 6) and the `trainability-run` command.
+
+One run = one stream of tasks, one model, one Adam with a parameter group per layer, one arm
+(vanilla / reset / scheduled). Every `measure.every` steps the per-layer quantities of SPEC 5 are
+measured on the current minibatch, before the optimiser step, and handed to the scheduler (which only
+records them unless the arm is `scheduled`). Checkpoints are written at task boundaries; a restarted
+run resumes from the last one and gives the same record as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import config as C
+from .data import load_mnist
+from .measure import DecisionProbe, compute_indicators
+from .models import build_model, param_groups
+from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
+                     save_checkpoint, write_json_atomic)
+from .regularizers import adam_weight_decay, build_regularizer
+from .scheduler import build_scheduler, crossings
+from .streams import batches, make_stream
+from .wandb_log import WandbLogger
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise C.ConfigError("device: 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def _sub_seed(seed: int, *parts: int) -> int:
+    """Deterministic derived seed, so every random draw is a function of (seed, task, ...) alone."""
+    s = seed
+    for p in parts:
+        s = (s * 1_000_003 + p + 1) % (2**62)
+    return s
+
+
+class Learner:
+    """Model, optimiser, regulariser, measurement probe and scheduler of one run (rebuilt by `reset`)."""
+
+    def __init__(self, cfg: dict, device: torch.device, init_seed: int):
+        torch.manual_seed(init_seed)
+        self.model = build_model(cfg["model"]).to(device)
+        o = cfg["optim"]
+        self.optimizer = torch.optim.Adam(
+            param_groups(self.model, o["lr"], adam_weight_decay(cfg["regularizer"])),
+            lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+        self.regularizer = build_regularizer(cfg["regularizer"], self.model)
+        self.measuring = cfg["measure"]["enabled"] or cfg["arm"] == "scheduled"
+        m = cfg["measure"]
+        self.probe = DecisionProbe(self.model, self.optimizer, cfg["batch_size"], eig_tol=m["eig_tol"],
+                                   eig_max_iter=m["eig_max_iter"], global_too=m["global"]) \
+            if self.measuring else None
+        sched_cfg = dict(cfg["scheduler"], act=cfg["arm"] == "scheduled")
+        self.scheduler = build_scheduler(sched_cfg, self.optimizer, cfg["batch_size"])
+
+    def loss(self, x, y):
+        logits = self.model(x)
+        ce = F.cross_entropy(logits, y)
+        total = ce + self.regularizer(self.model) if self.regularizer is not None else ce
+        return logits, ce, total
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "regularizer": self.regularizer.state_dict() if hasattr(self.regularizer, "state_dict") else None,
+                "probe": self.probe.state_dict() if self.probe else None,
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        if s["regularizer"] is not None:
+            self.regularizer.load_state_dict(s["regularizer"])
+        if self.probe and s["probe"] is not None:
+            self.probe.load_state_dict(s["probe"])
+        self.scheduler.load_state_dict(s["scheduler"])
+
+
+@torch.no_grad()
+def evaluate(model, x, y, chunk: int = 4096) -> tuple[float, float]:
+    """Loss and accuracy of the model on a whole task (end-of-task training metrics)."""
+    was_training = model.training
+    model.eval()
+    loss = correct = 0.0
+    for i in range(0, len(x), chunk):
+        logits = model(x[i:i + chunk])
+        loss += F.cross_entropy(logits, y[i:i + chunk], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i:i + chunk]).sum().item()
+    model.train(was_training)
+    return loss / len(x), correct / len(x)
+
+
+def steps_per_task(cfg: dict) -> tuple[int, int, int]:
+    epochs = max(1, round(cfg["epochs_per_task"] * cfg["epochs_factor"]))
+    per_epoch = cfg["stream"]["n_images"] // cfg["batch_size"]
+    if per_epoch < 1:
+        raise C.ConfigError(f"stream.n_images ({cfg['stream']['n_images']}) must be >= batch_size "
+                            f"({cfg['batch_size']})")
+    return epochs, per_epoch, epochs * per_epoch
+
+
+def _wandb_logger(cfg: dict, meta: dict) -> WandbLogger:
+    w = cfg["wandb"]
+    run, scale = meta.get("run", "run"), meta.get("scale", "custom")
+    return WandbLogger(cfg, project=w["project"], entity=w["entity"], mode=w["mode"], dir=w["dir"],
+                       name=w["name"] or f"{scale}/{run}/seed{cfg['seed']}",
+                       group=w["group"] or f"{scale}/{run}", job_type=cfg["arm"],
+                       tags=[scale, cfg["arm"], run.split("-")[0], *w["tags"]])
+
+
+def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: bool = True,
+        progress: bool = True, stop_after_task: int | None = None) -> dict:
+    """Run one continual-learning stream; returns (and writes to out_dir/record.json) the run record.
+
+    `stop_after_task` simulates an interruption (used by the resume test).
+    """
+    cfg = C.validate_run(cfg)
+    meta = meta or {}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record_path, ckpt_path = out_dir / RECORD_NAME, out_dir / CHECKPOINT_NAME
+    chash = C.config_hash(cfg)
+    if resume and record_path.exists():
+        done = load_record(record_path)
+        if done["status"] in ("completed", "diverged") and done["provenance"]["config_hash"] == chash:
+            return done
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
+    seed = cfg["seed"]
+
+    x_all, y_all = load_mnist(cfg["data"]["root"], train=True)
+    stream = make_stream(cfg["stream"], x_all, y_all, seed, device)
+    epochs, per_epoch, task_steps = steps_per_task(cfg)
+    K, B = cfg["measure"]["every"], cfg["batch_size"]
+
+    learner = Learner(cfg, device, init_seed=_sub_seed(seed, 0))
+    n_layers = learner.model.n_layers
+    layer_names = [str(l) for l in range(1, n_layers + 1)] + (["global"] if cfg["measure"]["global"] else [])
+    record = new_record(cfg, device, layer_names)
+    record.update(name=meta.get("run"), scale=meta.get("scale"))
+    start_task, step = 0, 0
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt["record"]["provenance"]["config_hash"] != chash:
+            raise C.ConfigError(f"{ckpt_path} belongs to a different config; delete {out_dir} or pass --fresh")
+        learner.load_state_dict(ckpt["learner"])
+        record, start_task, step = ckpt["record"], ckpt["next_task"], ckpt["step"]
+
+    logger = _wandb_logger(cfg, meta)
+    bar = tqdm(total=cfg["n_tasks"] * task_steps, initial=start_task * task_steps, disable=not progress,
+               desc=f"{meta.get('run', 'run')} s{seed}", unit="step", dynamic_ncols=True, mininterval=2)
+    model = learner.model
+    for t in range(start_task, cfg["n_tasks"]):
+        if cfg["arm"] == "reset" and t > 0:
+            learner = Learner(cfg, device, init_seed=_sub_seed(seed, t))
+            model = learner.model
+        x, y = stream.task(t)
+        t0 = time.perf_counter()
+        indicators = None
+        if cfg["indicators"]["enabled"]:
+            nf = cfg["indicators"]["n_fixed"]
+            indicators = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], learner.regularizer)
+        gen = torch.Generator(device=device).manual_seed(_sub_seed(seed, t, 1))
+        correct = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)
+        rows_this_task = []
+        step_in_task = 0
+        diverged = False
+        for _ in range(epochs):
+            for idx in batches(stream.n, B, gen, drop_last=True):
+                xb, yb = x[idx], y[idx]
+                logits, ce, total = learner.loss(xb, yb)
+                correct += (logits.argmax(1) == yb).sum()  # pre-update: online accuracy (SPEC 2)
+                loss_sum += ce.detach()
+                learner.optimizer.zero_grad(set_to_none=True)
+                frac = step_in_task / task_steps
+                if learner.probe is not None and (step + 1) % K == 0:
+                    with learner.probe.capture():
+                        total.backward()
+                    m = learner.probe.measure(lambda: learner.loss(xb, yb)[2])
+                    rows = learner.scheduler.step(m, frac)
+                    rows_this_task.append(rows)
+                    append_decision(record, step, t, frac, rows)
+                    if cfg["wandb"]["log_decisions"]:
+                        logger.log({f"layer{l}/{k}": v for l, r in rows.items() for k, v in r.items()
+                                    if k != "rule"}, step=step)
+                else:
+                    total.backward()
+                learner.optimizer.step()
+                learner.scheduler.on_step(frac)
+                step += 1
+                step_in_task += 1
+            bar.update(per_epoch)
+            if not torch.isfinite(loss_sum):  # one host sync per epoch, not per step
+                diverged = True
+                break
+        online_acc = correct.item() / (step_in_task * B)
+        end_loss, end_acc = evaluate(model, x, y)
+        task_rec = {"task": t, "online_acc": online_acc, "end_loss": end_loss, "end_acc": end_acc,
+                    "steps": step_in_task, "wall_s": round(time.perf_counter() - t0, 3),
+                    "lr": [g["lr"] for g in learner.optimizer.param_groups],
+                    "crossings": crossings(rows_this_task) if rows_this_task else None,
+                    "indicators": indicators}
+        record["tasks"].append(task_rec)
+        logger.log({"task": t, "online_acc": online_acc, "end_loss": end_loss, "end_acc": end_acc,
+                    **{f"lr/layer{i + 1}": lr for i, lr in enumerate(task_rec["lr"])},
+                    **{f"crossings/{k}": v for k, v in (task_rec["crossings"] or {}).items()},
+                    **{f"indicators/{k}": v for k, v in (indicators or {}).items()}}, step=step)
+        bar.set_postfix(task=t, acc=f"{online_acc:.3f}")
+        if diverged or not (end_loss == end_loss and abs(end_loss) != float("inf")):
+            record.update(status="diverged", diverged_at_task=t)
+            break
+        save_checkpoint({"learner": learner.state_dict(), "record": record, "next_task": t + 1,
+                         "step": step}, ckpt_path)
+        if stop_after_task is not None and t >= stop_after_task and t + 1 < cfg["n_tasks"]:
+            bar.close()
+            logger.finish(exit_code=1)
+            return record
+    bar.close()
+    if record["status"] == "running":
+        record["status"] = "completed"
+    record["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json_atomic(record, record_path)
+    logger.summary({"status": record["status"], "final_online_acc": record["tasks"][-1]["online_acc"],
+                    "mean_online_acc": sum(r["online_acc"] for r in record["tasks"]) / len(record["tasks"])})
+    logger.finish(exit_code=0 if record["status"] == "completed" else 1)
+    ckpt_path.unlink(missing_ok=True)
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainability-run",
+        description="Run one continual-learning stream (one run config x one seed) and write its record.json. "
+                    "The config is run_defaults <- scales[SCALE].run <- runs[RUN] from params.yaml, then --set.",
+        epilog="example: trainability-run --run crelu-scheduled --scale smoke --seed 0 --out /tmp/crelu")
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--scale", default=None, help="entry of `scales` (default: params.yaml's `scale`)")
+    p.add_argument("--run", required=True, help="entry of `runs` in params.yaml")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: <results_dir>/<scale>/runs/<run>/seed<seed>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config key, e.g. --set optim.lr=1e-2 --set n_tasks=5 (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint/record and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = C.load_params(args.params)
+        scale = args.scale or params["scale"]
+        if scale not in params["scales"]:
+            raise C.ConfigError(f"--scale {scale!r} is not one of {sorted(params['scales'])}")
+        cfg = C.resolve_run(params, scale, args.run, args.seed)
+        for a in args.set:
+            cfg = C.set_dotted(cfg, a)
+        C.validate_run(cfg, where="run config after --set")
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    out = Path(args.out or Path(params.get("results_dir", "results")) / scale / "runs" / args.run / f"seed{args.seed}")
+    rec = run(cfg, out, meta={"run": args.run, "scale": scale}, resume=not args.fresh,
+              progress=not args.no_progress)
+    for tr in rec["tasks"]:
+        print(f"task {tr['task']:3d}  online acc {tr['online_acc']:.4f}  end acc {tr['end_acc']:.4f}  "
+              f"end loss {tr['end_loss']:.4f}")
+    print(f"{rec['status']}: {out / RECORD_NAME}")
+    return 0 if rec["status"] in ("completed", "diverged") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""W&B logging that can never fail a run.
+
+Offline by default (no account, no network): runs land in `<dir>/wandb/offline-run-*` and can be
+uploaded later with `wandb sync <dir>/wandb/offline-run-*`. Any W&B error is reported once and logging
+is switched off; the local run record stays the source of every figure.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+
+class WandbLogger:
+    def __init__(self, cfg: dict, *, project: str, name: str | None, group: str | None,
+                 mode: str = "offline", entity: str | None = None, dir: str = ".",
+                 tags: list[str] | None = None, job_type: str | None = None):
+        self.run = None
+        if mode == "disabled":
+            return
+        try:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            os.makedirs(dir, exist_ok=True)
+            import wandb
+
+            self.run = wandb.init(project=project, entity=entity, name=name, group=group,
+                                  job_type=job_type, tags=tags or [], config=cfg, mode=mode, dir=dir,
+                                  reinit="create_new",
+                                  settings=wandb.Settings(init_timeout=60, console="off",
+                                                          x_disable_stats=True))
+        except Exception as e:  # noqa: BLE001 - W&B must never fail a run
+            self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        warnings.warn(f"W&B logging disabled for this run: {type(e).__name__}: {e}", stacklevel=3)
+        print(f"[wandb] disabled: {e}", file=sys.stderr)
+        self.run = None
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(data, step=step)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def summary(self, data: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update(data)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+        self.run = None

@@ -1,0 +1,84 @@
+"""params.yaml validation: a bad value fails before any compute, with a message naming the key."""
+import copy
+
+import pytest
+import yaml
+
+from trainability import config as C
+
+PARAMS = yaml.safe_load(open("params.yaml"))
+
+
+def _broken(path, value):
+    p = copy.deepcopy(PARAMS)
+    node = p
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return p
+
+
+def test_repository_params_are_valid():
+    C.validate_params(copy.deepcopy(PARAMS))
+
+
+@pytest.mark.parametrize("path, value, named", [
+    (["run_defaults", "optim", "lr"], -1.0, "run_defaults.optim.lr"),
+    (["run_defaults", "optim", "lr"], "fast", "run_defaults.optim.lr"),
+    (["run_defaults", "batch_size"], 1, "run_defaults.batch_size"),
+    (["run_defaults", "model", "activation"], "gelu", "run_defaults.model.activation"),
+    (["run_defaults", "scheduler", "cool"], 1.5, "run_defaults.scheduler.cool"),
+    (["runs", "l2-vanilla", "regularizer", "kind"], "l1", "runs.l2-vanilla.regularizer.kind"),
+    (["scales", "smoke", "seeds"], [], "scales.smoke.seeds"),
+    (["run_defaults", "optim", "learning_rate"], 1e-3, "run_defaults.optim"),  # unknown key
+])
+def test_invalid_value_names_the_key(path, value, named):
+    with pytest.raises(C.ConfigError) as e:
+        C.validate_params(_broken(path, value))
+    assert named in str(e.value)
+
+
+def test_unknown_run_in_experiment_is_named():
+    p = copy.deepcopy(PARAMS)
+    p["experiments"]["fig5"]["runs"].append("nope")
+    with pytest.raises(C.ConfigError, match=r"experiments\.fig5\.runs.*nope"):
+        C.validate_params(p)
+
+
+def test_unknown_scale_is_named():
+    with pytest.raises(C.ConfigError, match="scale"):
+        C.validate_params(_broken(["scale"], "huge"))
+
+
+def test_resolution_order_and_seed():
+    cfg = C.resolve_run(PARAMS, "smoke", "crelu-scheduled", seed=3)
+    assert cfg["seed"] == 3
+    assert cfg["model"]["activation"] == "crelu" and cfg["optim"]["lr"] == 1e-2   # run override
+    assert cfg["n_tasks"] == PARAMS["scales"]["smoke"]["run"]["n_tasks"]           # scale override
+    assert cfg["optim"]["betas"] == [0.9, 0.999]                                   # default
+    assert cfg["arm"] == "scheduled"
+
+
+def test_set_dotted_and_hash():
+    cfg = C.resolve_run(PARAMS, "smoke", "l2-vanilla", seed=0)
+    cfg2 = C.set_dotted(cfg, "optim.lr=3e-4")
+    assert cfg2["optim"]["lr"] == 3e-4 and cfg["optim"]["lr"] == 1e-3
+    assert C.config_hash(cfg) != C.config_hash(cfg2)
+    cfg3 = C.set_dotted(cfg, "wandb.mode=disabled")
+    assert C.config_hash(cfg) == C.config_hash(cfg3)   # logging does not change the science
+    with pytest.raises(C.ConfigError, match="optim.lr"):
+        C.validate_run(C.set_dotted(cfg, "optim.lr=0"))
+
+
+def test_snakemake_validation_names_the_key():
+    """The same schema through Snakemake's own validator (what the Snakefile calls)."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+    validate(copy.deepcopy(PARAMS), str(C.SCHEMA_PATH))
+    with pytest.raises(WorkflowError, match="lr"):
+        validate(_broken(["run_defaults", "optim", "lr"], -1.0), str(C.SCHEMA_PATH))
+
+
+def test_dvc_yaml_is_generated_from_params():
+    from trainability.pipeline import main
+    assert main(["dvc-yaml", "--check"]) == 0, "run: python -m trainability.pipeline dvc-yaml"

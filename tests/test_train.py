@@ -1,0 +1,89 @@
+"""The continual-training engine: determinism, resume, divergence, the record."""
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from trainability import config as C
+from trainability.train import main, run
+
+PARAMS = yaml.safe_load(open("params.yaml"))
+
+
+def tiny(run_name="crelu-scheduled", **over):
+    cfg = C.resolve_run(PARAMS, "smoke", run_name, seed=0)
+    cfg = C.deep_merge(cfg, {"n_tasks": 3, "epochs_per_task": 2, "stream": {"n_images": 512},
+                             "measure": {"every": 2}, "indicators": {"n_fixed": 16},
+                             "wandb": {"mode": "disabled"}})
+    return C.deep_merge(cfg, over)
+
+
+def strip(rec):
+    """The record minus wall-clock fields, for equality checks."""
+    rec = copy.deepcopy(rec)
+    rec.pop("provenance")
+    for t in rec["tasks"]:
+        t.pop("wall_s")
+    return json.loads(json.dumps(rec))
+
+
+def test_record_contents(tmp_path, mnist_root):
+    cfg = tiny(data={"root": mnist_root})
+    rec = run(cfg, tmp_path, progress=False)
+    assert rec["status"] == "completed" and len(rec["tasks"]) == 3
+    t0 = rec["tasks"][0]
+    assert 0.0 <= t0["online_acc"] <= 1.0 and t0["steps"] == 2 * (512 // 256)
+    assert set(t0["crossings"]) == {"combined", "noise", "vol"}
+    assert t0["indicators"] and "hessian_rank" in t0["indicators"]
+    d = rec["decisions"]
+    assert len(d["step"]) == 3 * 4 // 2 and set(d["layers"]) >= {"1", "2", "3"}
+    assert len(d["layers"]["1"]["alpha"]) == len(d["step"])
+    prov = rec["provenance"]
+    assert prov["torch"] == torch.__version__ and len(prov["config_hash"]) == 16
+    on_disk = json.loads((tmp_path / "record.json").read_text())
+    assert on_disk["status"] == "completed"
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_same_seed_same_record(tmp_path, mnist_root):
+    cfg = tiny(data={"root": mnist_root})
+    a = run(cfg, tmp_path / "a", progress=False)
+    b = run(cfg, tmp_path / "b", progress=False)
+    assert strip(a) == strip(b)
+    c = run(dict(cfg, seed=1), tmp_path / "c", progress=False)
+    assert strip(a)["tasks"] != strip(c)["tasks"]
+
+
+@pytest.mark.parametrize("run_name", ["crelu-scheduled", "wass-reset"])
+def test_resume_equals_uninterrupted(tmp_path, mnist_root, run_name):
+    cfg = tiny(run_name, data={"root": mnist_root})
+    full = run(cfg, tmp_path / "full", progress=False)
+    partial = run(cfg, tmp_path / "resumed", progress=False, stop_after_task=0)
+    assert partial["status"] == "running" and (tmp_path / "resumed" / "checkpoint.pt").exists()
+    resumed = run(cfg, tmp_path / "resumed", progress=False)
+    assert strip(resumed) == strip(full)
+
+
+def test_divergence_is_recorded(tmp_path, mnist_root):
+    cfg = tiny("relu-vanilla", data={"root": mnist_root}, optim={"lr": 1e12}, n_tasks=4,
+               indicators={"enabled": False})
+    rec = run(cfg, tmp_path, progress=False)
+    assert rec["status"] == "diverged"
+    assert rec["diverged_at_task"] is not None and len(rec["tasks"]) == rec["diverged_at_task"] + 1
+
+
+def test_cli_help_and_bad_value(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "--run" in capsys.readouterr().out
+    assert main(["--run", "l2-vanilla", "--set", "optim.lr=-1", "--dry-run"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_cli_dry_run(capsys):
+    assert main(["--run", "crelu-scheduled", "--scale", "smoke", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["arm"] == "scheduled" and cfg["model"]["activation"] == "crelu"

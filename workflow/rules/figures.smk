@@ -1,0 +1,26 @@
+rule experiment:
+    """Aggregate an experiment's runs over seeds, then draw its figure (the paper's layout)."""
+    input:
+        records=lambda w: P.experiment_records(config, SCALE, w.experiment),
+    output:
+        summary=P.summary_path(config, SCALE, "{experiment}"),
+        curves=P.curves_path(config, SCALE, "{experiment}"),
+        png=report(f"figures/{SCALE}/{{experiment}}.png", category="Figures"),
+        pdf=f"figures/{SCALE}/{{experiment}}.pdf",
+    log:
+        f"{P.results_dir(config)}/{SCALE}/logs/experiment-{{experiment}}.log",
+    shell:
+        "({PY} workflow/scripts/aggregate.py --scale {SCALE} --experiment {wildcards.experiment} && "
+        "{PY} workflow/scripts/figures.py --scale {SCALE} --experiment {wildcards.experiment}) > {log} 2>&1"
+
+
+rule tables:
+    """Table 1 (from params.yaml), the results table, and the paper-vs-ours table."""
+    input:
+        [P.summary_path(config, SCALE, e) for e in config["experiments"]],
+    output:
+        [report(p, category="Tables") for p in P.table_paths(SCALE)],
+    log:
+        f"{P.results_dir(config)}/{SCALE}/logs/tables.log",
+    shell:
+        "{PY} workflow/scripts/tables.py --scale {SCALE} > {log} 2>&1"
