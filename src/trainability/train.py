@@ -61,7 +61,8 @@ class Learner:
         self.measuring = cfg["measure"]["enabled"] or cfg["arm"] == "scheduled"
         m = cfg["measure"]
         self.probe = DecisionProbe(self.model, self.optimizer, cfg["batch_size"], eig_tol=m["eig_tol"],
-                                   eig_max_iter=m["eig_max_iter"], global_too=m["global"]) \
+                                   eig_max_iter=m["eig_max_iter"], global_too=m["global"],
+                                   code_alpha_agg=cfg["scheduler"]["code_alpha_agg"], seed=init_seed) \
             if self.measuring else None
         sched_cfg = dict(cfg["scheduler"], act=cfg["arm"] == "scheduled")
         self.scheduler = build_scheduler(sched_cfg, self.optimizer, cfg["batch_size"])
@@ -172,7 +173,8 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
         indicators = None
         if cfg["indicators"]["enabled"]:
             nf = cfg["indicators"]["n_fixed"]
-            indicators = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], learner.regularizer)
+            indicators = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], learner.regularizer,
+                                            adam_weight_decay(cfg["regularizer"]))
         gen = torch.Generator(device=device).manual_seed(_sub_seed(seed, t, 1))
         correct = torch.zeros((), device=device)
         loss_sum = torch.zeros((), device=device)
@@ -182,14 +184,19 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
         for _ in range(epochs):
             for idx in batches(stream.n, B, gen, drop_last=True):
                 xb, yb = x[idx], y[idx]
-                logits, ce, total = learner.loss(xb, yb)
+                frac = step_in_task / task_steps
+                decide = learner.probe is not None and (step + 1) % K == 0
+                learner.optimizer.zero_grad(set_to_none=True)
+                if decide:
+                    with learner.probe.capture():  # hooks see this step's forward and backward
+                        logits, ce, total = learner.loss(xb, yb)
+                        total.backward()
+                else:
+                    logits, ce, total = learner.loss(xb, yb)
+                    total.backward()
                 correct += (logits.argmax(1) == yb).sum()  # pre-update: online accuracy (SPEC 2)
                 loss_sum += ce.detach()
-                learner.optimizer.zero_grad(set_to_none=True)
-                frac = step_in_task / task_steps
-                if learner.probe is not None and (step + 1) % K == 0:
-                    with learner.probe.capture():
-                        total.backward()
+                if decide:
                     m = learner.probe.measure(lambda: learner.loss(xb, yb)[2])
                     rows = learner.scheduler.step(m, frac)
                     rows_this_task.append(rows)
@@ -197,8 +204,6 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
                     if cfg["wandb"]["log_decisions"]:
                         logger.log({f"layer{l}/{k}": v for l, r in rows.items() for k, v in r.items()
                                     if k != "rule"}, step=step)
-                else:
-                    total.backward()
                 learner.optimizer.step()
                 learner.scheduler.on_step(frac)
                 step += 1

@@ -1,0 +1,85 @@
+"""The noise bound, the volatility bound and their combination (SPEC 5; paper Eqs. 1-3, A.3, A.5).
+
+Pure functions of floats (they also work elementwise on tensors). A zero denominator gives +inf:
+"no constraint", never an exception.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+EPS = 1e-12
+
+
+def _div(num, den):
+    if isinstance(den, (int, float)):
+        return num / den if den > 0 else math.inf
+    import torch
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, math.inf))
+
+
+def alpha_g(grad_sq, sigma2_ps, B: int):
+    """Noise bound alpha*_g = B ||g||^2 / sigma2_ps: the step below which a step descends in expectation
+    under gradient noise of per-example variance sigma2_ps at batch size B (up to the 2/L factor)."""
+    return _div(B * grad_sq, sigma2_ps)
+
+
+def alpha_vol(vol, kappa: float = 1.0):
+    """Volatility bound alpha*_vol = 1 / (kappa Vol) (practical form of Eq. A.3 when sigma2 >> mu^2)."""
+    return _div(1.0, kappa * vol)
+
+
+def tau(mu, sigma2):
+    """Curvature-only bound tau = 2 mu / (mu^2 + sigma2) (Eq. A.3 with c = 1)."""
+    return _div(2.0 * mu, mu * mu + sigma2)
+
+
+def cantelli_cap(mu, sigma2, delta: float):
+    """Eq. A.5: alpha <= 2 / (mu + sigma sqrt((1 - delta) / delta))."""
+    return _div(2.0, mu + math.sqrt(max(sigma2, 0.0)) * math.sqrt((1 - delta) / delta))
+
+
+def curvature_statistic(kind: str, x, stats: dict):
+    """S in Eq. 2: 'vol' (the paper), or the authors' per-method forms: 'sq_dev' = (x - mu)^2,
+    'lam_bar' = x itself, 'x2_over_mu_sq' = (x^2 / mu)^2."""
+    if kind == "vol":
+        return stats["vol"]
+    if kind == "sq_dev":
+        return stats["sq_dev"]
+    if kind == "lam_bar":
+        return x
+    if kind == "x2_over_mu_sq":
+        return _div(x * x, abs(stats["mu"])) ** 2
+    raise ValueError(f"scheduler.statistic: unknown {kind!r}")
+
+
+def alpha_tilde(grad_sq, sigma2_ps, B: int, S, beta: float):
+    """Combined bound (Eqs. 2-3): alpha_tilde* = B ||g||^2 / (sigma2_ps + beta ||g||^2 S)."""
+    return _div(B * grad_sq, sigma2_ps + beta * grad_sq * S)
+
+
+class VolatilityWindow:
+    """Window of the last W normalised sharpness values lambda_bar (Eq. 1).
+
+    push(x) returns mu (mean), sigma2 (population variance), vol = sigma2 / (mu + eps) [paper] and
+    sq_dev = (x - mu)^2, the authors' instantaneous stand-in for the variance [code].
+    """
+
+    def __init__(self, W: int = 30):
+        self.W = W
+        self.values: deque = deque(maxlen=W)
+
+    def push(self, x: float) -> dict:
+        self.values.append(float(x))
+        n = len(self.values)
+        mu = sum(self.values) / n
+        sigma2 = sum((v - mu) ** 2 for v in self.values) / n
+        return {"mu": mu, "sigma2": sigma2, "vol": sigma2 / (mu + EPS) if mu + EPS != 0 else math.inf,
+                "sq_dev": (float(x) - mu) ** 2}
+
+    def state_dict(self) -> dict:
+        return {"W": self.W, "values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.W = state["W"]
+        self.values = deque(state["values"], maxlen=self.W)

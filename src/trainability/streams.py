@@ -1,0 +1,81 @@
+"""Task streams (SPEC 2): random-label MNIST (the paper) and permuted-pixel MNIST (beyond it).
+
+Data live on the device as tensors; every random draw is a function of (seed, task) alone, so a task
+can be regenerated after a restart without any saved random state.
+"""
+from __future__ import annotations
+
+import torch
+
+from .data import MNIST_MEAN, MNIST_STD
+
+
+def _generator(device: torch.device, *parts: int) -> torch.Generator:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p) + 1) % (2**62)
+    return torch.Generator(device=device).manual_seed(s)
+
+
+def _subsample(x_uint8: torch.Tensor, seed: int, n_images: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick n_images once per seed; flatten and normalise with the dataset's scalar mean/std."""
+    if n_images > len(x_uint8):
+        raise ValueError(f"stream.n_images={n_images} exceeds the {len(x_uint8)} MNIST training images")
+    idx = torch.randperm(len(x_uint8), generator=_generator(torch.device("cpu"), seed, 0))[:n_images]
+    x = (x_uint8[idx].reshape(n_images, -1).float() / 255.0 - MNIST_MEAN) / MNIST_STD
+    return x.to(device), idx
+
+
+class RandomLabelStream:
+    """Random-label MNIST: fixed images; at each task every label (fraction `label_fraction`) is redrawn
+    uniformly from {0..n_classes-1} (SPEC 2: `randint(0, 9)` per example in the authors' code)."""
+
+    def __init__(self, x_uint8, y, seed: int, n_images: int = 21000, label_fraction: float = 1.0,
+                 n_classes: int = 10, device="cpu"):
+        self.device = torch.device(device)
+        self.seed, self.label_fraction, self.n_classes = seed, label_fraction, n_classes
+        self.x, idx = _subsample(x_uint8, seed, n_images, self.device)
+        self.y_true = y[idx].to(self.device)
+        self.n, self.input_dim = self.x.shape
+
+    def task(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _generator(torch.device("cpu"), self.seed, 1, t)
+        y = torch.randint(0, self.n_classes, (self.n,), generator=g)
+        if self.label_fraction < 1.0:
+            keep = torch.rand(self.n, generator=g) >= self.label_fraction
+            y = torch.where(keep, self.y_true.cpu(), y)
+        return self.x, y.to(self.device)
+
+
+class PermutedStream:
+    """Permuted-pixel MNIST (beyond the paper): task t applies its own fixed pixel permutation (every
+    task is permuted, task 0 included) to the same images, with their true labels."""
+
+    def __init__(self, x_uint8, y, seed: int, n_images: int = 21000, device="cpu", **_):
+        self.device = torch.device(device)
+        self.seed = seed
+        self.x, idx = _subsample(x_uint8, seed, n_images, self.device)
+        self.y = y[idx].to(self.device)
+        self.n, self.input_dim = self.x.shape
+        self.n_classes = 10
+
+    def task(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        perm = torch.randperm(self.input_dim, generator=_generator(torch.device("cpu"), self.seed, 2, t))
+        return self.x[:, perm.to(self.device)], self.y
+
+
+def make_stream(cfg: dict, x_uint8, y, seed: int, device="cpu"):
+    """cfg = params.yaml `stream` block: {kind, n_images, label_fraction}."""
+    if cfg["kind"] == "random_label":
+        return RandomLabelStream(x_uint8, y, seed, cfg["n_images"], cfg.get("label_fraction", 1.0), device=device)
+    if cfg["kind"] == "permuted":
+        return PermutedStream(x_uint8, y, seed, cfg["n_images"], device=device)
+    raise ValueError(f"stream.kind: unknown {cfg['kind']!r}")
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
+    """Index tensors of one shuffled epoch (on the generator's device). The last partial batch is dropped
+    by default so every minibatch has exactly B examples (B enters the noise bound)."""
+    perm = torch.randperm(n, generator=generator, device=generator.device)
+    stop = n - n % batch_size if drop_last else n
+    return perm[:stop].split(batch_size) if stop else ()
