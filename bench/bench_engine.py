@@ -27,10 +27,10 @@ from trainability.streams import batches, make_stream
 from trainability.train import run, steps_per_task
 
 
-def engine_cfg(args, run_name: str, measure: bool) -> dict:
+def engine_cfg(args, measure: bool, arm: str = "vanilla") -> dict:
     params = yaml.safe_load(open(args.params))
-    cfg = C.resolve_run(params, "paper", run_name, seed=0)
-    return C.deep_merge(cfg, {
+    cfg = C.resolve_run(params, "paper", args.run, seed=0)
+    return C.deep_merge(cfg, {"arm": arm,
         "device": "cpu", "threads": args.threads, "n_tasks": args.tasks, "epochs_per_task": args.epochs,
         "stream": {"n_images": args.images}, "measure": {"enabled": measure, "every": args.K},
         "indicators": {"enabled": False}, "wandb": {"mode": "disabled"}, "data": {"root": args.data}})
@@ -79,15 +79,14 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     prepare_mnist(args.data)
-    sched_run = args.run.replace("vanilla", "scheduled") if args.run.endswith("vanilla") else args.run
     variants = {
-        "bare": lambda: bare_loop(engine_cfg(args, args.run, False)),
-        "engine": lambda: engine(engine_cfg(args, args.run, False)),
-        "measured": lambda: engine(engine_cfg(args, args.run, True)),
-        "scheduled": lambda: engine(engine_cfg(args, sched_run, True)),
+        "bare": lambda: bare_loop(engine_cfg(args, False)),
+        "engine": lambda: engine(engine_cfg(args, False)),
+        "measured": lambda: engine(engine_cfg(args, True)),
+        "scheduled": lambda: engine(engine_cfg(args, True, arm="scheduled")),
     }
     chosen = args.variants.split(",")
-    steps = args.tasks * steps_per_task(engine_cfg(args, args.run, False))[2]
+    steps = args.tasks * steps_per_task(engine_cfg(args, False))[2]
     times = {v: [] for v in chosen}
     variants[chosen[0]]()  # warm-up (allocator, MNIST page cache)
     for r in range(args.rounds):
@@ -95,7 +94,7 @@ def main() -> None:
             times[v].append(variants[v]())
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{v} {times[v][-1]:.2f}s" for v in chosen), flush=True)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    print(f"\n{args.run} ({sched_run}), {steps} Adam steps per run, batch 256, threads {args.threads}, "
+    print(f"\n{args.run} (scheduled arm: same config, arm=scheduled), {steps} Adam steps per run, batch 256, threads {args.threads}, "
           f"K={args.K}, {args.rounds} rounds, medians:")
     base = med.get("bare") or med[chosen[0]]
     for v in chosen:

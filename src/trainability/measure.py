@@ -70,49 +70,101 @@ class LayerProbe:
 
 
 # ----------------------------------------------------------------------------- top eigenvalues
-def _normalize(vs: list[torch.Tensor]) -> list[torch.Tensor]:
-    n = torch.sqrt(sum((v * v).sum() for v in vs))
-    return [v / (n + 1e-30) for v in vs]
+def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unflat(v: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for t in like:
+        out.append(v[i:i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+def _power(hvp, v, tol, max_iter):
+    rq_prev, rq, it = None, float("nan"), 0
+    for it in range(1, max_iter + 1):
+        hv = hvp(v)
+        rq = torch.dot(v, hv).item()
+        v = hv / (hv.norm() + 1e-30)
+        if tol > 0 and rq_prev is not None and abs(rq - rq_prev) <= tol * abs(rq):
+            break
+        rq_prev = rq
+    return rq, v, it
+
+
+def _lanczos(hvp, v, tol, max_iter):
+    """Lanczos with full reorthogonalisation; the largest-magnitude Ritz value and its Ritz vector.
+    Converges far faster than power iteration when the top eigenvalues are close (small spectral gap)."""
+    Q = [v]
+    alphas, betas = [], []
+    theta_prev, theta, y = None, float("nan"), None
+    it = 0
+    for it in range(1, max_iter + 1):
+        w = hvp(Q[-1])
+        a = torch.dot(w, Q[-1])
+        alphas.append(a)
+        w = w - a * Q[-1] - (betas[-1] * Q[-2] if betas else 0.0)
+        Qm = torch.stack(Q)
+        w = w - Qm.t() @ (Qm @ w)  # full reorthogonalisation: a few vectors only, cheap
+        b = w.norm()
+        T = torch.diag(torch.stack(alphas).double())
+        if betas:
+            off = torch.stack(betas).double()
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        k = int(evals.abs().argmax())
+        theta, y = evals[k].item(), evecs[:, k]
+        if tol > 0 and theta_prev is not None and abs(theta - theta_prev) <= tol * abs(theta):
+            break
+        if b.item() <= 1e-12 * max(1.0, abs(theta)) or it == v.numel():
+            break
+        theta_prev = theta
+        betas.append(b)
+        Q.append(w / b)
+    ritz = (torch.stack(Q[:len(y)]).t() @ y.to(Q[0].dtype))
+    return theta, ritz / (ritz.norm() + 1e-30), it
 
 
 def block_top_eigenvalues(grads: list[list[torch.Tensor]], params: list[list[torch.Tensor]],
                           v0: list | None = None, tol: float = 1e-3, max_iter: int = 100,
-                          generator: torch.Generator | None = None):
-    """Power iteration on each diagonal Hessian block H_bb (block b = params[b], grads[b] its gradient
-    computed with create_graph=True). Returns (eigenvalues, eigenvectors, iterations) per block.
+                          generator: torch.Generator | None = None, method: str = "lanczos"):
+    """Top (largest-magnitude) eigenvalue of each diagonal Hessian block H_bb (block b = params[b],
+    grads[b] its gradient computed with create_graph=True). Returns (eigenvalues, eigenvectors,
+    Hessian-vector products used) per block.
 
-    Starts from v0[b] when given (warm start) else a seeded Gaussian vector; stops when the Rayleigh
-    quotient changes by less than `tol` (relative) or after `max_iter` iterations (tol=0: always
-    max_iter, the authors' cold 100-iteration estimate). The returned value is the signed Rayleigh
-    quotient of the dominant (largest-magnitude) eigenvector.
+    Starts from v0[b] (warm start: the previous decision's eigenvector) when given, else a seeded
+    Gaussian vector; stops when the estimate changes by less than `tol` (relative) or after `max_iter`
+    products. method="power" with tol=0 and max_iter=100 is the authors' cold estimate [code];
+    method="lanczos" (default) [choice] reaches the same value in a few products.
     """
+    solve = {"lanczos": _lanczos, "power": _power}[method]
     eigs, vecs, iters = [], [], []
     for b, (g, p) in enumerate(zip(grads, params)):
         if v0 is not None and v0[b] is not None:
-            v = _normalize([t.to(p[0].dtype) for t in v0[b]])
+            v = v0[b].to(p[0].dtype)
         else:
-            v = _normalize([torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device) for q in p])
-        rq_prev, rq, it = None, float("nan"), 0
-        for it in range(1, max_iter + 1):
-            hv = torch.autograd.grad(g, p, grad_outputs=v, retain_graph=True)
-            rq = sum((a * h).sum() for a, h in zip(v, hv)).item()
-            v = _normalize([h.detach() for h in hv])
-            if tol > 0 and rq_prev is not None and abs(rq - rq_prev) <= tol * abs(rq):
-                break
-            rq_prev = rq
-        eigs.append(rq)
-        vecs.append([t.detach() for t in v])
+            v = torch.randn(sum(q.numel() for q in p), generator=generator, dtype=p[0].dtype).to(p[0].device)
+        v = v / (v.norm() + 1e-30)
+
+        def hvp(vec, g=g, p=p):
+            hv = torch.autograd.grad(g, p, grad_outputs=_unflat(vec, p), retain_graph=True)
+            return _flat([h.detach() for h in hv])
+        e, vec, it = solve(hvp, v, tol, max_iter)
+        eigs.append(e)
+        vecs.append(vec.detach())
         iters.append(it)
     return eigs, vecs, iters
 
 
 def top_eigenvalue(loss_closure, params: list[torch.Tensor], v0=None, tol: float = 1e-3,
-                   max_iter: int = 100, generator=None):
+                   max_iter: int = 100, generator=None, method: str = "lanczos"):
     """Top eigenvalue of the full Hessian of loss_closure() w.r.t. params (sharpness)."""
     loss = loss_closure()
     g = torch.autograd.grad(loss, params, create_graph=True)
     e, v, it = block_top_eigenvalues([list(g)], [params], None if v0 is None else [v0], tol, max_iter,
-                                     generator)
+                                     generator, method)
     return e[0], v[0], it[0]
 
 

@@ -1,0 +1,463 @@
+"""The paper's figures, drawn from run records (one function per figure; `FIGURES` dispatches).
+
+Every curve is the mean over the real seeds with a +-1 std band over those seeds (never synthetic
+copies); log-scale panels use the mean and std of log10 values (a geometric band). Optional per-seed
+EMA smoothing. Missing data never crashes a figure: a run without records, decisions or indicators
+gets a note in its panel; a diverged seed is drawn up to its last task and marked with an x.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import analysis as A  # noqa: E402
+from .pipeline import figure_paths  # noqa: E402
+
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8,
+                     "figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3})
+
+METHODS = {"crelu": "CReLU", "l2": "L2", "wass": "Wasserstein"}
+ARM_COLORS = {"vanilla": "0.25", "reset": "tab:orange", "scheduled": "tab:blue", "global": "tab:green",
+              "noise": "tab:purple", "curvature": "tab:brown"}
+ARM_LABELS = {"vanilla": "vanilla", "reset": "reset", "scheduled": "per-layer scheduler",
+              "global": "global scheduler", "noise": "noise-only bound", "curvature": "curvature-only bound"}
+ARM_STYLES = {"reset": "--"}
+LENGTH_COLORS = {"short": "tab:red", "scheduled": "tab:orange", "long": "tab:blue"}   # paper Figs. 7-8
+FIG3_COLORS = {"alpha": "tab:blue", "alpha_vol": "tab:orange", "alpha_g": "tab:red", "alpha_tilde": "tab:green"}
+FIG3_LABELS = {"alpha": r"$\alpha_t$ (layer 1)", "alpha_vol": r"$\alpha^\star_{vol}$",
+               "alpha_g": r"$\alpha^\star_g$", "alpha_tilde": r"$\tilde\alpha^\star$"}
+FIG4_COLORS = {"actual": "tab:blue", "combined": "tab:red", "noise": "tab:green", "vol": "tab:orange"}
+FIG4_LABELS = {"actual": "actual", "combined": r"combined $\tilde\alpha^\star$", "noise": r"noise $\alpha^\star_g$",
+               "vol": r"volatility $\alpha^\star_{vol}$"}
+LAYER_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+PAIR_COLORS = ("tab:blue", "tab:orange")
+FIG2_TASKS = 20   # the paper's Fig. 2 shows the first 20 tasks
+PAPER_FIG = {"fig1": "Fig. 1", "fig2": "Fig. 2", "fig3": "Fig. 3 (and 10-12)", "fig4": "Fig. 4",
+             "fig5": "Fig. 5", "fig6": "Fig. 6", "fig7": "Figs. 7-8", "fig9": "Fig. 9",
+             "ablation-global": "Appendix: global scheduler", "ablation-bound": "Appendix: bound ablation"}
+
+
+# ---------------------------------------------------------------- helpers
+def method_of(run: str) -> str:
+    return run.split("-")[0]
+
+
+def arm_of(run: str) -> str:
+    return run.split("-", 1)[1] if "-" in run else run
+
+
+def runs_by_method(runs: dict) -> dict[str, dict[str, str]]:
+    """{method: {arm: run}} in params.yaml order."""
+    out: dict = {}
+    for r in runs:
+        out.setdefault(method_of(r), {})[arm_of(r)] = r
+    return out
+
+
+def method_title(method: str, records: list[dict]) -> str:
+    cfg = records[0]["config"] if records else {}
+    name = METHODS.get(method, method)
+    lam = (cfg.get("regularizer") or {}).get("lam")
+    if method in ("l2", "wass") and lam:
+        return f"{name} ($\\lambda$={lam:g})"
+    lr = (cfg.get("optim") or {}).get("lr")
+    return f"{name} (lr {lr:g})" if lr else name
+
+
+def align(xs: list, ys: list) -> tuple[np.ndarray, np.ndarray]:
+    """Put per-seed series with their own x values on a common x grid (NaN where a seed has no value)."""
+    x_all = np.unique(np.concatenate([np.asarray(x, float) for x in xs])) if xs else np.zeros(0)
+    m = np.full((len(xs), x_all.size), np.nan)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        n = min(len(x), len(y))
+        m[i, np.searchsorted(x_all, np.asarray(x[:n], float))] = np.asarray(y[:n], float)
+    return x_all, m
+
+
+def band(ax, x, matrix, color, label=None, ls="-", log=False, ema=0.0, lw=1.6, **kw):
+    """Mean over seeds (rows) with a +-1 std band; log=True: mean/std of log10 (geometric band)."""
+    m = np.atleast_2d(np.asarray(matrix, float))
+    if m.size == 0 or not np.isfinite(m).any():
+        return None
+    if ema:
+        m = np.array([A.ema(row, ema) for row in m])
+    if log:
+        m = np.where(m > 0, np.log10(np.where(m > 0, m, 1.0)), np.nan)
+    mu, sd = A.mean_std(m)
+    lo, hi = mu - sd, mu + sd
+    if log:
+        mu, lo, hi = 10 ** mu, 10 ** lo, 10 ** hi
+    x = np.asarray(x, float)[:mu.size]
+    line, = ax.plot(x, mu, color=color, ls=ls, lw=lw, label=label, **kw)
+    if (np.isfinite(m).sum(0) > 1).any():
+        ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+    return line
+
+
+def task_matrix(records: list[dict], fn) -> np.ndarray:
+    return A.stack([fn(r) for r in records])
+
+
+def acc_label(label: str, records: list[dict]) -> str:
+    """Legend label with the run's final task accuracy (mean +- std over seeds) and divergences."""
+    s = A.run_summary(records)
+    f = s["final_acc"]
+    out = f"{label}: final {f['mean']:.2f}" + (f"±{f['std']:.2f}" if f["n"] > 1 else "") \
+        if math.isfinite(f["mean"]) else f"{label}: final n/a"
+    if s["diverged"]:
+        out += f", {s['diverged']}/{s['n_seeds']} diverged"
+    return out
+
+
+def mark_divergence(ax, records: list[dict], values, color, x0: float = 1.0) -> None:
+    """An x at the last task of each diverged seed (task ids start at x0)."""
+    for r, v in zip(records, values):
+        if r.get("status") == "diverged":
+            v = np.asarray(v, float)
+            ok = np.flatnonzero(np.isfinite(v))
+            if ok.size:
+                ax.plot(ok[-1] + x0, v[ok[-1]], marker="x", ms=9, mew=2, color=color, ls="none")
+
+
+def note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.4",
+            wrap=True)
+
+
+def task_curve(ax, records, fn, color, label, ls="-", log=False, ema=0.0, x0=1.0):
+    """Per-task curve of fn(record) (mean +- std over seeds), divergences marked."""
+    if not records:
+        return None
+    m = task_matrix(records, fn)
+    line = band(ax, np.arange(m.shape[1]) + x0, m, color, label=label, ls=ls, log=log, ema=ema)
+    mark_divergence(ax, records, [fn(r) for r in records], color, x0)
+    return line
+
+
+def decision_matrix(records: list[dict], key: str, layer: str = "1", task_filter=None, x="step"):
+    """Seeds x decisions matrix of a layer's decision series, with x = optimiser step (or task + fraction)."""
+    xs, ys = [], []
+    for r in records:
+        y = A.layer_series(r, layer, key) if layer != "mean" else A.layer_mean_series(r, key)
+        tasks = A.decision_array(r, "task")
+        xv = A.decision_array(r, "step") if x == "step" else tasks + 1 + A.decision_array(r, "task_frac")
+        n = min(y.size, tasks.size, xv.size)
+        if n == 0:
+            continue
+        keep = task_filter(tasks[:n]) if task_filter else np.ones(n, bool)
+        xs.append(xv[:n][keep])
+        ys.append(y[:n][keep])
+    return align(xs, ys) if xs else (np.zeros(0), np.zeros((0, 0)))
+
+
+def finish(fig, experiment: str, title: str, scale: str, runs: dict) -> None:
+    seeds = sorted({r.get("seed") for recs in runs.values() for r in recs}, key=str)
+    fig.suptitle(f"{PAPER_FIG.get(experiment, experiment)}: {title}  (scale {scale}, seeds {seeds})",
+                 fontsize=12)
+    fig.tight_layout()
+
+
+def arm_panels(axes, runs: dict, arms: tuple, fn=lambda r: A.task_values(r, "online_acc"),
+               ylabel="Task accuracy (online)", ema=0.0, colors=ARM_COLORS, labels=ARM_LABELS, log=False):
+    """One panel per method (CReLU, L2, Wasserstein), one curve per arm."""
+    by = runs_by_method(runs)
+    for ax, method in zip(axes, ("crelu", "l2", "wass")):
+        arms_here = by.get(method, {})
+        recs0 = next((runs[r] for r in arms_here.values() if runs[r]), [])
+        ax.set_title(method_title(method, recs0))
+        drawn = False
+        for arm in arms:
+            run = arms_here.get(arm)
+            if run is None or not runs.get(run):
+                continue
+            recs = runs[run]
+            task_curve(ax, recs, fn, colors[arm], acc_label(labels.get(arm, arm), recs),
+                       ls=ARM_STYLES.get(arm, "-"), ema=ema, log=log)
+            drawn = True
+        if not drawn:
+            note(ax, "no records")
+        ax.set_xlabel("Task ID")
+        if drawn:
+            ax.legend(loc="best")
+            if log:
+                ax.set_yscale("log")
+    axes[0].set_ylabel(ylabel)
+
+
+# ---------------------------------------------------------------- figures
+def fig1(runs, ctx):
+    """Paper Fig. 1: six counterexamples; each panel shows an indicator (dashed, right axis) and the task
+    accuracy (solid, left axis) of two runs; the legend gives each run's final accuracy."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (letter, title, ind, ra, rb, log) in zip(axes.flat, A.FIG1_PANELS):
+        ax2 = ax.twinx()
+        ax2.grid(False)
+        handles = []
+        for run, color in zip((ra, rb), PAIR_COLORS):
+            recs = runs.get(run) or []
+            if not recs:
+                continue
+            h = task_curve(ax, recs, lambda r: A.task_values(r, "online_acc"), color, acc_label(run, recs),
+                           ema=ctx["ema"])
+            task_curve(ax2, recs, lambda r, i=ind: A.indicator_values(r, i), color, None, ls="--",
+                       log=log, ema=ctx["ema"])
+            if h is not None:
+                handles.append(h)
+            if all(A.indicator_key(r, ind) is None for r in recs):
+                ax2.text(0.02, 0.02, f"{run}: no '{ind}' in record", transform=ax2.transAxes, fontsize=8)
+        if not handles:
+            note(ax, f"no records for {ra}, {rb}")
+        if log:
+            ax2.set_yscale("log")
+        ax.set_title(f"({letter}) {title}")
+        ax.set_xlabel("Task ID")
+        ax.set_ylabel("Task accuracy (solid)")
+        ax2.set_ylabel(f"{title} (dashed)")
+        if handles:
+            ax.legend(handles=handles, loc="best")
+    finish(fig, "fig1", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
+def fig2(runs, ctx):
+    """Paper Fig. 2: volatility of normalised sharpness (mean over layers, dashed, log, per decision step)
+    against task accuracy (solid, per task as a step over the task's span) for L2 at three LRs."""
+    order = [r for r in ("l2-lr1e-5", "l2-lr1e-4", "l2-vanilla") if r in runs] or list(runs)
+    colors = ("tab:red", "tab:orange", "tab:purple")
+    fig, axes = plt.subplots(1, len(order), figsize=(5 * len(order), 4.2), squeeze=False)
+    for ax, run, color in zip(axes[0], order, colors):
+        recs = runs.get(run) or []
+        lr = (recs[0]["config"]["optim"]["lr"] if recs else float("nan"))
+        ax.set_title(f"L2 lr={lr:g}  (first {min(FIG2_TASKS, max(len(r['tasks']) for r in recs) if recs else 0)} tasks)")
+        ax.set_xlabel("Task ID (decision steps at task + fraction)")
+        ax.set_ylabel("Task accuracy (solid)")
+        if not recs:
+            note(ax, "no records")
+            continue
+        m = task_matrix(recs, lambda r: A.task_values(r, "online_acc"))[:, :FIG2_TASKS]
+        x = np.arange(m.shape[1] + 1) + 1.0
+        mu, sd = A.mean_std(m)
+        ax.stairs(mu, x, color=color, lw=1.8, label=acc_label("task accuracy", recs))
+        if len(recs) > 1:
+            ax.stairs(mu + sd, x, baseline=mu - sd, fill=True, color=color, alpha=0.18)
+        mark_divergence(ax, recs, list(m), color, x0=1.5)
+        ax2 = ax.twinx()
+        ax2.grid(False)
+        xv, vol = decision_matrix(recs, "vol", layer="mean", x="task", task_filter=lambda t: t < FIG2_TASKS)
+        if xv.size and np.isfinite(vol).any():
+            band(ax2, xv, vol, color, ls="--", log=True, ema=ctx["ema_steps"], lw=1.2,
+                 label=r"Vol$_{\bar\lambda}$ (mean over layers)")
+            ax2.set_yscale("log")
+        else:
+            note(ax2, "no volatility decisions in record")
+        ax2.set_ylabel(r"Vol$_{\bar\lambda}$ (dashed)")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="best")
+    finish(fig, "fig2", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
+def fig3(runs, ctx):
+    """Paper Fig. 3 (and 10-12): layer-1 effective step alpha vs alpha*_g, alpha*_vol and alpha_tilde*
+    over optimiser steps (log y); rows = method, columns = first task, first 10 tasks, last task."""
+    order = [r for r in ("l2-vanilla", "crelu-vanilla", "wass-vanilla") if r in runs] or list(runs)
+    fig, axes = plt.subplots(len(order), 3, figsize=(15, 3.4 * len(order) + 0.6), squeeze=False)
+    handles = None
+    for row, run in zip(axes, order):
+        recs = runs.get(run) or []
+        n_done = min((len(r.get("tasks", [])) for r in recs), default=0)
+        last = max(n_done - 1, 0)
+        cols = ((f"task 1", lambda t: t == 0), (f"tasks 1-{min(10, max(n_done, 1))}", lambda t: t < 10),
+                (f"task {last + 1} (last)", lambda t, l=last: t == l))
+        for ax, (cname, filt) in zip(row, cols):
+            ax.set_title(f"{method_title(method_of(run), recs)}: {cname}")
+            drawn = False
+            for key in ("alpha", "alpha_vol", "alpha_tilde", "alpha_g"):   # alpha_g dashed: often ~ alpha_tilde
+                xv, m = decision_matrix(recs, key, layer="1", task_filter=filt)
+                if xv.size and band(ax, xv, m, FIG3_COLORS[key], FIG3_LABELS[key], log=True,
+                                    ls="--" if key == "alpha_g" else "-", ema=ctx["ema_steps"], lw=1.2) is not None:
+                    drawn = True
+            if drawn:
+                ax.set_yscale("log")
+                handles = handles or ax.get_legend_handles_labels()
+            else:
+                note(ax, "no decision records")
+            ax.set_xlabel("Step")
+        row[0].set_ylabel("effective step / bound")
+    finish(fig, "fig3", ctx["title"], ctx["scale"], runs)
+    if handles:   # one legend for all panels, above them (as in the paper)
+        fig.subplots_adjust(top=1 - 0.9 / fig.get_figheight())
+        fig.legend(*handles, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 1 - 0.35 / fig.get_figheight()),
+                   frameon=False, fontsize=10)
+    return fig
+
+
+def fig4(runs, ctx):
+    """Paper Fig. 4: per task, predicted accuracy = 1 - crossing fraction (per seed, affinely rescaled to
+    that seed's actual range) for each bound, against the actual online accuracy; titles give the
+    Spearman rank correlation (mean over seeds) of each predictor with the actual accuracy (ours)."""
+    order = [r for r in ("wass-vanilla", "l2-vanilla", "crelu-vanilla", "relu-vanilla") if r in runs] or list(runs)
+    fig, axes = plt.subplots(1, len(order), figsize=(4.4 * len(order), 4.4), squeeze=False)
+    names = {"wass-vanilla": "Wasserstein", "l2-vanilla": "L2", "crelu-vanilla": "CReLU", "relu-vanilla": "ReLU"}
+    for ax, run in zip(axes[0], order):
+        recs = runs.get(run) or []
+        ax.set_xlabel("Task ID")
+        if not recs:
+            ax.set_title(names.get(run, run))
+            note(ax, "no records")
+            continue
+        acts = [A.task_values(r, "online_acc") for r in recs]
+        band(ax, np.arange(1, max(map(len, acts)) + 1), A.stack(acts), FIG4_COLORS["actual"],
+             FIG4_LABELS["actual"], lw=2.2)
+        pred = A.prediction_summary(recs)
+        rhos = []
+        for p in A.PREDICTORS:
+            resc = [A.affine_rescale(A.predicted_acc(r, p), a) for r, a in zip(recs, acts)]
+            band(ax, np.arange(1, max(map(len, resc)) + 1), A.stack(resc), FIG4_COLORS[p], FIG4_LABELS[p],
+                 ls="--")
+            rho = pred[p]["spearman"]["mean"]
+            rhos.append(f"{p} {rho:+.2f}" if math.isfinite(rho) else f"{p} n/a")
+        mark_divergence(ax, recs, acts, FIG4_COLORS["actual"])
+        ax.set_title(f"{names.get(run, run)}\nSpearman $\\rho$: " + ", ".join(rhos), fontsize=10)
+    axes[0][0].set_ylabel("(Predicted) task accuracy")
+    axes[0][0].legend(loc="best")
+    finish(fig, "fig4", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
+def fig5(runs, ctx):
+    """Paper Fig. 5: task accuracy of vanilla vs reset vs per-layer scheduler, per method."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    arm_panels(axes, runs, ("vanilla", "reset", "scheduled"), ema=ctx["ema"])
+    finish(fig, "fig5", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
+def fig6(runs, ctx):
+    """Paper Fig. 6: the learned LR of each layer over optimiser steps (scheduled runs, log y); dotted
+    vertical lines are task boundaries."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    by = runs_by_method(runs)
+    for ax, method in zip(axes, ("crelu", "l2", "wass")):
+        run = by.get(method, {}).get("scheduled")
+        recs = runs.get(run) or []
+        ax.set_title(method_title(method, recs))
+        ax.set_xlabel("Step")
+        layers = A.decision_layers(recs[0]) if recs else []
+        drawn = False
+        for i, l in enumerate(layers):
+            xv, m = decision_matrix(recs, "lr", layer=l)
+            if xv.size and band(ax, xv, m, LAYER_COLORS[i % len(LAYER_COLORS)], f"layer {l}", log=True,
+                                ema=0.0) is not None:
+                drawn = True
+        if drawn:
+            steps = A.decision_array(recs[0], "step")
+            tasks = A.decision_array(recs[0], "task")
+            for b in steps[1:][np.diff(tasks) > 0]:
+                ax.axvline(b, color="0.6", ls=":", lw=0.8)
+            init = recs[0]["config"]["optim"]["lr"]
+            ax.axhline(init, color="0.3", lw=0.8, ls="-.", label=f"initial lr {init:g}")
+            ax.set_yscale("log")
+            ax.legend(loc="best")
+        else:
+            note(ax, "no LR decisions in record")
+    axes[0].set_ylabel("Learning rate")
+    finish(fig, "fig6", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
+def fig7(runs, ctx):
+    """Paper Figs. 7-8: task-length ablation of the scheduled runs: task accuracy (top) and the LR at the
+    end of each task (bottom; geometric mean over layers) for short / base / long tasks."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    by = runs_by_method(runs)
+    labels = {}
+    for recs in runs.values():
+        if recs:
+            c = recs[0]["config"]
+            labels[id(recs)] = f"{max(1, round(c['epochs_per_task'] * c['epochs_factor']))} epochs/task"
+    for col, method in enumerate(("crelu", "l2", "wass")):
+        ax, axl = axes[0][col], axes[1][col]
+        arms = by.get(method, {})
+        recs0 = next((runs[r] for r in arms.values() if runs[r]), [])
+        ax.set_title(method_title(method, recs0))
+        drawn = False
+        for arm in ("short", "scheduled", "long"):
+            recs = runs.get(arms.get(arm)) or []
+            if not recs:
+                continue
+            task_curve(ax, recs, lambda r: A.task_values(r, "online_acc"), LENGTH_COLORS[arm],
+                       acc_label(labels[id(recs)], recs), ema=ctx["ema"])
+            task_curve(axl, recs, lambda r: np.array([A.geomean(row) for row in A.task_lrs(r)]),
+                       LENGTH_COLORS[arm], labels[id(recs)], log=True)
+            drawn = True
+        if not drawn:
+            note(ax, "no records")
+            note(axl, "no records")
+        else:
+            axl.set_yscale("log")
+            axl.legend(loc="best")
+            ax.legend(loc="best")
+        ax.set_xlabel("Task ID")
+        axl.set_xlabel("Task ID")
+    axes[0][0].set_ylabel("Task accuracy (online)")
+    axes[1][0].set_ylabel("LR at task end (geo. mean over layers)")
+    finish(fig, "fig7", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
+def fig9(runs, ctx):
+    """Paper Fig. 9: "Hessian rank" (empirical-Fisher rank proxy at each task start), vanilla vs scheduled."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    arm_panels(axes, runs, ("vanilla", "scheduled"), fn=lambda r: A.indicator_values(r, "hessian_rank"),
+               ylabel="Hessian rank (fraction)", ema=ctx["ema"])
+    for ax in axes:   # legend shows final accuracy; this figure is about rank
+        ax.set_xlabel("Task ID (rank measured at task start)")
+    finish(fig, "fig9", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
+def ablation_global(runs, ctx):
+    """Appendix (v3): vanilla vs reset vs per-layer scheduler vs global scheduler."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    arm_panels(axes, runs, ("vanilla", "reset", "scheduled", "global"), ema=ctx["ema"])
+    finish(fig, "ablation-global", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
+def ablation_bound(runs, ctx):
+    """Appendix (v3): the scheduler with the noise-only, curvature-only and combined bounds."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    labels = dict(ARM_LABELS, scheduled="combined bound")
+    arm_panels(axes, runs, ("noise", "curvature", "scheduled"), ema=ctx["ema"], labels=labels)
+    finish(fig, "ablation-bound", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
+FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
+           "fig9": fig9, "ablation-global": ablation_global, "ablation-bound": ablation_bound}
+
+
+def make_figure(params: dict, scale: str, experiment: str, ema: float = 0.0, ema_steps: float = 0.6,
+                log=print) -> list[str]:
+    """Draw `experiment`'s figure from its records and write figures/<scale>/<experiment>.png and .pdf."""
+    if experiment not in FIGURES:
+        raise KeyError(f"no figure for experiment {experiment!r}; known: {sorted(FIGURES)}")
+    runs = A.load_experiment(params, scale, experiment, log=log)
+    ctx = {"scale": scale, "title": params["experiments"][experiment].get("title", experiment),
+           "ema": ema, "ema_steps": ema_steps}
+    fig = FIGURES[experiment](runs, ctx)
+    paths = figure_paths(scale, experiment)
+    Path(paths[0]).parent.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        fig.savefig(p)
+    plt.close(fig)
+    log(f"wrote {', '.join(paths)}")
+    return paths
