@@ -104,6 +104,8 @@ def _lanczos(hvp, v, tol, max_iter):
     for it in range(1, max_iter + 1):
         w = hvp(Q[-1])
         a = torch.dot(w, Q[-1])
+        if not torch.isfinite(a):  # a diverged run: report NaN, let the engine record the divergence
+            return float("nan"), v, it
         alphas.append(a)
         w = w - a * Q[-1] - (betas[-1] * Q[-2] if betas else 0.0)
         Qm = torch.stack(Q)
