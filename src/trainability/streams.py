@@ -27,11 +27,16 @@ def _subsample(x_uint8: torch.Tensor, seed: int, n_images: int, device) -> tuple
 
 
 class RandomLabelStream:
-    """Random-label MNIST: fixed images; at each task every label (fraction `label_fraction`) is redrawn
-    uniformly from {0..n_classes-1} (SPEC 2: `randint(0, 9)` per example in the authors' code)."""
+    """Random-label MNIST (SPEC 2): fixed images; at each task the labels of a fraction `label_fraction`
+    of the examples (1.0, every example, in the paper) are redrawn uniformly from {0..n_classes-1}
+    (`torch.randint(0, n_classes)`, i.e. all ten classes); the others keep their true label. With
+    fraction < 1 exactly round(fraction * n) examples, chosen afresh at each task, get a random label
+    (which matches the true one by chance 1/n_classes). Task t's labels depend on (seed, t) only."""
 
     def __init__(self, x_uint8, y, seed: int, n_images: int = 21000, label_fraction: float = 1.0,
                  n_classes: int = 10, device="cpu"):
+        if not 0.0 <= label_fraction <= 1.0:
+            raise ValueError(f"stream.label_fraction={label_fraction} must lie in [0, 1]")
         self.device = torch.device(device)
         self.seed, self.label_fraction, self.n_classes = seed, label_fraction, n_classes
         self.x, idx = _subsample(x_uint8, seed, n_images, self.device)
@@ -40,10 +45,11 @@ class RandomLabelStream:
 
     def task(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = _generator(torch.device("cpu"), self.seed, 1, t)
+        # Drawn on the CPU so that a task's labels are the same on every device.
         y = torch.randint(0, self.n_classes, (self.n,), generator=g)
         if self.label_fraction < 1.0:
-            keep = torch.rand(self.n, generator=g) >= self.label_fraction
-            y = torch.where(keep, self.y_true.cpu(), y)
+            keep = torch.randperm(self.n, generator=g)[round(self.label_fraction * self.n):]
+            y[keep] = self.y_true.cpu()[keep]
         return self.x, y.to(self.device)
 
 
