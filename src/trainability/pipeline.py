@@ -57,6 +57,11 @@ def all_records(params: dict, scale: str) -> list[str]:
     return [record_path(params, scale, r, s) for r in run_names(params, scale) for s in seeds]
 
 
+def stage_name(*parts) -> str:
+    """DVC stage names allow letters, digits, '_' and '-' only."""
+    return "_".join(str(p) for p in parts).replace(".", "p")
+
+
 def dvc_yaml(params: dict) -> dict:
     """dvc.yaml for params['scale']: one stage per (run, seed), per experiment, and for the tables."""
     scale = params["scale"]
@@ -68,14 +73,14 @@ def dvc_yaml(params: dict) -> dict:
     for run in run_names(params, scale):
         for seed in params["scales"][scale]["seeds"]:
             out = run_dir(params, scale, run, seed)
-            stages[f"run@{run}-seed{seed}"] = {
+            stages[stage_name("run", run, f"seed{seed}")] = {
                 "cmd": f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",
                 "deps": ["data/MNIST/raw", "src/trainability"],
                 "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"],
                 "outs": [{f"{out}/record.json": {"cache": True}}]}
     for exp in params["experiments"]:
         recs = experiment_records(params, scale, exp)
-        stages[f"experiment@{exp}"] = {
+        stages[stage_name("experiment", exp)] = {
             "cmd": f"{py} workflow/scripts/aggregate.py --scale {scale} --experiment {exp} && "
                    f"{py} workflow/scripts/figures.py --scale {scale} --experiment {exp}",
             "deps": sorted(set(recs)) + ["workflow/scripts/aggregate.py", "workflow/scripts/figures.py",
