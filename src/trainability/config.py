@@ -66,7 +66,7 @@ def validate_params(params: dict) -> dict:
                 raise ConfigError(f"invalid params.yaml:\n  scales.{name}.runs: unknown run {r!r}")
     # every run must resolve to a valid config at every scale: catch impossible combinations early
     for scale in params["scales"]:
-        for run in run_names(params, scale):
+        for run in params["runs"]:
             resolve_run(params, scale, run, seed=0)
     return params
 
@@ -80,8 +80,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
 
 
 def run_names(params: dict, scale: str) -> list[str]:
-    """The runs a scale executes: its `runs` list, or all runs."""
-    return list(params["scales"][scale].get("runs") or params["runs"])
+    """The runs the pipeline executes at a scale: those some experiment uses (restricted to the scale's
+    `runs` list if it has one), in params.yaml order. Other runs stay runnable with trainability-run."""
+    used = {r for e in params["experiments"].values() for r in e["runs"]}
+    allowed = set(params["scales"][scale].get("runs") or params["runs"])
+    return [r for r in params["runs"] if r in used and r in allowed]
 
 
 def resolve_run(params: dict, scale: str, run: str, seed: int) -> dict:

@@ -225,6 +225,9 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
                     **{f"crossings/{k}": v for k, v in (task_rec["crossings"] or {}).items()},
                     **{f"indicators/{k}": v for k, v in (indicators or {}).items()}}, step=step)
         bar.set_postfix(task=t, acc=f"{online_acc:.3f}")
+        if not progress:  # logs of pipeline jobs: one line per task instead of a bar
+            print(f"task {t}/{cfg['n_tasks']}  online acc {online_acc:.4f}  end acc {end_acc:.4f}  "
+                  f"lr {task_rec['lr'][0]:.3g}  {task_rec['wall_s']:.1f}s", file=sys.stderr, flush=True)
         if diverged or not (end_loss == end_loss and abs(end_loss) != float("inf")):
             record.update(status="diverged", diverged_at_task=t)
             break
@@ -235,6 +238,7 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
             logger.finish(exit_code=1)
             return record
     bar.close()
+    record["rule_counts"] = learner.scheduler.rule_counts if learner.probe is not None else None
     if record["status"] == "running":
         record["status"] = "completed"
     record["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
