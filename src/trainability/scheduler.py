@@ -9,8 +9,11 @@ For each layer l: lambda_bar = alpha_agg * lambda_max enters the layer's volatil
 (combined alpha_tilde*, noise-only alpha*_g or curvature-only tau) is computed, then
   cool  if alpha > floor and alpha > gamma * bound:                       eta_l <- cool * eta_l
   warm  elif task_frac < warm_frac and alpha < warm_factor * gamma * bound: eta_l <- warm * eta_l.
-With act=False (vanilla and reset arms) everything is computed and the would-be rule is reported, but
-no learning rate changes: that is how the figures of the uncontrolled runs are drawn.
+With act=False (vanilla and reset arms) everything is computed and the *would-be* rule ("cool", "warm"
+or "none") is reported in the row's `rule` field and counted in `rule_counts`, but no learning rate
+changes: that is how Figs. 3-4 of the uncontrolled runs are drawn, and the would-be rule says when the
+controller would have intervened (the arm, in the run config, tells which reading applies).
+NaN inputs (no Adam state yet, a diverged run, an empty window) give rule "none" and no change.
 """
 from __future__ import annotations
 
@@ -22,7 +25,17 @@ ROW_FIELDS = ("lr", "alpha", "alpha_g", "alpha_vol", "tau", "alpha_tilde", "boun
               "vol", "mu", "sigma2_win", "sigma2_ps", "grad_sq", "eig_iters", "rule")
 
 
+def _isnan(x) -> bool:
+    return x != x
+
+
 class NoiseCurvatureScheduler:
+    """Algorithm 1 with Table 1's defaults (SPEC 6); bound Eqs. 1-3 / A.3 from bounds.py (SPEC 5).
+
+    safety = gamma; kappa: alpha*_vol = 1 / (kappa Vol); beta, statistic: Eq. 2's
+    sigma2_tilde = sigma2_ps + beta ||g||^2 S (paper: S = Vol; authors: e.g. statistic="lam_bar", beta=20).
+    """
+
     def __init__(self, optimizer, batch_size: int, *, variant: str = "per_layer", bound: str = "combined",
                  safety: float = 0.8, cool: float = 0.99, warm: float = 1.01, floor: float = 0.12,
                  warm_frac: float = 0.1, warm_factor: float = 0.3, window: int = 30, kappa: float = 1.0,
@@ -32,6 +45,8 @@ class NoiseCurvatureScheduler:
             raise ValueError(f"scheduler.variant: unknown {variant!r}")
         if bound not in ("combined", "noise", "curvature"):
             raise ValueError(f"scheduler.bound: unknown {bound!r}")
+        if statistic not in ("vol", "sq_dev", "lam_bar", "x2_over_mu_sq"):
+            raise ValueError(f"scheduler.statistic: unknown {statistic!r}")   # fail at build, not mid-run
         self.optimizer, self.B = optimizer, batch_size
         self.variant, self.bound = variant, bound
         self.safety, self.cool, self.warm, self.floor = safety, cool, warm, floor
@@ -39,30 +54,36 @@ class NoiseCurvatureScheduler:
         self.kappa, self.beta, self.statistic = kappa, beta, statistic
         self.act, self.beta_ramp = act, beta_ramp
         self.code_alpha_agg = code_alpha_agg   # consumed by the probe; kept here for the record
+        # one window per layer and one for the whole network: per-layer bounds are logged in both variants
         keys = [g["layer"] for g in optimizer.param_groups] + ["global"]
         self.windows = {k: Bd.VolatilityWindow(window) for k in keys}
+        # how often each rule fired (would have fired, if act=False) per decision key (SPEC 6)
         self.rule_counts = {k: {"cool": 0, "warm": 0, "none": 0} for k in keys}
-        self.base_betas = [tuple(g["betas"]) for g in optimizer.param_groups]
 
-    # -- the decision for one layer (or the whole network)
+    # -- the decision for one layer (or the whole network); pushes the window, counts nothing
     def _decide(self, key, m: dict, task_frac: float) -> dict:
-        lam_bar = m["alpha_agg"] * m["lam_max"]
-        stats = self.windows[key].push(lam_bar) if lam_bar == lam_bar else \
+        lam_bar = m["alpha_agg"] * m["lam_max"]   # normalised sharpness (SPEC 5)
+        # a NaN would poison the window for W decisions: skip it
+        stats = self.windows[key].push(lam_bar) if not _isnan(lam_bar) else \
             {"mu": math.nan, "sigma2": math.nan, "vol": math.nan, "sq_dev": math.nan}
-        a_g = Bd.alpha_g(m["grad_sq"], m["sigma2_ps"], self.B)
-        a_vol = Bd.alpha_vol(stats["vol"], self.kappa)
-        t = Bd.tau(stats["mu"], stats["sigma2"])
-        S = Bd.curvature_statistic(self.statistic, lam_bar, stats)
-        a_tilde = Bd.alpha_tilde(m["grad_sq"], m["sigma2_ps"], self.B, S, self.beta)
+        # bounds.py maps a zero (or NaN) denominator to +inf, "no constraint"; a NaN *input* (diverged
+        # run, failed eigen-solve) must instead give a NaN bound, i.e. no decision rather than a warm
+        noise_nan = _isnan(m["grad_sq"]) or _isnan(m["sigma2_ps"])
+        curv_nan = _isnan(lam_bar)
+        a_g = math.nan if noise_nan else Bd.alpha_g(m["grad_sq"], m["sigma2_ps"], self.B)
+        a_vol = math.nan if curv_nan else Bd.alpha_vol(stats["vol"], self.kappa)
+        t = math.nan if curv_nan else Bd.tau(stats["mu"], stats["sigma2"])
+        a_tilde = math.nan if noise_nan or curv_nan else Bd.alpha_tilde(
+            m["grad_sq"], m["sigma2_ps"], self.B, Bd.curvature_statistic(self.statistic, lam_bar, stats),
+            self.beta)
         bound = {"combined": a_tilde, "noise": a_g, "curvature": t}[self.bound]
         alpha = m["alpha"]
         rule = "none"
-        if alpha == alpha and bound == bound:   # NaN (no Adam state yet, empty window) -> no decision
+        if not (_isnan(alpha) or _isnan(bound)):   # NaN alpha: no Adam state yet -> no decision
             if alpha > self.floor and alpha > self.safety * bound:
                 rule = "cool"
             elif task_frac < self.warm_frac and alpha < self.warm_factor * self.safety * bound:
                 rule = "warm"
-        self.rule_counts[key][rule] += 1
         return {"alpha": alpha, "alpha_g": a_g, "alpha_vol": a_vol, "tau": t, "alpha_tilde": a_tilde,
                 "bound": bound, "lam_max": m["lam_max"], "lam_bar": lam_bar, "vol": stats["vol"],
                 "mu": stats["mu"], "sigma2_win": stats["sigma2"], "sigma2_ps": m["sigma2_ps"],
@@ -76,21 +97,30 @@ class NoiseCurvatureScheduler:
             g["lr"] *= factor
 
     def step(self, measurement: dict, task_frac: float) -> dict:
-        """Decide (and, if act, apply) for every layer; returns {layer: row} for the run record."""
+        """One decision step (SPEC 6, Algorithm 1): decide (and, if act, apply) for every layer.
+
+        measurement: {l: {grad_sq, sigma2_ps, lam_max, alpha, alpha_agg}, ..., "global": {...}} with l the
+        groups' "layer" keys; task_frac: progress through the current task in [0, 1) (the warm window).
+        Returns {l: row, ...} (plus "global" for the global variant), row fields = ROW_FIELDS, "lr" after
+        the decision."""
         groups = self.optimizer.param_groups
         rows = {}
         if self.variant == "per_layer":
             for g in groups:
                 row = self._decide(g["layer"], measurement[g["layer"]], task_frac)
+                self.rule_counts[g["layer"]][row["rule"]] += 1
                 self._apply([g], row["rule"])
                 rows[g["layer"]] = dict(row, lr=g["lr"])
         else:
+            # one alpha, one bound, one window; the same multiplier for every group
             row = self._decide("global", measurement["global"], task_frac)
+            self.rule_counts["global"][row["rule"]] += 1
             self._apply(groups, row["rule"])
             rows["global"] = dict(row, lr=groups[0]["lr"])
-            for g in groups:  # per-layer bounds are still logged (Figs. 3-4); the decision is shared
-                layer_row = self._decide(g["layer"], measurement[g["layer"]], task_frac)
-                rows[g["layer"]] = dict(layer_row, lr=g["lr"], rule=row["rule"])
+            for g in groups:  # per-layer bounds are still logged (Figs. 3-4); the decision is the shared one
+                if g["layer"] in measurement:
+                    layer_row = self._decide(g["layer"], measurement[g["layer"]], task_frac)
+                    rows[g["layer"]] = dict(layer_row, lr=g["lr"], rule=row["rule"])
         return rows
 
     def on_step(self, task_frac: float) -> None:
@@ -98,13 +128,15 @@ class NoiseCurvatureScheduler:
         with a within-task ramp, beta1 0.9 -> 0.945 and beta2 0.999 -> 0.875, linear in task progress."""
         if not self.beta_ramp:
             return
-        g = self.optimizer.param_groups[0]
-        g["betas"] = (0.9 + (0.945 - 0.9) * task_frac, 0.999 + (0.875 - 0.999) * task_frac)
+        f = min(max(float(task_frac), 0.0), 1.0)
+        # (1 - f) a + f b hits both end points exactly
+        self.optimizer.param_groups[0]["betas"] = ((1 - f) * 0.9 + f * 0.945, (1 - f) * 0.999 + f * 0.875)
 
     def get_last_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
+        """Windows and rule counters (the LRs live in the optimiser's own state_dict)."""
         return {"windows": {str(k): w.state_dict() for k, w in self.windows.items()},
                 "rule_counts": {str(k): dict(v) for k, v in self.rule_counts.items()}}
 
