@@ -99,7 +99,8 @@ def test_spearman_hand_computed():
 def test_affine_rescale():
     np.testing.assert_allclose(A.affine_rescale([0, 0.5, 1], [0.4, 0.2, 0.3]), [0.2, 0.3, 0.4])
     np.testing.assert_allclose(A.affine_rescale([0.9, 0.6, 0.75], [0.1, 0.2, 0.3]), [0.3, 0.1, 0.2])
-    np.testing.assert_allclose(A.affine_rescale([0.7, 0.7], [0.1, 0.3]), [0.2, 0.2])   # constant -> middle
+    np.testing.assert_allclose(A.affine_rescale([1.0, 1.0], [0.1, 0.3]), [0.3, 0.3])   # constant: clipped raw
+    np.testing.assert_allclose(A.affine_rescale([0.2, 0.2], [0.1, 0.3]), [0.2, 0.2])
     out = A.affine_rescale([0.0, float("nan"), 1.0], [0.1, 0.2, 0.5])
     assert out[0] == pytest.approx(0.1) and math.isnan(out[1]) and out[2] == pytest.approx(0.5)
 

@@ -26,11 +26,11 @@ CURVE_COLUMNS = ("run", "seed", "task", "online_acc", "end_acc", "end_loss")
 # Fig. 1 panels (SPEC 4): (letter, title, indicator, run A, run B, log y)
 FIG1_PANELS = (
     ("a", "Hessian rank", "hessian_rank", "l2-lr1e-4", "wass-vanilla", False),
-    ("b", "Unit-sign entropy", "unit_sign_entropy", "bn-l2", "leaky-0.3", False),
-    ("c", "Sharpness", "sharpness", "leaky-0.7", "leaky-0.3", True),
-    ("d", "Weight norm", "weight_norm", "leaky-0.7", "leaky-0.3", False),
+    ("b", "Unit-sign entropy", "unit_sign_entropy", "bn-l2", "leaky-rho03", False),
+    ("c", "Sharpness", "sharpness", "leaky-rho07", "leaky-rho03", True),
+    ("d", "Weight norm", "weight_norm", "leaky-rho07", "leaky-rho03", False),
     ("e", "Gradient norm", "grad_norm", "bn-l2-lr1e-5", "wass-lr1e-5", False),
-    ("f", "Grad/param ratio", "grad_param_ratio", "linear", "leaky-0.3", False),
+    ("f", "Grad/param ratio", "grad_param_ratio", "linear", "leaky-rho03", False),
 )
 # other spellings measure.compute_indicators might use for the same indicator
 INDICATOR_ALIASES = {
@@ -125,14 +125,15 @@ def spearman(x, y) -> float:
 
 
 def affine_rescale(pred, target) -> np.ndarray:
-    """Map pred's [min, max] onto target's [min, max] (Fig. 4). A constant pred goes to target's midpoint."""
+    """Map pred's [min, max] onto target's [min, max] (Fig. 4). A constant pred has no scale: it keeps its
+    raw value, clipped into target's range (a predictor that never crosses, 1.0, sits at the top)."""
     pred, target = np.asarray(pred, float), np.asarray(target, float)
     p, t = pred[np.isfinite(pred)], target[np.isfinite(target)]
     if p.size == 0 or t.size == 0:
         return np.full(pred.shape, np.nan)
     lo, hi = t.min(), t.max()
     if p.max() == p.min():
-        return np.where(np.isfinite(pred), (lo + hi) / 2, np.nan)
+        return np.where(np.isfinite(pred), np.clip(p[0], lo, hi), np.nan)
     return lo + (pred - p.min()) / (p.max() - p.min()) * (hi - lo)
 
 
@@ -275,12 +276,12 @@ def run_summary(records: list[dict]) -> dict:
     for k in names:
         series = [np.array([num((t.get("indicators") or {}).get(k)) for t in r.get("tasks", [])]) for r in records]
         ind[k] = {"first": stat([s[0] if s.size else math.nan for s in series]),
-                  "last": stat([_final_window_mean(s, planned_tasks(r)) for s, r in zip(series, records)])}
+                  "last": stat([final_window_mean(s, planned_tasks(r)) for s, r in zip(series, records)])}
     out["indicators"] = ind
     return out
 
 
-def _final_window_mean(values: np.ndarray, n_planned: int) -> float:
+def final_window_mean(values: np.ndarray, n_planned: int) -> float:
     w = values[n_planned - final_window(n_planned):n_planned]
     w = w[np.isfinite(w)]
     return float(w.mean()) if w.size else math.nan
@@ -313,7 +314,7 @@ def volatility_summary(records: list[dict]) -> dict:
         v = per_task_mean(r, layer_mean_series(r, "vol"))
         a = task_values(r, "online_acc")
         first.append(v[0] if v.size else math.nan)
-        last.append(_final_window_mean(v, planned_tasks(r)) if v.size else math.nan)
+        last.append(final_window_mean(v, planned_tasks(r)) if v.size else math.nan)
         lag.append(spearman(v[:-1], np.diff(a)[:max(0, len(v) - 1)]) if v.size > 1 else math.nan)
     return {"vol_first_task": stat(first), "vol_last_tasks": stat(last), "lag_spearman": stat(lag)}
 

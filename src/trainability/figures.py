@@ -27,7 +27,7 @@ ARM_COLORS = {"vanilla": "0.25", "reset": "tab:orange", "scheduled": "tab:blue",
               "noise": "tab:purple", "curvature": "tab:brown"}
 ARM_LABELS = {"vanilla": "vanilla", "reset": "reset", "scheduled": "per-layer scheduler",
               "global": "global scheduler", "noise": "noise-only bound", "curvature": "curvature-only bound"}
-ARM_STYLES = {"reset": "--"}
+ARM_STYLES = {"reset": "--", "noise": "-.", "global": "-."}
 LENGTH_COLORS = {"short": "tab:red", "scheduled": "tab:orange", "long": "tab:blue"}   # paper Figs. 7-8
 FIG3_COLORS = {"alpha": "tab:blue", "alpha_vol": "tab:orange", "alpha_g": "tab:red", "alpha_tilde": "tab:green"}
 FIG3_LABELS = {"alpha": r"$\alpha_t$ (layer 1)", "alpha_vol": r"$\alpha^\star_{vol}$",
@@ -40,7 +40,7 @@ PAIR_COLORS = ("tab:blue", "tab:orange")
 FIG2_TASKS = 20   # the paper's Fig. 2 shows the first 20 tasks
 PAPER_FIG = {"fig1": "Fig. 1", "fig2": "Fig. 2", "fig3": "Fig. 3 (and 10-12)", "fig4": "Fig. 4",
              "fig5": "Fig. 5", "fig6": "Fig. 6", "fig7": "Figs. 7-8", "fig9": "Fig. 9",
-             "ablation-global": "Appendix: global scheduler", "ablation-bound": "Appendix: bound ablation"}
+             "ablation-global": "Appendix", "ablation-bound": "Appendix"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -163,9 +163,16 @@ def finish(fig, experiment: str, title: str, scale: str, runs: dict) -> None:
     fig.tight_layout()
 
 
-def arm_panels(axes, runs: dict, arms: tuple, fn=lambda r: A.task_values(r, "online_acc"),
-               ylabel="Task accuracy (online)", ema=0.0, colors=ARM_COLORS, labels=ARM_LABELS, log=False):
-    """One panel per method (CReLU, L2, Wasserstein), one curve per arm."""
+def value_label(label: str, records: list[dict], fn, name: str) -> str:
+    """Legend label with the final-window mean of fn(record) (e.g. the final Hessian rank)."""
+    s = A.stat([A.final_window_mean(fn(r), A.planned_tasks(r)) for r in records])
+    return f"{label}: final {name} {s['mean']:.2f}" if math.isfinite(s["mean"]) else f"{label}: {name} n/a"
+
+
+def arm_panels(axes, runs: dict, arms: tuple, fn=None, ylabel="Task accuracy (online)", ema=0.0,
+               colors=ARM_COLORS, labels=ARM_LABELS, log=False, value_name=None):
+    """One panel per method (CReLU, L2, Wasserstein), one curve per arm; fn(record) = per-task values
+    (default: online accuracy; then the legend gives the final accuracy, else final `value_name`)."""
     by = runs_by_method(runs)
     for ax, method in zip(axes, ("crelu", "l2", "wass")):
         arms_here = by.get(method, {})
@@ -177,7 +184,9 @@ def arm_panels(axes, runs: dict, arms: tuple, fn=lambda r: A.task_values(r, "onl
             if run is None or not runs.get(run):
                 continue
             recs = runs[run]
-            task_curve(ax, recs, fn, colors[arm], acc_label(labels.get(arm, arm), recs),
+            label = (acc_label(labels.get(arm, arm), recs) if fn is None
+                     else value_label(labels.get(arm, arm), recs, fn, value_name))
+            task_curve(ax, recs, fn or (lambda r: A.task_values(r, "online_acc")), colors[arm], label,
                        ls=ARM_STYLES.get(arm, "-"), ema=ema, log=log)
             drawn = True
         if not drawn:
@@ -194,7 +203,7 @@ def arm_panels(axes, runs: dict, arms: tuple, fn=lambda r: A.task_values(r, "onl
 def fig1(runs, ctx):
     """Paper Fig. 1: six counterexamples; each panel shows an indicator (dashed, right axis) and the task
     accuracy (solid, left axis) of two runs; the legend gives each run's final accuracy."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 9))
     for ax, (letter, title, ind, ra, rb, log) in zip(axes.flat, A.FIG1_PANELS):
         ax2 = ax.twinx()
         ax2.grid(False)
@@ -220,7 +229,7 @@ def fig1(runs, ctx):
         ax.set_ylabel("Task accuracy (solid)")
         ax2.set_ylabel(f"{title} (dashed)")
         if handles:
-            ax.legend(handles=handles, loc="best")
+            ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     finish(fig, "fig1", ctx["title"], ctx["scale"], runs)
     return fig
 
@@ -243,7 +252,7 @@ def fig2(runs, ctx):
         m = task_matrix(recs, lambda r: A.task_values(r, "online_acc"))[:, :FIG2_TASKS]
         x = np.arange(m.shape[1] + 1) + 1.0
         mu, sd = A.mean_std(m)
-        ax.stairs(mu, x, color=color, lw=1.8, label=acc_label("task accuracy", recs))
+        ax.stairs(mu, x, baseline=None, color=color, lw=1.8, label=acc_label("task accuracy", recs))
         if len(recs) > 1:
             ax.stairs(mu + sd, x, baseline=mu - sd, fill=True, color=color, alpha=0.18)
         mark_divergence(ax, recs, list(m), color, x0=1.5)
@@ -323,7 +332,9 @@ def fig4(runs, ctx):
             band(ax, np.arange(1, max(map(len, resc)) + 1), A.stack(resc), FIG4_COLORS[p], FIG4_LABELS[p],
                  ls="--")
             rho = pred[p]["spearman"]["mean"]
-            rhos.append(f"{p} {rho:+.2f}" if math.isfinite(rho) else f"{p} n/a")
+            raw = A.stack([A.predicted_acc(r, p) for r in recs])
+            const = np.isfinite(raw).any() and A.nanstd(raw, 1).max() == 0
+            rhos.append(f"{p} {rho:+.2f}" if math.isfinite(rho) else f"{p} const" if const else f"{p} n/a")
         mark_divergence(ax, recs, acts, FIG4_COLORS["actual"])
         ax.set_title(f"{names.get(run, run)}\nSpearman $\\rho$: " + ", ".join(rhos), fontsize=10)
     axes[0][0].set_ylabel("(Predicted) task accuracy")
@@ -417,7 +428,7 @@ def fig9(runs, ctx):
     """Paper Fig. 9: "Hessian rank" (empirical-Fisher rank proxy at each task start), vanilla vs scheduled."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     arm_panels(axes, runs, ("vanilla", "scheduled"), fn=lambda r: A.indicator_values(r, "hessian_rank"),
-               ylabel="Hessian rank (fraction)", ema=ctx["ema"])
+               ylabel="Hessian rank (fraction)", ema=ctx["ema"], value_name="rank")
     for ax in axes:   # legend shows final accuracy; this figure is about rank
         ax.set_xlabel("Task ID (rank measured at task start)")
     finish(fig, "fig9", ctx["title"], ctx["scale"], runs)

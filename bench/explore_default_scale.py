@@ -1,0 +1,87 @@
+"""Exploration behind the `default` scale (issue: a CPU-sized configuration where the claims show).
+
+Runs vanilla vs per-layer-scheduled for a method at several stream sizes (seed 0, W&B off, indicators
+off) and draws per-task online accuracy for each candidate into one figure:
+
+    .venv/bin/python bench/explore_default_scale.py --out docs/exploration            # run + plot
+    .venv/bin/python bench/explore_default_scale.py --out docs/exploration --plot-only
+
+Candidates are `--set` overrides of the `default` scale's run config; edit CANDIDATES to try others.
+Each run is an ordinary `trainability-run`, so its record.json sits under OUT/runs/<candidate>/<run>/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+CANDIDATES = {  # name: (description, overrides)
+    "A: 2560 img x 60 ep": ("2,560 images, 60 epochs/task, K=10",
+                            ["stream.n_images=2560", "epochs_per_task=60", "measure.every=10"]),
+    "B: 10240 img x 25 ep": ("10,240 images, 25 epochs/task, K=10",
+                             ["stream.n_images=10240", "epochs_per_task=25", "measure.every=10"]),
+    "C: 4096 img x 40 ep": ("4,096 images, 40 epochs/task, K=10",
+                            ["stream.n_images=4096", "epochs_per_task=40", "measure.every=10"]),
+}
+RUNS = ["l2-vanilla", "l2-scheduled", "crelu-vanilla", "crelu-scheduled", "wass-vanilla", "wass-scheduled"]
+
+
+def run_one(out: Path, cand: str, run: str) -> None:
+    d = out / "runs" / cand.split(":")[0] / run
+    if (d / "record.json").exists():
+        return
+    sets = [a for o in CANDIDATES[cand][1] + ["wandb.mode=disabled", "indicators.enabled=false"]
+            for a in ("--set", o)]
+    subprocess.run([sys.executable, "-m", "trainability.train", "--scale", "default", "--run", run,
+                    "--seed", "0", "--out", str(d), "--no-progress", *sets], check=True)
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = ["l2", "crelu", "wass"]
+    fig, axes = plt.subplots(len(CANDIDATES), 3, figsize=(12, 3 * len(CANDIDATES)), squeeze=False)
+    for i, cand in enumerate(CANDIDATES):
+        for j, m in enumerate(methods):
+            ax = axes[i][j]
+            for arm, style in (("vanilla", dict(color="tab:red")), ("scheduled", dict(color="tab:blue"))):
+                f = out / "runs" / cand.split(":")[0] / f"{m}-{arm}" / "record.json"
+                if not f.exists():
+                    continue
+                tasks = json.loads(f.read_text())["tasks"]
+                ax.plot([t["task"] + 1 for t in tasks], [t["online_acc"] for t in tasks], label=arm, **style)
+            ax.set_title(f"{cand} | {m}", fontsize=9)
+            ax.set_ylim(0.05, 1.0)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("online task accuracy")
+            if i == len(CANDIDATES) - 1:
+                ax.set_xlabel("task")
+            ax.legend(fontsize=7)
+    fig.suptitle("Exploration for the default scale (seed 0; red vanilla, blue per-layer scheduler)")
+    fig.tight_layout()
+    fig.savefig(out / "exploration.png", dpi=120)
+    print(f"wrote {out / 'exploration.png'}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs/exploration")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.plot_only:
+        with ThreadPoolExecutor(args.jobs) as ex:
+            list(ex.map(lambda cr: run_one(out, *cr), [(c, r) for c in CANDIDATES for r in RUNS]))
+    plot(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
