@@ -467,8 +467,8 @@ def make_figure(params: dict, scale: str, experiment: str, ema: float = 0.0, ema
     fig = FIGURES[experiment](runs, ctx)
     paths = figure_paths(scale, experiment)
     Path(paths[0]).parent.mkdir(parents=True, exist_ok=True)
-    for p in paths:
-        fig.savefig(p)
+    for p in paths:  # no timestamps in the files: a rerun regenerates them byte for byte
+        fig.savefig(p, metadata={"CreationDate": None} if p.endswith(".pdf") else {"Software": None})
     plt.close(fig)
     log(f"wrote {', '.join(paths)}")
     return paths

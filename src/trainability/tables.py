@@ -190,7 +190,7 @@ def table1(params: dict, scale: str) -> str:
 
 # ---------------------------------------------------------------- results
 RESULT_COLUMNS = ("method", "arm", "run", "n_seeds", "diverged", "final_acc_mean", "final_acc_std",
-                  "mean_acc_mean", "mean_acc_std", "first_acc_mean", "final_lr_mean")
+                  "mean_acc_mean", "mean_acc_std", "first_acc_mean", "final_lr_mean", "mean_acc_per_seed")
 
 
 def result_rows(params: dict, summaries: dict) -> list[dict]:
@@ -204,7 +204,9 @@ def result_rows(params: dict, summaries: dict) -> list[dict]:
                      "diverged": s["diverged"],
                      "final_acc_mean": s["final_acc"]["mean"], "final_acc_std": s["final_acc"]["std"],
                      "mean_acc_mean": s["mean_acc"]["mean"], "mean_acc_std": s["mean_acc"]["std"],
-                     "first_acc_mean": s["first_acc"]["mean"], "final_lr_mean": s["final_lr"]["mean"]})
+                     "first_acc_mean": s["first_acc"]["mean"], "final_lr_mean": s["final_lr"]["mean"],
+                     # per-seed values let a rerun of one seed be checked against the committed table
+                     "mean_acc_per_seed": ";".join(repr(x) for x in s["mean_acc"].get("per_seed", []))})
     return rows
 
 
