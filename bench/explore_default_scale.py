@@ -25,6 +25,8 @@ CANDIDATES = {  # name: (description, overrides)
                              ["stream.n_images=10240", "epochs_per_task=25", "measure.every=10"]),
     "C: 4096 img x 40 ep": ("4,096 images, 40 epochs/task, K=10",
                             ["stream.n_images=4096", "epochs_per_task=40", "measure.every=10"]),
+    "D: default scale": ("the chosen default: 4,096 images, 30 epochs/task, 6 tasks, K=10 (seed 0 of the DAG)",
+                         ["stream.n_images=4096", "epochs_per_task=30", "n_tasks=6", "measure.every=10"]),
 }
 RUNS = ["l2-vanilla", "l2-scheduled", "crelu-vanilla", "crelu-scheduled", "wass-vanilla", "wass-scheduled"]
 
@@ -39,21 +41,41 @@ def run_one(out: Path, cand: str, run: str) -> None:
                     "--seed", "0", "--out", str(d), "--no-progress", *sets], check=True)
 
 
+def collect(out: Path) -> Path:
+    """Per-task online accuracy of every finished exploration run -> OUT/exploration.csv (committed;
+    the records themselves are large and stay local)."""
+    rows = ["candidate,run,task,online_acc"]
+    for cand in CANDIDATES:
+        for run in RUNS:
+            f = out / "runs" / cand.split(":")[0] / run / "record.json"
+            if f.exists():
+                rows += [f"{cand.split(':')[0]},{run},{t['task']},{t['online_acc']:.6f}"
+                         for t in json.loads(f.read_text())["tasks"]]
+    path = out / "exploration.csv"
+    if len(rows) > 1:
+        path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def plot(out: Path) -> None:
+    import csv
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    data: dict = {}
+    with open(collect(out)) as f:
+        for r in csv.DictReader(f):
+            data.setdefault((r["candidate"], r["run"]), []).append((int(r["task"]) + 1, float(r["online_acc"])))
     methods = ["l2", "crelu", "wass"]
     fig, axes = plt.subplots(len(CANDIDATES), 3, figsize=(12, 3 * len(CANDIDATES)), squeeze=False)
     for i, cand in enumerate(CANDIDATES):
         for j, m in enumerate(methods):
             ax = axes[i][j]
-            for arm, style in (("vanilla", dict(color="tab:red")), ("scheduled", dict(color="tab:blue"))):
-                f = out / "runs" / cand.split(":")[0] / f"{m}-{arm}" / "record.json"
-                if not f.exists():
-                    continue
-                tasks = json.loads(f.read_text())["tasks"]
-                ax.plot([t["task"] + 1 for t in tasks], [t["online_acc"] for t in tasks], label=arm, **style)
+            for arm, color in (("vanilla", "tab:red"), ("scheduled", "tab:blue")):
+                pts = data.get((cand.split(":")[0], f"{m}-{arm}"))
+                if pts:
+                    ax.plot(*zip(*pts), label=arm, color=color, marker=".")
             ax.set_title(f"{cand} | {m}", fontsize=9)
             ax.set_ylim(0.05, 1.0)
             ax.grid(alpha=0.3)

@@ -73,8 +73,14 @@ def test_invalid_params_rejected_before_any_job(tmp_path):
 def dvc_repo(smoke_dag, tmp_path_factory):
     """A git+DVC copy of the project set to the smoke scale, reusing the smoke results."""
     d = tmp_path_factory.mktemp("dvc") / "repo"
-    shutil.copytree(ROOT, d, ignore=shutil.ignore_patterns(".venv", ".git", "wandb", ".snakemake", "*.egg-info",
-                                                           "__pycache__", ".pytest_cache"))
+    skip = shutil.ignore_patterns(".venv", ".git", "wandb", ".snakemake", "*.egg-info", "__pycache__",
+                                  ".pytest_cache", "checkpoint.pt")
+
+    def ignore(folder, names):  # only the smoke results are reused; other scales' results are large
+        extra = [n for n in names if Path(folder) in (ROOT / "results", ROOT / "figures") and n != "smoke"
+                 and (Path(folder) / n).is_dir() and n != "tables"]
+        return set(skip(folder, names)) | set(extra)
+    shutil.copytree(ROOT, d, ignore=ignore)
     params = yaml.safe_load(open(d / "params.yaml"))
     params["scale"] = "smoke"
     params["run_defaults"]["wandb"]["mode"] = "disabled"
