@@ -1,7 +1,7 @@
 """The noise bound, the volatility bound and their combination (SPEC 5; paper Eqs. 1-3, A.3, A.5).
 
-Pure functions of floats (they also work elementwise on tensors). A zero denominator gives +inf:
-"no constraint", never an exception.
+Pure functions of floats (they also work elementwise on tensors). A zero, negative or NaN denominator
+gives +inf, "no constraint", and nothing raises: a bound must never stop a run.
 """
 from __future__ import annotations
 
@@ -35,13 +35,16 @@ def tau(mu, sigma2):
 
 
 def cantelli_cap(mu, sigma2, delta: float):
-    """Eq. A.5: alpha <= 2 / (mu + sigma sqrt((1 - delta) / delta))."""
-    return _div(2.0, mu + math.sqrt(max(sigma2, 0.0)) * math.sqrt((1 - delta) / delta))
+    """Eq. A.5: alpha <= 2 / (mu + sigma sqrt((1 - delta) / delta)), delta in (0, 1] the tolerated
+    probability that the sharpness exceeds the level the step is safe for."""
+    sigma = sigma2.clamp_min(0).sqrt() if hasattr(sigma2, "clamp_min") else math.sqrt(max(sigma2, 0.0))
+    return _div(2.0, mu + sigma * math.sqrt((1 - delta) / delta))
 
 
 def curvature_statistic(kind: str, x, stats: dict):
-    """S in Eq. 2: 'vol' (the paper), or the authors' per-method forms: 'sq_dev' = (x - mu)^2,
-    'lam_bar' = x itself, 'x2_over_mu_sq' = (x^2 / mu)^2."""
+    """S in Eq. 2 from the window statistics of VolatilityWindow.push: 'vol' (the paper), or the authors'
+    per-method forms [code]: 'sq_dev' = (x - mu)^2, 'lam_bar' = x itself, 'x2_over_mu_sq' = (x^2 / mu)^2
+    (0 when mu <= 0, as the authors' `x**2 / mu if mu > 0 else 0`)."""
     if kind == "vol":
         return stats["vol"]
     if kind == "sq_dev":
@@ -49,7 +52,8 @@ def curvature_statistic(kind: str, x, stats: dict):
     if kind == "lam_bar":
         return x
     if kind == "x2_over_mu_sq":
-        return _div(x * x, abs(stats["mu"])) ** 2
+        mu = stats["mu"]
+        return (x * x / mu) ** 2 if mu > 0 else 0.0
     raise ValueError(f"scheduler.statistic: unknown {kind!r}")
 
 

@@ -9,9 +9,10 @@ Usable in any training loop:
     m = probe.measure(lambda: loss_fn(model(x), y) + reg)   # before optimizer.step()
     # m[l] = {grad_sq, sigma2_ps, lam_max, alpha, alpha_agg, eig_iters}, l = 1..L, and m["global"]
 
-Cost: the per-example gradient variance comes from the activations and output gradients already
-computed by the step's own backward (no per-example backward passes); the layer-block top eigenvalue
-comes from a power iteration warm-started at the previous decision's eigenvector.
+Cost (SPEC 8): the per-example gradient variance comes from the activations and output gradients that
+the step's own backward already computes (no per-example backward passes); the layer-block top
+eigenvalue comes from a few Lanczos steps warm-started at the previous decision's eigenvector, all
+sharing one create_graph gradient. bench/bench_measure.py compares this with the authors' measurement.
 """
 from __future__ import annotations
 
@@ -26,8 +27,12 @@ from torch.func import functional_call, grad, vmap
 
 # ----------------------------------------------------------------------------- per-example variance
 class LayerProbe:
-    """Captures, for every nn.Linear of `model.linears`, its input a [B, d_in] and the gradient of the
-    loss w.r.t. its output z [B, d_out] while `capture()` is active; hooks are removed afterwards."""
+    """Captures, for every nn.Linear of `model.linears` (layer l = index + 1), its input a [B, d_in] and
+    the gradient of the loss w.r.t. its output z [B, d_out], while `capture()` is active.
+
+    Hooks exist only inside `capture()` (zero cost otherwise). The forward of the step must run inside
+    it too: the output-gradient hook is attached to the output tensor during the forward.
+    """
 
     def __init__(self, model: nn.Module):
         self.linears = list(model.linears)
@@ -49,32 +54,40 @@ class LayerProbe:
             for h in handles:
                 h.remove()
 
-    def per_example_variance(self, B: int) -> dict[int, tuple[float, float]]:
-        """{l: (sigma2_ps, ||gbar||^2)} for the CE loss (a batch mean), weights and bias together.
+    def per_example_stats(self, B: int) -> dict[int, tuple[float, float]]:
+        """{l: (sigma2_ps, ||gbar||^2)} of the CE loss (a batch mean), weight and bias together (SPEC 5).
 
-        Example i's gradient is g_i = B delta_i a_i^T (and B delta_i for the bias), delta = the captured
-        gradient of the mean loss. Since ||delta_i a_i^T||^2 = ||delta_i||^2 ||a_i||^2,
-        sigma2_ps = (1/B) sum_i ||g_i - gbar||^2 = B sum_i ||delta_i||^2 (||a_i||^2 + 1) - ||gbar||^2.
-        The regulariser does not pass through z, so it is excluded, as SPEC 5 asks. float64 against
-        cancellation.
+        delta = captured gradient of the *mean* loss, so example i's own gradient is B delta_i a_i^T
+        (bias: B delta_i). With ||delta_i a_i^T||^2 = ||delta_i||^2 ||a_i||^2:
+            (1/B) sum_i ||g_i||^2 = B sum_i ||delta_i||^2 (||a_i||^2 + 1),   gbar = delta^T a (bias: sum_i delta_i),
+            sigma2_ps = (1/B) sum_i ||g_i - gbar||^2 = (1/B) sum_i ||g_i||^2 - ||gbar||^2.
+        The regulariser does not pass through z, so it is excluded, as SPEC 5 asks. float64: the last
+        line subtracts two nearly equal numbers when the examples agree. Exact for losses that are a
+        mean of per-example terms; with BatchNorm in training mode the examples are coupled, and this is
+        example i's contribution to the batch gradient (Linear weight and bias only, BN's affine
+        parameters are not included).
         """
         out = {}
         for i, (a, d) in enumerate(zip(self.inputs, self.out_grads)):
             if a is None or d is None:
                 raise RuntimeError("LayerProbe: run the forward and backward inside probe.capture()")
             a, d = a.double(), d.double()
-            sum_sq = (d.pow(2).sum(1) * (a.pow(2).sum(1) + 1.0)).sum() * B
+            mean_sq = B * (d.pow(2).sum(1) * (a.pow(2).sum(1) + 1.0)).sum()
             gbar_sq = (d.t() @ a).pow(2).sum() + d.sum(0).pow(2).sum()
-            out[i + 1] = ((sum_sq - gbar_sq).clamp_min(0.0).item(), gbar_sq.item())
+            out[i + 1] = ((mean_sq - gbar_sq).clamp_min(0.0).item(), gbar_sq.item())
         return out
+
+    def per_example_variance(self, B: int) -> dict[int, float]:
+        """{l: sigma2_ps}: see per_example_stats."""
+        return {l: s for l, (s, _) in self.per_example_stats(B).items()}
 
 
 # ----------------------------------------------------------------------------- top eigenvalues
-def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
+def _flat(ts) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
 
 
-def _unflat(v: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+def _unflat(v: torch.Tensor, like) -> list[torch.Tensor]:
     out, i = [], 0
     for t in like:
         out.append(v[i:i + t.numel()].view_as(t))
@@ -82,34 +95,50 @@ def _unflat(v: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _power(hvp, v, tol, max_iter):
-    rq_prev, rq, it = None, float("nan"), 0
+def _hvp_fn(grads, params, shift: float = 0.0):
+    """v -> (H + shift I) v for the block of `params`, H the Hessian whose gradient `grads` was taken
+    with create_graph=True. Autograd only walks the graph back to `params`, so the output layer's block
+    is much cheaper than the input layer's. `shift` adds a coupled L2 term (Adam's weight_decay)."""
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        hv = torch.autograd.grad(grads, params, grad_outputs=_unflat(v, params), retain_graph=True)
+        hv = _flat([h.detach() for h in hv])
+        return hv + shift * v if shift else hv
+    return hvp
+
+
+def _power(hvp, v, tol: float, max_iter: int, min_iter: int = 2):
+    """Power iteration: (Rayleigh quotient, vector, products). tol=0 runs exactly max_iter products (the
+    authors' cold estimate [code]); else stops once the quotient changes by <= tol (relative)."""
+    rq_prev, rq, it = None, math.nan, 0
     for it in range(1, max_iter + 1):
         hv = hvp(v)
         rq = torch.dot(v, hv).item()
-        v = hv / (hv.norm() + 1e-30)
-        if tol > 0 and rq_prev is not None and abs(rq - rq_prev) <= tol * abs(rq):
+        n = hv.norm()
+        if not math.isfinite(rq) or n == 0:   # diverged run (NaN) or a zero block: nothing to iterate
+            break
+        v = hv / n
+        if tol > 0 and it >= min_iter and rq_prev is not None and abs(rq - rq_prev) <= tol * abs(rq):
             break
         rq_prev = rq
     return rq, v, it
 
 
-def _lanczos(hvp, v, tol, max_iter):
-    """Lanczos with full reorthogonalisation; the largest-magnitude Ritz value and its Ritz vector.
-    Converges far faster than power iteration when the top eigenvalues are close (small spectral gap)."""
-    Q = [v]
-    alphas, betas = [], []
-    theta_prev, theta, y = None, float("nan"), None
-    it = 0
+def _lanczos(hvp, v, tol: float, max_iter: int, min_iter: int = 2):
+    """Lanczos with full reorthogonalisation: (largest-magnitude Ritz value, its Ritz vector, products).
+
+    Far fewer products than power iteration when the top eigenvalues are close (small spectral gap);
+    stops once the Ritz value changes by <= tol (relative), or the Krylov space is invariant."""
+    Q, alphas, betas = [v], [], []
+    theta_prev, theta, y, it = None, math.nan, None, 0
     for it in range(1, max_iter + 1):
         w = hvp(Q[-1])
         a = torch.dot(w, Q[-1])
         if not torch.isfinite(a):  # a diverged run: report NaN, let the engine record the divergence
-            return float("nan"), v, it
+            return math.nan, v, it
         alphas.append(a)
         w = w - a * Q[-1] - (betas[-1] * Q[-2] if betas else 0.0)
         Qm = torch.stack(Q)
-        w = w - Qm.t() @ (Qm @ w)  # full reorthogonalisation: a few vectors only, cheap
+        w = w - Qm.t() @ (Qm @ w)  # full reorthogonalisation: only a few vectors, cheap
         b = w.norm()
         T = torch.diag(torch.stack(alphas).double())
         if betas:
@@ -118,55 +147,69 @@ def _lanczos(hvp, v, tol, max_iter):
         evals, evecs = torch.linalg.eigh(T)
         k = int(evals.abs().argmax())
         theta, y = evals[k].item(), evecs[:, k]
-        if tol > 0 and theta_prev is not None and abs(theta - theta_prev) <= tol * abs(theta):
+        if tol > 0 and it >= min_iter and theta_prev is not None and abs(theta - theta_prev) <= tol * abs(theta):
             break
         if b.item() <= 1e-12 * max(1.0, abs(theta)) or it == v.numel():
             break
         theta_prev = theta
         betas.append(b)
         Q.append(w / b)
-    ritz = (torch.stack(Q[:len(y)]).t() @ y.to(Q[0].dtype))
+    ritz = torch.stack(Q[:len(y)]).t() @ y.to(Q[0].dtype)
     return theta, ritz / (ritz.norm() + 1e-30), it
 
 
-def block_top_eigenvalues(grads: list[list[torch.Tensor]], params: list[list[torch.Tensor]],
-                          v0: list | None = None, tol: float = 1e-3, max_iter: int = 100,
-                          generator: torch.Generator | None = None, method: str = "lanczos"):
-    """Top (largest-magnitude) eigenvalue of each diagonal Hessian block H_bb (block b = params[b],
-    grads[b] its gradient computed with create_graph=True). Returns (eigenvalues, eigenvectors,
-    Hessian-vector products used) per block.
+SOLVERS = {"lanczos": _lanczos, "power": _power}
 
-    Starts from v0[b] (warm start: the previous decision's eigenvector) when given, else a seeded
-    Gaussian vector; stops when the estimate changes by less than `tol` (relative) or after `max_iter`
-    products. method="power" with tol=0 and max_iter=100 is the authors' cold estimate [code];
-    method="lanczos" (default) [choice] reaches the same value in a few products.
-    """
-    solve = {"lanczos": _lanczos, "power": _power}[method]
-    eigs, vecs, iters = [], [], []
-    for b, (g, p) in enumerate(zip(grads, params)):
-        if v0 is not None and v0[b] is not None:
-            v = v0[b].to(p[0].dtype)
-        else:
-            v = torch.randn(sum(q.numel() for q in p), generator=generator, dtype=p[0].dtype).to(p[0].device)
-        v = v / (v.norm() + 1e-30)
 
-        def hvp(vec, g=g, p=p):
-            hv = torch.autograd.grad(g, p, grad_outputs=_unflat(vec, p), retain_graph=True)
-            return _flat([h.detach() for h in hv])
-        e, vec, it = solve(hvp, v, tol, max_iter)
-        eigs.append(e)
-        vecs.append(vec.detach())
-        iters.append(it)
+def _start(n: int, like: torch.Tensor, v0, generator) -> torch.Tensor:
+    """Unit start vector: the warm start v0 when given, else a seeded Gaussian (cold start)."""
+    if v0 is None:
+        v0 = torch.randn(n, generator=generator, dtype=like.dtype)   # generator lives on the CPU
+    v = v0.to(device=like.device, dtype=like.dtype)
+    return v / (v.norm() + 1e-30)
+
+
+def _top_eigs(grads: dict, params: dict, v0: dict | None, tol: float, max_iter: int, min_iter: int,
+              generator, method: str, shift: dict | float = 0.0):
+    """Top eigenvalue of each block b: (H_bb + shift_b I) with grads[b] = dloss/dparams[b] (create_graph)."""
+    solve = SOLVERS[method]
+    eigs, vecs, iters = {}, {}, {}
+    for b, ps in params.items():
+        n = sum(p.numel() for p in ps)
+        v = _start(n, ps[0], (v0 or {}).get(b), generator)
+        s = shift.get(b, 0.0) if isinstance(shift, dict) else shift
+        eigs[b], vec, iters[b] = solve(_hvp_fn(grads[b], ps, s), v, tol, max_iter, min_iter)
+        vecs[b] = vec.detach()
     return eigs, vecs, iters
 
 
-def top_eigenvalue(loss_closure, params: list[torch.Tensor], v0=None, tol: float = 1e-3,
-                   max_iter: int = 100, generator=None, method: str = "lanczos"):
-    """Top eigenvalue of the full Hessian of loss_closure() w.r.t. params (sharpness)."""
-    loss = loss_closure()
-    g = torch.autograd.grad(loss, params, create_graph=True)
-    e, v, it = block_top_eigenvalues([list(g)], [params], None if v0 is None else [v0], tol, max_iter,
-                                     generator, method)
+def layer_top_eigenvalues(loss: torch.Tensor, params_by_layer: dict[int, list[torch.Tensor]],
+                          v0: dict | None = None, tol: float = 1e-3, max_iter: int = 100,
+                          min_iter: int = 2, generator: torch.Generator | None = None,
+                          method: str = "lanczos", weight_decay: float = 0.0):
+    """Top (largest-magnitude, signed) eigenvalue lambda_max of each diagonal Hessian block H_ll of
+    `loss` (SPEC 5): returns (eig {l: float}, vecs {l: Tensor}, iters {l: Hessian-vector products}).
+
+    One create_graph gradient serves every block and every iteration. Starts from v0[l] (warm start:
+    the previous decision's eigenvector) when given, else a Gaussian from `generator`; stops when the
+    estimate changes by <= tol (relative) after >= min_iter products, or at max_iter.
+    method="power", tol=0, max_iter=100 is the authors' cold estimate [code]; "lanczos" [choice] gets
+    the same value in a few products. weight_decay adds Adam's coupled L2 Hessian (wd I) to each block.
+    """
+    flat = [p for ps in params_by_layer.values() for p in ps]
+    g = iter(torch.autograd.grad(loss, flat, create_graph=True))
+    grads = {l: [next(g) for _ in ps] for l, ps in params_by_layer.items()}
+    return _top_eigs(grads, params_by_layer, v0, tol, max_iter, min_iter, generator, method, weight_decay)
+
+
+def full_top_eigenvalue(loss: torch.Tensor, params: list[torch.Tensor], v0: torch.Tensor | None = None,
+                        tol: float = 1e-3, max_iter: int = 100, min_iter: int = 2,
+                        generator: torch.Generator | None = None, method: str = "lanczos",
+                        weight_decay: float = 0.0):
+    """Top eigenvalue of the whole Hessian of `loss` w.r.t. `params` (sharpness, SPEC 4; the global
+    scheduler variant, SPEC 6): (eig, vec, iters)."""
+    e, v, it = layer_top_eigenvalues(loss, {0: list(params)}, None if v0 is None else {0: v0}, tol,
+                                     max_iter, min_iter, generator, method, weight_decay)
     return e[0], v[0], it[0]
 
 
@@ -176,9 +219,9 @@ def _weights_v_hat(optimizer: torch.optim.Optimizer, group: dict):
     beta2 = group["betas"][1]
     total, count, k = 0.0, 0, 0
     for p in group["params"]:
-        if p.dim() < 2 or p not in optimizer.state or "exp_avg_sq" not in optimizer.state[p]:
+        st = optimizer.state.get(p, {})
+        if p.dim() < 2 or "exp_avg_sq" not in st:   # biases (and BN's affine vectors) are skipped
             continue
-        st = optimizer.state[p]
         k = int(st["step"])
         total += (st["exp_avg_sq"].double().sum() / (1 - beta2 ** k)).item()
         count += p.numel()
@@ -195,8 +238,9 @@ def adam_effective_step(optimizer: torch.optim.Optimizer, group: dict) -> float:
 
 
 def adam_alpha_agg(optimizer: torch.optim.Optimizer, group: dict, code_form: bool = False) -> float:
-    """alpha_agg = eta / (RMS(sqrt(v_hat)) + eps): per layer [choice]; code_form: global RMS over every
-    group's weights and the first group's LR for every layer [code quirk]."""
+    """alpha_agg = eta / (RMS(sqrt(v_hat)) + eps) (SPEC 5): per-layer LR and RMS over the layer's
+    weights [choice]; code_form: global RMS over every group's weights and the first group's LR for
+    every layer [code quirk]. NaN before the first step."""
     groups = optimizer.param_groups if code_form else [group]
     stats = [_weights_v_hat(optimizer, g) for g in groups]
     total, count = sum(s[0] for s in stats), sum(s[1] for s in stats)
@@ -207,76 +251,97 @@ def adam_alpha_agg(optimizer: torch.optim.Optimizer, group: dict, code_form: boo
 
 
 def _global_effective_step(optimizer) -> tuple[float, float]:
-    stats = [_weights_v_hat(optimizer, g) for g in optimizer.param_groups]
-    total, count, k = sum(s[0] for s in stats), sum(s[1] for s in stats), max(s[2] for s in stats)
+    """(alpha, alpha_agg) of the whole network (global variant, SPEC 6): RMS over every weight tensor,
+    the first group's LR."""
     g0 = optimizer.param_groups[0]
-    if count == 0 or k == 0:
+    agg = adam_alpha_agg(optimizer, g0, code_form=True)
+    k = max(_weights_v_hat(optimizer, g)[2] for g in optimizer.param_groups)
+    if k == 0:
         return math.nan, math.nan
-    agg = g0["lr"] / (math.sqrt(total / count) + g0["eps"])
     return agg / (1 - g0["betas"][0] ** k), agg
 
 
 # ----------------------------------------------------------------------------- the decision probe
 class DecisionProbe:
-    """Everything the scheduler needs at a decision step, per layer and for the whole network."""
+    """Everything the scheduler needs at a decision step (SPEC 5, 6), per layer and for the network.
+
+    Call `capture()` around the step's forward+backward, then `measure(closure)` BEFORE optimizer.step(),
+    so every quantity refers to the parameters the gradient was taken at. Keeps the eigenvectors for
+    the next decision's warm start; state_dict/load_state_dict make a resume exact.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int,
                  eig_tol: float = 1e-3, eig_max_iter: int = 100, global_too: bool = False,
-                 code_alpha_agg: bool = False, seed: int = 0):
+                 code_alpha_agg: bool = False, seed: int = 0, method: str = "lanczos"):
         self.model, self.optimizer, self.B = model, optimizer, batch_size
         self.eig_tol, self.eig_max_iter, self.global_too = eig_tol, eig_max_iter, global_too
-        self.code_alpha_agg = code_alpha_agg
+        self.code_alpha_agg, self.method = code_alpha_agg, method
         self.layer_probe = LayerProbe(model)
         self.generator = torch.Generator().manual_seed(seed)
-        self.vecs: list | None = None         # warm starts, one per layer
-        self.global_vec: list | None = None
+        self.vecs: dict | None = None          # warm starts {layer: eigenvector}
+        self.global_vec: torch.Tensor | None = None
 
     def capture(self):
         return self.layer_probe.capture()
 
-    def _layer_grad_sq(self, group: dict) -> float:
+    @staticmethod
+    def _layer_grad_sq(group: dict) -> float:
         """||g_l||^2 of the training objective: p.grad (CE + explicit regulariser) plus Adam's coupled
         L2 term weight_decay * theta, which is part of the objective's gradient too."""
         wd = group.get("weight_decay", 0.0)
         total = 0.0
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad + wd * p.detach() if wd else p.grad
-            total += g.double().pow(2).sum().item()
+            if p.grad is not None:
+                g = p.grad + wd * p.detach() if wd else p.grad
+                total += g.double().pow(2).sum().item()
         return total
 
+    def _recompute_loss(self, loss_closure) -> torch.Tensor:
+        """The minibatch loss with a graph; BatchNorm running statistics are restored afterwards, so a
+        decision step updates them once, like any other step."""
+        bufs = [(b, b.clone()) for b in self.model.buffers()]
+        loss = loss_closure()
+        with torch.no_grad():
+            for b, saved in bufs:
+                b.copy_(saved)
+        return loss
+
     def measure(self, loss_closure) -> dict:
+        """{l: {grad_sq, sigma2_ps, lam_max, alpha, alpha_agg, eig_iters}, ..., "global": {...}}.
+
+        lam_max is the top eigenvalue of the Hessian block of the training objective (closure plus Adam's
+        coupled L2, [choice]: the same objective as grad_sq). "global" sums grad_sq and sigma2_ps over
+        layers (the variance of a concatenation is the sum of the blocks' variances); its lam_max is the
+        full Hessian's when global_too, else NaN.
+        """
         groups = self.optimizer.param_groups
         var = self.layer_probe.per_example_variance(self.B)
         out = {}
         for g in groups:
             l = g["layer"]
-            out[l] = {"grad_sq": self._layer_grad_sq(g), "sigma2_ps": var[l][0],
+            out[l] = {"grad_sq": self._layer_grad_sq(g), "sigma2_ps": var[l],
                       "alpha": adam_effective_step(self.optimizer, g),
                       "alpha_agg": adam_alpha_agg(self.optimizer, g, self.code_alpha_agg)}
-        params = [list(g["params"]) for g in groups]
-        loss = loss_closure()
-        flat = [p for ps in params for p in ps]
-        gr = torch.autograd.grad(loss, flat, create_graph=True)
-        grads, i = [], 0
-        for ps in params:
-            grads.append(list(gr[i:i + len(ps)]))
-            i += len(ps)
-        eigs, self.vecs, iters = block_top_eigenvalues(grads, params, self.vecs, self.eig_tol,
-                                                       self.eig_max_iter, self.generator)
-        for g, e, it in zip(groups, eigs, iters):
-            out[g["layer"]].update(lam_max=e, eig_iters=it)
+        params = {g["layer"]: list(g["params"]) for g in groups}
+        wd = {g["layer"]: g.get("weight_decay", 0.0) for g in groups}
+        flat = [p for ps in params.values() for p in ps]
+        gr = torch.autograd.grad(self._recompute_loss(loss_closure), flat, create_graph=True)
+        it = iter(gr)
+        grads = {l: [next(it) for _ in ps] for l, ps in params.items()}
+        eigs, self.vecs, iters = _top_eigs(grads, params, self.vecs, self.eig_tol, self.eig_max_iter, 2,
+                                           self.generator, self.method, wd)
+        for l in params:
+            out[l].update(lam_max=eigs[l], eig_iters=iters[l])
         alpha, agg = _global_effective_step(self.optimizer)
-        glob = {"grad_sq": sum(out[g["layer"]]["grad_sq"] for g in groups),
-                "sigma2_ps": sum(out[g["layer"]]["sigma2_ps"] for g in groups),
+        glob = {"grad_sq": sum(out[l]["grad_sq"] for l in params),
+                "sigma2_ps": sum(out[l]["sigma2_ps"] for l in params),
                 "alpha": alpha, "alpha_agg": agg, "lam_max": math.nan, "eig_iters": 0}
         if self.global_too:
-            e, v, it = block_top_eigenvalues([list(gr)], [flat], None if self.global_vec is None
-                                             else [self.global_vec], self.eig_tol, self.eig_max_iter,
-                                             self.generator)
+            shift = groups[0].get("weight_decay", 0.0)
+            e, v, n = _top_eigs({0: list(gr)}, {0: flat}, {0: self.global_vec}, self.eig_tol,
+                                self.eig_max_iter, 2, self.generator, self.method, shift)
             self.global_vec = v[0]
-            glob.update(lam_max=e[0], eig_iters=it[0])
+            glob.update(lam_max=e[0], eig_iters=n[0])
         out["global"] = glob
         return out
 
@@ -284,18 +349,23 @@ class DecisionProbe:
         return {"vecs": self.vecs, "global_vec": self.global_vec, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.vecs, self.global_vec = state["vecs"], state["global_vec"]
+        vecs = state["vecs"]
+        if isinstance(vecs, list):   # checkpoints written before vecs became {layer: vector}
+            vecs = {g["layer"]: v for g, v in zip(self.optimizer.param_groups, vecs)}
+        self.vecs, self.global_vec = vecs, state["global_vec"]
         self.generator.set_state(state["generator"])
 
 
 # ----------------------------------------------------------------------------- indicators (SPEC 4)
 def hessian_rank(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mass: float = 0.99) -> float:
-    """Empirical-Fisher rank proxy: per-example gradients G (n x P) of n fixed examples; the smallest j
-    whose leading singular values of G G^T reach `mass` of their sum, reported as j / n [code]."""
+    """Empirical-Fisher rank proxy (SPEC 4): per-example gradients G (n x P) of n fixed examples; the
+    smallest j whose leading eigenvalues of G G^T reach `mass` of their sum, reported as j / n [code].
+    Per-example gradients via torch.func (vmap of grad); the model runs in eval mode (BatchNorm on one
+    example needs running statistics)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     was_training = model.training
-    model.eval()  # BatchNorm on one example needs running statistics
+    model.eval()
 
     def loss_one(p, xi, yi):
         out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
@@ -305,24 +375,30 @@ def hessian_rank(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mass: float
     finally:
         model.train(was_training)
     G = torch.cat([g.reshape(len(x), -1) for g in per_ex.values()], dim=1).double()
-    s = torch.linalg.eigvalsh(G @ G.t()).flip(0).clamp_min(0)
+    s = torch.linalg.eigvalsh(G @ G.t()).flip(0).clamp_min(0)   # = singular values of the PSD G G^T
+    if not torch.isfinite(s).all():
+        return math.nan
     if s.sum() <= 0:
         return 0.0
     cum = torch.cumsum(s, 0) / s.sum()
-    j = int((cum < mass).sum().item()) + 1
+    j = min(int((cum < mass).sum().item()) + 1, len(x))
     return j / len(x)
 
 
 def unit_sign_entropy(pre: torch.Tensor) -> float:
-    """Mean over units of the binary entropy (nats) of the fraction of examples with z_j > 0."""
+    """Mean over units of the binary entropy (nats) of p_j = fraction of examples with h_j > 0 (SPEC 4);
+    `pre` = layer-1 pre-activations [B, units]."""
     p = (pre > 0).double().mean(0)
     h = -(p * torch.log(p.clamp_min(1e-300)) + (1 - p) * torch.log((1 - p).clamp_min(1e-300)))
     return h.mean().item()
 
 
 def effective_rank(features: torch.Tensor) -> float:
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the features."""
+    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of `features`
+    [B, units] (beyond the paper; the last hidden layer's features)."""
     s = torch.linalg.svdvals(features.double())
+    if not torch.isfinite(s).all():
+        return math.nan
     if s.sum() <= 0:
         return 0.0
     p = s / s.sum()
@@ -331,44 +407,82 @@ def effective_rank(features: torch.Tensor) -> float:
 
 
 def dead_fraction(post: torch.Tensor) -> float:
-    """Fraction of hidden units whose activation is zero for every example of the batch."""
+    """Fraction of units whose activation is zero for every example of the batch (beyond the paper)."""
     return (post == 0).all(0).double().mean().item()
+
+
+def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, regularizer=None,
+              weight_decay: float = 0.0) -> torch.Tensor:
+    """Minibatch training objective: CE + regulariser + Adam's coupled L2 as (wd / 2) ||theta||^2."""
+    loss = F.cross_entropy(model(x), y)
+    if regularizer is not None:
+        loss = loss + regularizer(model)
+    if weight_decay:
+        loss = loss + 0.5 * weight_decay * sum(p.pow(2).sum() for p in model.parameters())
+    return loss
+
+
+def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, regularizer=None,
+              weight_decay: float = 0.0, tol: float = 1e-3, max_iter: int = 100, seed: int = 0) -> float:
+    """Top eigenvalue of the minibatch objective's Hessian, regulariser included (SPEC 4). BatchNorm
+    running statistics are left as they were."""
+    bufs = [(b, b.clone()) for b in model.buffers()]
+    try:
+        loss = objective(model, x, y, regularizer, weight_decay)
+        e, _, _ = full_top_eigenvalue(loss, list(model.parameters()), tol=tol, max_iter=max_iter,
+                                      generator=torch.Generator().manual_seed(seed))
+    finally:
+        with torch.no_grad():
+            for b, saved in bufs:
+                b.copy_(saved)
+    return e
+
+
+def weight_norm(model: nn.Module) -> float:
+    """Mean absolute parameter value (SPEC 4)."""
+    ps = list(model.parameters())
+    return sum(p.detach().abs().sum().item() for p in ps) / sum(p.numel() for p in ps)
+
+
+def grad_norm(model: nn.Module, grads: list | None = None) -> float:
+    """Mean absolute gradient (SPEC 4): of `grads` (aligned with model.parameters()) or else p.grad."""
+    ps = list(model.parameters())
+    grads = grads if grads is not None else [p.grad for p in ps]
+    total = sum(g.detach().abs().sum().item() for g in grads if g is not None)
+    return total / sum(p.numel() for p in ps)
+
+
+def grad_param_ratio(model: nn.Module, grads: list | None = None) -> float:
+    """Gradient norm / weight norm (SPEC 4); inf for an all-zero model."""
+    w = weight_norm(model)
+    return grad_norm(model, grads) / w if w > 0 else math.inf
 
 
 def compute_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_fixed: torch.Tensor,
                        y_fixed: torch.Tensor, regularizer=None, weight_decay: float = 0.0,
                        eig_tol: float = 1e-3, eig_max_iter: int = 100) -> dict[str, float]:
     """All indicators of SPEC 4 (and two beyond it) at the current parameters, on a batch (x, y) and the
-    n fixed examples (x_fixed, y_fixed). Leaves the model's .grad and BatchNorm statistics untouched."""
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    params = [p for p in model.parameters()]
-
-    def loss_fn():
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        return loss + regularizer(model) if regularizer is not None else loss
+    n fixed examples (x_fixed, y_fixed) of the Hessian rank. Leaves the model's .grad and BatchNorm
+    statistics untouched (gradients via autograd.grad)."""
+    bufs = [(b, b.clone()) for b in model.buffers()]
+    params = list(model.parameters())
     try:
         logits, pre, post = model.forward_with_hidden(x)
         loss = F.cross_entropy(logits, y) + (regularizer(model) if regularizer is not None else 0.0)
         grads = torch.autograd.grad(loss, params)
         if weight_decay:
             grads = [g + weight_decay * p.detach() for g, p in zip(grads, params)]
-        sharp, _, _ = top_eigenvalue(loss_fn, params, tol=eig_tol, max_iter=eig_max_iter,
-                                     generator=torch.Generator().manual_seed(0))
     finally:
         with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
-    n_params = sum(p.numel() for p in params)
-    w_norm = sum(p.detach().abs().sum().item() for p in params) / n_params
-    g_norm = sum(g.abs().sum().item() for g in grads) / n_params
+            for b, saved in bufs:
+                b.copy_(saved)
     return {
         "hessian_rank": hessian_rank(model, x_fixed, y_fixed),
         "unit_sign_entropy": unit_sign_entropy(pre[0].detach()),
-        "sharpness": sharp,
-        "weight_norm": w_norm,
-        "grad_norm": g_norm,
-        "grad_param_ratio": g_norm / w_norm if w_norm > 0 else math.inf,
+        "sharpness": sharpness(model, x, y, regularizer, weight_decay, eig_tol, eig_max_iter),
+        "weight_norm": weight_norm(model),
+        "grad_norm": grad_norm(model, grads),
+        "grad_param_ratio": grad_param_ratio(model, grads),
         "effective_rank": effective_rank(post[-1].detach()),
         "dead_fraction": dead_fraction(post[-1].detach()),
         "loss": loss.item(),
