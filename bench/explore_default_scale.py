@@ -25,8 +25,8 @@ CANDIDATES = {  # name: (description, overrides)
                              ["stream.n_images=10240", "epochs_per_task=25", "measure.every=10"]),
     "C: 4096 img x 40 ep": ("4,096 images, 40 epochs/task, K=10",
                             ["stream.n_images=4096", "epochs_per_task=40", "measure.every=10"]),
-    "D: default scale": ("the chosen default: 4,096 images, 30 epochs/task, 6 tasks, K=10 (seed 0 of the DAG)",
-                         ["stream.n_images=4096", "epochs_per_task=30", "n_tasks=6", "measure.every=10"]),
+    "D: default scale": ("the chosen default: 4,096 images, 24 epochs/task, 6 tasks, K=16 (seed 0 of the DAG)",
+                         ["stream.n_images=4096", "epochs_per_task=24", "n_tasks=6", "measure.every=16"]),
 }
 RUNS = ["l2-vanilla", "l2-scheduled", "crelu-vanilla", "crelu-scheduled", "wass-vanilla", "wass-scheduled"]
 

@@ -87,3 +87,12 @@ def test_cli_dry_run(capsys):
     assert main(["--run", "crelu-scheduled", "--scale", "smoke", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["arm"] == "scheduled" and cfg["model"]["activation"] == "crelu"
+
+
+def test_checkpoint_of_another_config_is_ignored(tmp_path, mnist_root):
+    cfg = tiny("l2-vanilla", data={"root": mnist_root})
+    run(cfg, tmp_path, progress=False, stop_after_task=0)
+    other = C.deep_merge(cfg, {"optim": {"lr": 3e-4}})
+    rec = run(other, tmp_path, progress=False)
+    fresh = run(other, tmp_path / "fresh", progress=False)
+    assert strip(rec) == strip(fresh)

@@ -155,10 +155,11 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
     start_task, step = 0, 0
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["record"]["provenance"]["config_hash"] != chash:
-            raise C.ConfigError(f"{ckpt_path} belongs to a different config; delete {out_dir} or pass --fresh")
-        learner.load_state_dict(ckpt["learner"])
-        record, start_task, step = ckpt["record"], ckpt["next_task"], ckpt["step"]
+        if ckpt["record"]["provenance"]["config_hash"] == chash:
+            learner.load_state_dict(ckpt["learner"])
+            record, start_task, step = ckpt["record"], ckpt["next_task"], ckpt["step"]
+        else:  # left by an interrupted run of a config that has since changed: obsolete, start over
+            print(f"warning: ignoring {ckpt_path} (written for a different config)", file=sys.stderr)
 
     logger = _wandb_logger(cfg, meta)
     bar = tqdm(total=cfg["n_tasks"] * task_steps, initial=start_task * task_steps, disable=not progress,
