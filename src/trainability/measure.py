@@ -127,7 +127,8 @@ def _lanczos(hvp, v, tol: float, max_iter: int, min_iter: int = 2):
     """Lanczos with full reorthogonalisation: (largest-magnitude Ritz value, its Ritz vector, products).
 
     Far fewer products than power iteration when the top eigenvalues are close (small spectral gap);
-    stops once the Ritz value changes by <= tol (relative), or the Krylov space is invariant."""
+    stops once the Ritz value changes by <= tol and its residual is <= sqrt(tol) (both relative), or the
+    Krylov space is invariant."""
     Q, alphas, betas = [v], [], []
     theta_prev, theta, y, it = None, math.nan, None, 0
     for it in range(1, max_iter + 1):
@@ -147,7 +148,11 @@ def _lanczos(hvp, v, tol: float, max_iter: int, min_iter: int = 2):
         evals, evecs = torch.linalg.eigh(T)
         k = int(evals.abs().argmax())
         theta, y = evals[k].item(), evecs[:, k]
-        if tol > 0 and it >= min_iter and theta_prev is not None and abs(theta - theta_prev) <= tol * abs(theta):
+        # Stop on a small Ritz residual ||H u - theta u|| = b |y_last| (relative), not on a small change
+        # of theta alone: theta can plateau near a lower eigenvalue for a few steps before jumping.
+        residual = b.item() * abs(y[-1].item())
+        if tol > 0 and it >= min_iter and theta_prev is not None and abs(theta - theta_prev) <= tol * abs(theta) \
+                and residual <= math.sqrt(tol) * abs(theta):
             break
         if b.item() <= 1e-12 * max(1.0, abs(theta)) or it == v.numel():
             break
@@ -162,11 +167,16 @@ SOLVERS = {"lanczos": _lanczos, "power": _power}
 
 
 def _start(n: int, like: torch.Tensor, v0, generator) -> torch.Tensor:
-    """Unit start vector: the warm start v0 when given, else a seeded Gaussian (cold start)."""
-    if v0 is None:
-        v0 = torch.randn(n, generator=generator, dtype=like.dtype)   # generator lives on the CPU
-    v = v0.to(device=like.device, dtype=like.dtype)
-    return v / (v.norm() + 1e-30)
+    """Unit start vector: a seeded Gaussian (cold start), plus the previous eigenvector when given (warm
+    start). The random part is kept: a start equal to a stale eigenvector can sit near a lower eigenvalue
+    long enough for the tolerance test to stop there; mixed with noise, the Krylov space holds every
+    direction and Lanczos finds the top of the spectrum in a few products."""
+    r = torch.randn(n, generator=generator, dtype=like.dtype).to(like.device)   # generator lives on the CPU
+    r = r / (r.norm() + 1e-30)
+    if v0 is not None:
+        w = v0.to(device=like.device, dtype=like.dtype)
+        r = w / (w.norm() + 1e-30) + 0.5 * r
+    return r / (r.norm() + 1e-30)
 
 
 def _top_eigs(grads: dict, params: dict, v0: dict | None, tol: float, max_iter: int, min_iter: int,
@@ -262,6 +272,20 @@ def _global_effective_step(optimizer) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- the decision probe
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module):
+    """Restores the model's buffers (BatchNorm running statistics) on exit, so a measurement's extra
+    forward passes leave no trace. Exit only after the last backward through those passes: BatchNorm's
+    graph holds the buffers, and an in-place restore before would invalidate it."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
 class DecisionProbe:
     """Everything the scheduler needs at a decision step (SPEC 5, 6), per layer and for the network.
 
@@ -271,7 +295,7 @@ class DecisionProbe:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int,
-                 eig_tol: float = 1e-3, eig_max_iter: int = 100, global_too: bool = False,
+                 eig_tol: float = 1e-4, eig_max_iter: int = 100, global_too: bool = False,
                  code_alpha_agg: bool = False, seed: int = 0, method: str = "lanczos"):
         self.model, self.optimizer, self.B = model, optimizer, batch_size
         self.eig_tol, self.eig_max_iter, self.global_too = eig_tol, eig_max_iter, global_too
@@ -296,16 +320,6 @@ class DecisionProbe:
                 total += g.double().pow(2).sum().item()
         return total
 
-    def _recompute_loss(self, loss_closure) -> torch.Tensor:
-        """The minibatch loss with a graph; BatchNorm running statistics are restored afterwards, so a
-        decision step updates them once, like any other step."""
-        bufs = [(b, b.clone()) for b in self.model.buffers()]
-        loss = loss_closure()
-        with torch.no_grad():
-            for b, saved in bufs:
-                b.copy_(saved)
-        return loss
-
     def measure(self, loss_closure) -> dict:
         """{l: {grad_sq, sigma2_ps, lam_max, alpha, alpha_agg, eig_iters}, ..., "global": {...}}.
 
@@ -318,32 +332,36 @@ class DecisionProbe:
         var = self.layer_probe.per_example_variance(self.B)
         out = {}
         for g in groups:
-            l = g["layer"]
-            out[l] = {"grad_sq": self._layer_grad_sq(g), "sigma2_ps": var[l],
-                      "alpha": adam_effective_step(self.optimizer, g),
-                      "alpha_agg": adam_alpha_agg(self.optimizer, g, self.code_alpha_agg)}
+            out[g["layer"]] = {"grad_sq": self._layer_grad_sq(g), "sigma2_ps": var[g["layer"]],
+                               "alpha": adam_effective_step(self.optimizer, g),
+                               "alpha_agg": adam_alpha_agg(self.optimizer, g, self.code_alpha_agg)}
+        alpha, agg = _global_effective_step(self.optimizer)
+        out["global"] = {"grad_sq": sum(out[g["layer"]]["grad_sq"] for g in groups),
+                         "sigma2_ps": sum(out[g["layer"]]["sigma2_ps"] for g in groups),
+                         "alpha": alpha, "alpha_agg": agg, "lam_max": math.nan, "eig_iters": 0}
+        self._eigenvalues(loss_closure, out)
+        return out
+
+    def _eigenvalues(self, loss_closure, out: dict) -> None:
+        """lam_max and eig_iters into `out`: every layer block (and the full Hessian if global_too) from
+        one create_graph gradient, each warm-started at its previous eigenvector."""
+        groups = self.optimizer.param_groups
         params = {g["layer"]: list(g["params"]) for g in groups}
         wd = {g["layer"]: g.get("weight_decay", 0.0) for g in groups}
         flat = [p for ps in params.values() for p in ps]
-        gr = torch.autograd.grad(self._recompute_loss(loss_closure), flat, create_graph=True)
-        it = iter(gr)
-        grads = {l: [next(it) for _ in ps] for l, ps in params.items()}
-        eigs, self.vecs, iters = _top_eigs(grads, params, self.vecs, self.eig_tol, self.eig_max_iter, 2,
-                                           self.generator, self.method, wd)
+        with buffers_kept(self.model):   # BN statistics: a decision step updates them once, like any step
+            gr = torch.autograd.grad(loss_closure(), flat, create_graph=True)
+            it = iter(gr)
+            grads = {l: [next(it) for _ in ps] for l, ps in params.items()}
+            eigs, self.vecs, iters = _top_eigs(grads, params, self.vecs, self.eig_tol, self.eig_max_iter, 2,
+                                               self.generator, self.method, wd)
+            if self.global_too:
+                e, v, n = _top_eigs({0: list(gr)}, {0: flat}, {0: self.global_vec}, self.eig_tol,
+                                    self.eig_max_iter, 2, self.generator, self.method, wd[groups[0]["layer"]])
+                self.global_vec = v[0]
+                out["global"].update(lam_max=e[0], eig_iters=n[0])
         for l in params:
             out[l].update(lam_max=eigs[l], eig_iters=iters[l])
-        alpha, agg = _global_effective_step(self.optimizer)
-        glob = {"grad_sq": sum(out[l]["grad_sq"] for l in params),
-                "sigma2_ps": sum(out[l]["sigma2_ps"] for l in params),
-                "alpha": alpha, "alpha_agg": agg, "lam_max": math.nan, "eig_iters": 0}
-        if self.global_too:
-            shift = groups[0].get("weight_decay", 0.0)
-            e, v, n = _top_eigs({0: list(gr)}, {0: flat}, {0: self.global_vec}, self.eig_tol,
-                                self.eig_max_iter, 2, self.generator, self.method, shift)
-            self.global_vec = v[0]
-            glob.update(lam_max=e[0], eig_iters=n[0])
-        out["global"] = glob
-        return out
 
     def state_dict(self) -> dict:
         return {"vecs": self.vecs, "global_vec": self.global_vec, "generator": self.generator.get_state()}
@@ -423,18 +441,13 @@ def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, regularizer=No
 
 
 def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, regularizer=None,
-              weight_decay: float = 0.0, tol: float = 1e-3, max_iter: int = 100, seed: int = 0) -> float:
+              weight_decay: float = 0.0, tol: float = 1e-4, max_iter: int = 100, seed: int = 0) -> float:
     """Top eigenvalue of the minibatch objective's Hessian, regulariser included (SPEC 4). BatchNorm
     running statistics are left as they were."""
-    bufs = [(b, b.clone()) for b in model.buffers()]
-    try:
+    with buffers_kept(model):
         loss = objective(model, x, y, regularizer, weight_decay)
         e, _, _ = full_top_eigenvalue(loss, list(model.parameters()), tol=tol, max_iter=max_iter,
                                       generator=torch.Generator().manual_seed(seed))
-    finally:
-        with torch.no_grad():
-            for b, saved in bufs:
-                b.copy_(saved)
     return e
 
 
@@ -460,22 +473,17 @@ def grad_param_ratio(model: nn.Module, grads: list | None = None) -> float:
 
 def compute_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_fixed: torch.Tensor,
                        y_fixed: torch.Tensor, regularizer=None, weight_decay: float = 0.0,
-                       eig_tol: float = 1e-3, eig_max_iter: int = 100) -> dict[str, float]:
+                       eig_tol: float = 1e-4, eig_max_iter: int = 100) -> dict[str, float]:
     """All indicators of SPEC 4 (and two beyond it) at the current parameters, on a batch (x, y) and the
     n fixed examples (x_fixed, y_fixed) of the Hessian rank. Leaves the model's .grad and BatchNorm
     statistics untouched (gradients via autograd.grad)."""
-    bufs = [(b, b.clone()) for b in model.buffers()]
     params = list(model.parameters())
-    try:
+    with buffers_kept(model):
         logits, pre, post = model.forward_with_hidden(x)
         loss = F.cross_entropy(logits, y) + (regularizer(model) if regularizer is not None else 0.0)
         grads = torch.autograd.grad(loss, params)
-        if weight_decay:
-            grads = [g + weight_decay * p.detach() for g, p in zip(grads, params)]
-    finally:
-        with torch.no_grad():
-            for b, saved in bufs:
-                b.copy_(saved)
+    if weight_decay:
+        grads = [g + weight_decay * p.detach() for g, p in zip(grads, params)]
     return {
         "hessian_rank": hessian_rank(model, x_fixed, y_fixed),
         "unit_sign_entropy": unit_sign_entropy(pre[0].detach()),
