@@ -1,0 +1,705 @@
+"""Batched training: M runs of one architecture trained together as one stacked model (issue 6).
+
+The runs of a batch share the model shape, batch size, stream size and length (tasks, epochs), the
+measurement settings and the scheduler's constants. Each keeps its own seed (images, labels, shuffles,
+init), arm (vanilla / reset / scheduled), learning rate, regulariser (none / coupled L2 / Wasserstein,
+own strength), bound (combined / noise / curvature), Adam state, per-layer learning rates, volatility
+windows and eigenvector warm starts. Weights are stacked along a leading model dimension and every
+layer is one batched matmul, so M models take the kernel launches of one: on a GPU the paper's tiny MLP
+is launch-bound, and batching is how it gets near the hardware's limits.
+
+Every model follows exactly the computation of `train.run` (same draws from the same seeds, the same
+Adam arithmetic, the same decision-step measurement and Algorithm 1), so each record equals the
+one-model-at-a-time record up to float rounding (tests/test_batched.py). The step loop has no host
+synchronisation except, as in `train.run`, one divergence check per epoch; a decision step syncs once
+per Lanczos product to stop when every model's estimate has converged (none at all with eig_tol = 0,
+a fixed number of products). Decision rows stay on the device until the end of the task.
+
+Not batched (use `train.run`): BatchNorm models and the global scheduler variant.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import config as C
+from .bounds import EPS
+from .data import load_mnist
+from .measure import compute_indicators
+from .models import activation_fn, build_model
+from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
+                     save_checkpoint, write_json_atomic)
+from .regularizers import WassersteinPenalty
+from .scheduler import ROW_FIELDS, crossings
+from .streams import batches, make_stream
+from .train import _sub_seed, _wandb_logger, pick_device, steps_per_task
+
+# keys that may differ between the runs of one batch (all others must agree)
+PER_MODEL_KEYS = ("seed", "arm", "optim.lr", "regularizer", "scheduler.bound", "epochs_factor", "wandb")
+BOUNDS = ("combined", "noise", "curvature")
+RULES = ("none", "cool", "warm")
+NUM_FIELDS = tuple(f for f in ROW_FIELDS if f != "rule")
+
+
+def _strip(cfg: dict) -> dict:
+    """The config without the keys that may differ within a batch."""
+    out = {k: v for k, v in cfg.items() if k not in ("seed", "arm", "regularizer", "epochs_factor", "wandb")}
+    out["optim"] = {k: v for k, v in cfg["optim"].items() if k != "lr"}
+    out["scheduler"] = {k: v for k, v in cfg["scheduler"].items() if k != "bound"}
+    return out
+
+
+def check_batchable(cfgs: list[dict]) -> None:
+    """Raise ConfigError (naming the key) unless the configs can share one batched model."""
+    if not cfgs:
+        raise C.ConfigError("batched run: no configs")
+    ref = _strip(cfgs[0])
+    steps = steps_per_task(cfgs[0])
+    for i, cfg in enumerate(cfgs):
+        if cfg["model"]["batchnorm"]:
+            raise C.ConfigError(f"batched run: config {i}: model.batchnorm is not batched (use train.run)")
+        if cfg["scheduler"]["variant"] != "per_layer" or cfg["measure"]["global"]:
+            raise C.ConfigError(f"batched run: config {i}: scheduler.variant=global / measure.global "
+                                "are not batched (use train.run)")
+        s = _strip(cfg)
+        for k in sorted(set(ref) | set(s)):
+            if ref.get(k) != s.get(k):
+                raise C.ConfigError(f"batched run: config {i} differs from config 0 in {k!r}; only "
+                                    f"{', '.join(PER_MODEL_KEYS)} may differ within a batch")
+        if steps_per_task(cfg) != steps:
+            raise C.ConfigError(f"batched run: config {i}: epochs_factor gives another task length")
+    measuring = {c["measure"]["enabled"] or c["arm"] == "scheduled" for c in cfgs}
+    if len(measuring) > 1:
+        raise C.ConfigError("batched run: measure.enabled must agree (a scheduled arm always measures)")
+
+
+def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(M,) -> (M, 1, ..., 1) broadcastable against a stacked tensor."""
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+class StackedMLP:
+    """The MLPs of models.MLP (no BatchNorm), stacked: W[l] (M, out, in), b[l] (M, out), l = 0..L-1."""
+
+    def __init__(self, models, device):
+        self.act = activation_fn(models[0].activation, models[0].rho)
+        self.activation, self.rho = models[0].activation, models[0].rho
+        self.W = [torch.stack([m.linears[l].weight.detach() for m in models]).to(device).requires_grad_()
+                  for l in range(models[0].n_layers)]
+        self.b = [torch.stack([m.linears[l].bias.detach() for m in models]).to(device).requires_grad_()
+                  for l in range(models[0].n_layers)]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.W)
+
+    def params(self, l: int | None = None) -> list[torch.Tensor]:
+        """[W, b] of layer l (0-based), or of every layer in models.MLP.parameters() order."""
+        if l is not None:
+            return [self.W[l], self.b[l]]
+        return [t for pair in zip(self.W, self.b) for t in pair]
+
+    @torch.no_grad()
+    def load(self, m: int, model) -> None:
+        for l, lin in enumerate(model.linears):
+            self.W[l][m].copy_(lin.weight)
+            self.b[l][m].copy_(lin.bias)
+
+    @torch.no_grad()
+    def extract(self, m: int, cfg_model: dict):
+        """Model m as a models.MLP (for the indicators, which run once per task)."""
+        model = build_model(cfg_model).to(self.W[0].device)
+        for l, lin in enumerate(model.linears):
+            lin.weight.copy_(self.W[l][m])
+            lin.bias.copy_(self.b[l][m])
+        return model
+
+    def forward(self, x: torch.Tensor, keep: bool = False):
+        """x (M, B, d) -> logits (M, B, C); with keep, also each layer's input a and output z (z keeps its
+        gradient after backward: the per-example variance needs dLoss/dz)."""
+        inputs, outs = [], []
+        L = self.n_layers
+        for l in range(L):
+            z = torch.baddbmm(self.b[l].unsqueeze(1), x, self.W[l].transpose(1, 2))
+            if keep:
+                inputs.append(x.detach())
+                z.retain_grad()
+                outs.append(z)
+            x = self.act(z) if l < L - 1 else z
+        return x, inputs, outs
+
+
+class StackedAdam:
+    """torch.optim.Adam's arithmetic (coupled weight_decay, bias correction; single-tensor path) on the
+    stacked tensors, with a learning rate per (model, layer) and a step count per model (the reset arm
+    restarts one model's Adam). lr is float64, as a parameter group's Python float."""
+
+    def __init__(self, net: StackedMLP, lr: torch.Tensor, weight_decay: torch.Tensor, betas, eps: float):
+        self.net, self.lr, self.wd = net, lr, weight_decay
+        self.has_wd = bool((weight_decay != 0).any())   # fixed for the run: one sync, at construction
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        M = lr.shape[0]
+        self.k = torch.zeros(M, dtype=torch.float64, device=lr.device)
+        self.exp_avg = [torch.zeros_like(p) for p in net.params()]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in net.params()]
+
+    def grad_with_decay(self, p: torch.Tensor) -> torch.Tensor:
+        """Adam's coupled L2: grad + weight_decay * theta (what Adam's moments see)."""
+        return p.grad + _view(self.wd, p) * p.detach() if self.has_wd else p.grad
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.k += 1
+        bc1 = 1 - self.beta1 ** self.k                  # float64 like Adam's Python scalars
+        bc2_sqrt = (1 - self.beta2 ** self.k).sqrt()
+        for i, p in enumerate(self.net.params()):
+            l = i // 2
+            g = self.grad_with_decay(p)
+            self.exp_avg[i].lerp_(g, 1 - self.beta1)
+            self.exp_avg_sq[i].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            step_size = (self.lr[:, l] / bc1).to(p.dtype)
+            denom = (self.exp_avg_sq[i].sqrt() / _view(bc2_sqrt.to(p.dtype), p)).add_(self.eps)
+            p.sub_(_view(step_size, p) * self.exp_avg[i] / denom)   # addcdiv's order: (s * m) / d
+
+    @torch.no_grad()
+    def reset(self, m: int, lr: float) -> None:
+        self.k[m] = 0
+        self.lr[m] = lr
+        for t in self.exp_avg + self.exp_avg_sq:
+            t[m].zero_()
+
+    def effective_steps(self, code_alpha_agg: bool):
+        """(alpha, alpha_agg), each (M, L) float64, from the state before this step (measure.py's
+        adam_effective_step / adam_alpha_agg, weights only, biases skipped). NaN before the first step."""
+        with torch.no_grad():
+            L = self.net.n_layers
+            sums = torch.stack([self.exp_avg_sq[2 * l].double().sum((1, 2)) for l in range(L)], 1)
+            counts = torch.tensor([self.net.W[l][0].numel() for l in range(L)], dtype=torch.float64,
+                                  device=sums.device)
+            k = self.k.unsqueeze(1)
+            v_hat = sums / (1 - self.beta2 ** k)
+            if code_alpha_agg:   # [code quirk] global RMS and the first layer's LR for every layer
+                rms = (v_hat.sum(1, keepdim=True) / counts.sum()).sqrt().expand(-1, L)
+                agg = self.lr[:, :1] / (rms + self.eps)
+            else:
+                agg = self.lr / ((v_hat / counts).sqrt() + self.eps)
+            alpha = self.lr / ((1 - self.beta1 ** k) * ((v_hat / counts).sqrt() + self.eps))
+            nan = torch.full_like(alpha, math.nan)
+            return torch.where(k > 0, alpha, nan), torch.where(k > 0, agg, nan)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "k": self.k, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_state_dict(self, s: dict) -> None:
+        with torch.no_grad():
+            self.lr.copy_(s["lr"])
+            self.k.copy_(s["k"])
+            for a, b in zip(self.exp_avg + self.exp_avg_sq, s["exp_avg"] + s["exp_avg_sq"]):
+                a.copy_(b)
+
+
+class StackedWasserstein:
+    """regularizers.WassersteinPenalty per model: lam (M,) times the sum over tensors of
+    ||sort(vec p_m) - sort(vec p0_m)||^2 (one batched sort per tensor)."""
+
+    def __init__(self, net: StackedMLP, lam: torch.Tensor):
+        self.net, self.lam = net, lam
+        with torch.no_grad():
+            self.sorted_init = [p.detach().flatten(1).sort(dim=1).values.clone() for p in net.params()]
+
+    @torch.no_grad()
+    def reset(self, m: int) -> None:
+        for s, p in zip(self.sorted_init, self.net.params()):
+            s[m] = p[m].detach().flatten().sort().values
+
+    def __call__(self) -> torch.Tensor:
+        terms = [(p.flatten(1).sort(dim=1).values - p0).square().sum(1)
+                 for p, p0 in zip(self.net.params(), self.sorted_init)]
+        return self.lam * torch.stack(terms, 1).sum(1)
+
+    def for_model(self, m: int, model) -> WassersteinPenalty:
+        pen = WassersteinPenalty(model, float(self.lam[m]))
+        pen.sorted_init = [s[m].clone() for s in self.sorted_init]
+        return pen
+
+
+def batched_lanczos(hvp, v: torch.Tensor, tol: float, max_iter: int, min_iter: int = 2):
+    """measure._lanczos for M independent problems at once: v (M, n) unit rows, hvp (M, n) -> (M, n).
+    Each model stops by the same rule as the one-model solver and its result is frozen there; the loop
+    ends when every model has stopped. Returns (theta (M,) float64, Ritz vectors (M, n), products (M,))."""
+    M, n = v.shape
+    dev = v.device
+    Q, alphas, betas = [v], [], []
+    active = torch.ones(M, dtype=torch.bool, device=dev)
+    theta = torch.full((M,), math.nan, dtype=torch.float64, device=dev)
+    theta_prev = torch.full_like(theta, math.nan)
+    iters = torch.zeros(M, dtype=torch.long, device=dev)
+    y_final = torch.zeros(M, max_iter, dtype=torch.float64, device=dev)
+    failed = torch.zeros(M, dtype=torch.bool, device=dev)
+    for it in range(1, max_iter + 1):
+        w = hvp(Q[-1])
+        a = (w * Q[-1]).sum(1)
+        bad = active & ~torch.isfinite(a)
+        failed |= bad
+        iters = torch.where(bad, torch.full_like(iters, it), iters)
+        active = active & ~bad
+        a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+        alphas.append(a)
+        w = w - a.unsqueeze(1) * Q[-1] - (betas[-1].unsqueeze(1) * Q[-2] if betas else 0.0)
+        Qm = torch.stack(Q, 1)                                     # (M, it, n)
+        w = w - torch.einsum("mkn,mk->mn", Qm, torch.einsum("mkn,mn->mk", Qm, w))
+        b = w.norm(dim=1)
+        b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))   # a failed model must not poison eigh
+        T = torch.diag_embed(torch.stack(alphas, 1).double())
+        if betas:
+            off = torch.stack(betas, 1).double()
+            T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        k = evals.abs().argmax(1)
+        th = evals.gather(1, k.unsqueeze(1)).squeeze(1)
+        y = evecs.gather(2, k.view(M, 1, 1).expand(M, it, 1)).squeeze(2)   # (M, it)
+        residual = b.double() * y[:, -1].abs()
+        converged = (it >= min_iter) & (tol > 0) & ~torch.isnan(theta_prev) \
+            & ((th - theta_prev).abs() <= tol * th.abs()) & (residual <= math.sqrt(tol) * th.abs())
+        exhausted = (b.double() <= 1e-12 * th.abs().clamp_min(1.0)) | (it == n) | (it == max_iter)
+        stop = active & (converged | exhausted)
+        theta = torch.where(active, th, theta)
+        y_final[:, :it] = torch.where(active.unsqueeze(1), y, y_final[:, :it])
+        iters = torch.where(active, torch.full_like(iters, it), iters)
+        active = active & ~stop
+        theta_prev = th
+        # the only host sync of a decision step; with tol = 0 every model runs max_iter products: none
+        if it == max_iter or (tol > 0 and not bool(active.any())):
+            break
+        betas.append(b)
+        safe_b = torch.where(active, b, torch.ones_like(b))
+        Q.append(torch.where(active.unsqueeze(1), w / safe_b.unsqueeze(1), torch.zeros_like(w)))
+    Qm = torch.stack(Q, 1)
+    ritz = torch.einsum("mkn,mk->mn", Qm, y_final[:, :Qm.shape[1]].to(Qm.dtype))
+    ritz = ritz / (ritz.norm(dim=1, keepdim=True) + 1e-30)
+    theta = torch.where(failed, torch.full_like(theta, math.nan), theta)
+    ritz = torch.where(failed.unsqueeze(1), v, ritz)
+    return theta, ritz, iters
+
+
+class StackedProbe:
+    """measure.DecisionProbe for the stacked model: per (model, layer) grad_sq, sigma2_ps (from the
+    step's own layer inputs and output gradients), alpha, alpha_agg and the layer-block lam_max (batched
+    Lanczos on the Hessian of the summed loss, which is block-diagonal across models)."""
+
+    def __init__(self, net: StackedMLP, adam: StackedAdam, B: int, seeds: list[int], eig_tol: float,
+                 eig_max_iter: int, code_alpha_agg: bool):
+        self.net, self.adam, self.B = net, adam, B
+        self.eig_tol, self.eig_max_iter, self.code_alpha_agg = eig_tol, eig_max_iter, code_alpha_agg
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]   # as DecisionProbe: on the CPU
+        M = len(seeds)
+        dev = net.W[0].device
+        self.vecs = [torch.zeros(M, p[0].numel() + q[0].numel(), device=dev) for p, q in zip(net.W, net.b)]
+        self.has_vec = torch.zeros(M, dtype=torch.bool, device=dev)
+
+    def reset(self, m: int, seed: int) -> None:
+        self.generators[m] = torch.Generator().manual_seed(seed)
+        self.has_vec[m] = False
+
+    def _starts(self, l: int) -> torch.Tensor:
+        """measure._start for every model: a seeded Gaussian, plus the previous eigenvector if any."""
+        n = self.vecs[l].shape[1]
+        r = torch.stack([torch.randn(n, generator=g) for g in self.generators]).to(self.vecs[l])
+        r = r / (r.norm(dim=1, keepdim=True) + 1e-30)
+        w = self.vecs[l] / (self.vecs[l].norm(dim=1, keepdim=True) + 1e-30) + 0.5 * r
+        r = torch.where(self.has_vec.unsqueeze(1), w, r)
+        return r / (r.norm(dim=1, keepdim=True) + 1e-30)
+
+    def measure(self, inputs, outs, loss_closure) -> dict[str, torch.Tensor]:
+        """{field: (M, L) float64} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters."""
+        net, B, L = self.net, self.B, self.net.n_layers
+        wd = self.adam.wd
+        with torch.no_grad():
+            grad_sq, sigma2 = [], []
+            for l in range(L):
+                gW, gb = self.adam.grad_with_decay(net.W[l]), self.adam.grad_with_decay(net.b[l])
+                grad_sq.append(gW.double().pow(2).sum((1, 2)) + gb.double().pow(2).sum(1))
+                a, d = inputs[l].double(), outs[l].grad.double()
+                mean_sq = B * (d.pow(2).sum(2) * (a.pow(2).sum(2) + 1.0)).sum(1)
+                gbar_sq = (d.transpose(1, 2) @ a).pow(2).sum((1, 2)) + d.sum(1).pow(2).sum(1)
+                sigma2.append((mean_sq - gbar_sq).clamp_min(0.0))
+        alpha, agg = self.adam.effective_steps(self.code_alpha_agg)
+        flat = net.params()
+        grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)
+        lam, iters = [], []
+        starts = [self._starts(l) for l in range(L)]   # drawn in DecisionProbe's order: layer by layer
+        for l in range(L):
+            W, b = net.W[l], net.b[l]
+            nW = W[0].numel()
+
+            def hvp(V, W=W, b=b, gl=(grads[2 * l], grads[2 * l + 1]), nW=nW):
+                VW, Vb = V[:, :nW].view_as(W), V[:, nW:].view_as(b)
+                hW, hb = torch.autograd.grad(gl, (W, b), grad_outputs=(VW, Vb), retain_graph=True)
+                hv = torch.cat([hW.detach().flatten(1), hb.detach().flatten(1)], 1)
+                return hv + wd.unsqueeze(1).to(hv.dtype) * V
+
+            th, vec, it = batched_lanczos(hvp, starts[l], self.eig_tol, self.eig_max_iter)
+            self.vecs[l] = vec.detach()
+            lam.append(th)
+            iters.append(it.double())
+        self.has_vec[:] = True
+        return {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
+                "alpha_agg": agg, "lam_max": torch.stack(lam, 1), "eig_iters": torch.stack(iters, 1)}
+
+    def state_dict(self) -> dict:
+        return {"vecs": self.vecs, "has_vec": self.has_vec, "generators": [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.vecs = [v.clone() for v in s["vecs"]]
+        self.has_vec.copy_(s["has_vec"])
+        for g, st in zip(self.generators, s["generators"]):
+            g.set_state(st)
+
+
+def _div(num, den):
+    """bounds._div on tensors: a zero, negative or NaN denominator gives +inf ("no constraint")."""
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, math.inf))
+
+
+class StackedScheduler:
+    """scheduler.NoiseCurvatureScheduler (per-layer variant, Algorithm 1) for every model at once: the
+    windows are (M, L, W) ring buffers, the rules tensors, and only models with act=True change LRs."""
+
+    def __init__(self, adam: StackedAdam, B: int, cfg: dict, bounds: list[str], act: list[bool]):
+        s = cfg
+        self.adam, self.B = adam, B
+        self.safety, self.cool, self.warm, self.floor = s["safety"], s["cool"], s["warm"], s["floor"]
+        self.warm_frac, self.warm_factor = s["warm_frac"], s["warm_factor"]
+        self.kappa, self.beta, self.statistic, self.W = s["kappa"], s["beta"], s["statistic"], s["window"]
+        if s["beta_ramp"]:
+            raise C.ConfigError("batched run: scheduler.beta_ramp is not batched (use train.run)")
+        dev = adam.lr.device
+        M, L = adam.lr.shape
+        self.bound_idx = torch.tensor([BOUNDS.index(b) for b in bounds], device=dev)
+        self.act = torch.tensor(act, device=dev)
+        self.values = torch.zeros(M, L, self.W, dtype=torch.float64, device=dev)
+        self.count = torch.zeros(M, L, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(M, L, dtype=torch.long, device=dev)
+
+    def reset(self, m: int) -> None:
+        self.values[m] = 0
+        self.count[m] = 0
+        self.pos[m] = 0
+
+    def _push(self, x: torch.Tensor):
+        """VolatilityWindow.push for every (model, layer) whose x is not NaN; NaN stats elsewhere."""
+        ok = ~torch.isnan(x)
+        slot = torch.nn.functional.one_hot(self.pos, self.W).bool() & ok.unsqueeze(2)
+        self.values = torch.where(slot, x.unsqueeze(2), self.values)
+        self.count = torch.where(ok, (self.count + 1).clamp_max(self.W), self.count)
+        self.pos = torch.where(ok, (self.pos + 1) % self.W, self.pos)
+        valid = torch.arange(self.W, device=x.device) < self.count.unsqueeze(2)   # filled in order 0..W-1
+        n = self.count.clamp_min(1).double()
+        mu = torch.where(valid, self.values, 0.0).sum(2) / n
+        sigma2 = torch.where(valid, (self.values - mu.unsqueeze(2)) ** 2, 0.0).sum(2) / n
+        vol = torch.where(mu + EPS != 0, sigma2 / (mu + EPS), math.inf)
+        nan = torch.full_like(x, math.nan)
+        return {k: torch.where(ok, v, nan) for k, v in
+                {"mu": mu, "sigma2": sigma2, "vol": vol, "sq_dev": (x - mu) ** 2}.items()}
+
+    def _statistic(self, lam_bar, st):
+        if self.statistic == "vol":
+            return st["vol"]
+        if self.statistic == "sq_dev":
+            return st["sq_dev"]
+        if self.statistic == "lam_bar":
+            return lam_bar
+        mu = st["mu"]   # x2_over_mu_sq
+        return torch.where(mu > 0, (lam_bar * lam_bar / mu) ** 2, 0.0)
+
+    @torch.no_grad()
+    def step(self, m: dict, task_frac: float) -> torch.Tensor:
+        """One decision for every (model, layer); returns the rows as (len(NUM_FIELDS) + 1, M, L) float64
+        (the last plane is the rule code: RULES index), lr after the decision."""
+        lam_bar = m["alpha_agg"] * m["lam_max"]
+        st = self._push(lam_bar)
+        noise_nan = torch.isnan(m["grad_sq"]) | torch.isnan(m["sigma2_ps"])
+        curv_nan = torch.isnan(lam_bar)
+        nan = torch.full_like(lam_bar, math.nan)
+        g, s2, B = m["grad_sq"], m["sigma2_ps"], self.B
+        a_g = torch.where(noise_nan, nan, _div(B * g, s2))
+        a_vol = torch.where(curv_nan, nan, _div(torch.ones_like(g), self.kappa * st["vol"]))
+        t = torch.where(curv_nan, nan, _div(2.0 * st["mu"], st["mu"] ** 2 + st["sigma2"]))
+        a_tilde = torch.where(noise_nan | curv_nan, nan,
+                              _div(B * g, s2 + self.beta * g * self._statistic(lam_bar, st)))
+        bound = torch.stack([a_tilde, a_g, t]).gather(
+            0, self.bound_idx.view(1, -1, 1).expand(1, *a_g.shape)).squeeze(0)
+        alpha = m["alpha"]
+        known = ~(torch.isnan(alpha) | torch.isnan(bound))
+        cool = known & (alpha > self.floor) & (alpha > self.safety * bound)
+        warm = known & ~cool & (task_frac < self.warm_frac) & (alpha < self.warm_factor * self.safety * bound)
+        act = self.act.unsqueeze(1)
+        lr = self.adam.lr
+        self.adam.lr.copy_(torch.where(act & cool, lr * self.cool, torch.where(act & warm, lr * self.warm, lr)))
+        rule = torch.where(cool, 1.0, torch.where(warm, 2.0, 0.0)).double()
+        row = {"lr": self.adam.lr.clone(), "alpha": alpha, "alpha_g": a_g, "alpha_vol": a_vol, "tau": t,
+               "alpha_tilde": a_tilde, "bound": bound, "lam_max": m["lam_max"], "lam_bar": lam_bar,
+               "vol": st["vol"], "mu": st["mu"], "sigma2_win": st["sigma2"], "sigma2_ps": s2, "grad_sq": g,
+               "eig_iters": m["eig_iters"]}
+        return torch.stack([row[f] for f in NUM_FIELDS] + [rule])
+
+    def state_dict(self) -> dict:
+        return {"values": self.values, "count": self.count, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.values, self.count, self.pos = s["values"].clone(), s["count"].clone(), s["pos"].clone()
+
+
+def _rows_to_dicts(rows: torch.Tensor, m: int) -> dict:
+    """One model's decision rows (F+1, L) as the scheduler's {layer: {field: value}} dict."""
+    vals = rows[:, m, :].tolist()
+    out = {}
+    for l in range(rows.shape[2]):
+        r = {f: vals[i][l] for i, f in enumerate(NUM_FIELDS)}
+        r["eig_iters"] = int(r["eig_iters"])
+        r["rule"] = RULES[int(vals[-1][l])]
+        out[l + 1] = r
+    return out
+
+
+@torch.no_grad()
+def _evaluate(net: StackedMLP, xs, ys, sidx, chunk: int = 2048):
+    """End-of-task loss and accuracy of every model on its whole task: (M,) each, on the host."""
+    M, N = len(sidx), xs.shape[1]
+    loss = torch.zeros(M, dtype=torch.float64, device=xs.device)
+    correct = torch.zeros(M, dtype=torch.float64, device=xs.device)
+    for i in range(0, N, chunk):
+        x, y = xs[sidx, i:i + chunk], ys[sidx, i:i + chunk]
+        logits, _, _ = net.forward(x)
+        loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, -1).sum(1).double()
+        correct += (logits.argmax(2) == y).sum(1).double()
+    return (loss / N).tolist(), (correct / N).tolist()
+
+
+def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = None, resume: bool = True,
+                progress: bool = True, stop_after_task: int | None = None) -> list[dict]:
+    """Train the runs `cfgs` as one batched model; write each record to its out_dir (the layout of
+    train.run) and return the records. `stop_after_task` simulates an interruption (resume test)."""
+    cfgs = [C.validate_run(c) for c in cfgs]
+    check_batchable(cfgs)
+    M = len(cfgs)
+    metas = metas or [{} for _ in cfgs]
+    out_dirs = [Path(d) for d in out_dirs]
+    hashes = [C.config_hash(c) for c in cfgs]
+    if resume and all((d / RECORD_NAME).exists() for d in out_dirs):
+        done = [load_record(d / RECORD_NAME) for d in out_dirs]
+        if all(r["status"] in ("completed", "diverged") and r["provenance"]["config_hash"] == h
+               for r, h in zip(done, hashes)):
+            return done
+    c0 = cfgs[0]
+    if c0["threads"] > 0:
+        torch.set_num_threads(c0["threads"])
+    device = pick_device(c0["device"])
+    epochs, per_epoch, task_steps = steps_per_task(c0)
+    K, B, T = c0["measure"]["every"], c0["batch_size"], c0["n_tasks"]
+
+    # data: one stream per distinct seed, on the device; model m reads seed slot sidx[m]
+    x_all, y_all = load_mnist(c0["data"]["root"], train=True)
+    seeds = sorted({c["seed"] for c in cfgs})
+    streams = {s: make_stream(c0["stream"], x_all, y_all, s, device) for s in seeds}
+    sidx = torch.tensor([seeds.index(c["seed"]) for c in cfgs], device=device)
+    xs = torch.stack([streams[s].x for s in seeds])
+
+    models = []
+    for c in cfgs:
+        torch.manual_seed(_sub_seed(c["seed"], 0))   # as train.Learner
+        models.append(build_model(c["model"]))
+    net = StackedMLP(models, device)
+    L = net.n_layers
+    lr0 = [float(c["optim"]["lr"]) for c in cfgs]
+    lr = torch.tensor(lr0, dtype=torch.float64, device=device).unsqueeze(1).repeat(1, L)
+    wd = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "l2" else 0.0 for c in cfgs],
+                      device=device)
+    adam = StackedAdam(net, lr, wd, tuple(c0["optim"]["betas"]), c0["optim"]["eps"])
+    lam_w = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0
+                          for c in cfgs], device=device)
+    wass = StackedWasserstein(net, lam_w) if any(c["regularizer"]["kind"] == "wasserstein" for c in cfgs) else None
+    measuring = c0["measure"]["enabled"] or c0["arm"] == "scheduled"
+    init_seeds = [_sub_seed(c["seed"], 0) for c in cfgs]
+    probe = StackedProbe(net, adam, B, init_seeds, c0["measure"]["eig_tol"], c0["measure"]["eig_max_iter"],
+                         c0["scheduler"]["code_alpha_agg"]) if measuring else None
+    sched = StackedScheduler(adam, B, c0["scheduler"], [c["scheduler"]["bound"] for c in cfgs],
+                             [c["arm"] == "scheduled" for c in cfgs]) if measuring else None
+    layer_names = [str(l) for l in range(1, L + 1)]
+    records = [dict(new_record(c, device, layer_names), name=mt.get("run"), scale=mt.get("scale"),
+                    batched={"models": M, "position": i}) for i, (c, mt) in enumerate(zip(cfgs, metas))]
+    rule_counts = [{l: {r: 0 for r in RULES} for l in range(1, L + 1)} for _ in cfgs]
+    alive = [True] * M
+    start_task, step = 0, 0
+    ckpt_path = out_dirs[0] / ("batched-" + CHECKPOINT_NAME)
+    for d in out_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["hashes"] == hashes:
+            with torch.no_grad():
+                for p, q in zip(net.params(), ck["params"]):
+                    p.copy_(q)
+            adam.load_state_dict(ck["adam"])
+            if wass is not None:
+                wass.sorted_init = [t.clone() for t in ck["wass"]]
+            if probe is not None:
+                probe.load_state_dict(ck["probe"])
+                sched.load_state_dict(ck["sched"])
+            records, rule_counts, alive = ck["records"], ck["rule_counts"], ck["alive"]
+            start_task, step = ck["next_task"], ck["step"]
+        else:
+            print(f"warning: ignoring {ckpt_path} (written for different configs)", file=sys.stderr)
+
+    def objective(xb, yb, keep=False):
+        logits, inputs, outs = net.forward(xb, keep)
+        ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(M, -1).mean(1)
+        total = ce + wass() if wass is not None else ce
+        return logits, ce, total.sum(), inputs, outs
+
+    bar = tqdm(total=T * task_steps, initial=start_task * task_steps, disable=not progress,
+               desc=f"batched x{M}", unit="step", dynamic_ncols=True, mininterval=2)
+    for t in range(start_task, T):
+        if t > 0:
+            for m, c in enumerate(cfgs):
+                if c["arm"] == "reset":   # as train.run: a fresh model, optimiser, probe and scheduler
+                    torch.manual_seed(_sub_seed(c["seed"], t))
+                    net.load(m, build_model(c["model"]))
+                    adam.reset(m, lr0[m])
+                    if wass is not None:
+                        wass.reset(m)
+                    if probe is not None:
+                        probe.reset(m, _sub_seed(c["seed"], t))
+                        sched.reset(m)
+                        rule_counts[m] = {l: {r: 0 for r in RULES} for l in range(1, L + 1)}
+        ys = torch.stack([streams[s].task(t)[1] for s in seeds])
+        t0 = time.perf_counter()
+        indicators = [None] * M
+        if c0["indicators"]["enabled"]:
+            nf = c0["indicators"]["n_fixed"]
+            for m, c in enumerate(cfgs):
+                if not alive[m]:
+                    continue
+                x, y = xs[sidx[m]], ys[sidx[m]]
+                model = net.extract(m, c["model"])
+                reg = wass.for_model(m, model) if wass is not None and lam_w[m] > 0 else None
+                indicators[m] = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], reg, float(wd[m]))
+        gens = [torch.Generator(device=device).manual_seed(_sub_seed(c["seed"], t, 1)) for c in cfgs]
+        correct = torch.zeros(M, device=device)
+        loss_sum = torch.zeros(M, device=device)
+        rows_task = []
+        steps_done = [0] * M
+        diverged_now = [False] * M
+        correct_frozen = [None] * M
+        step_in_task = 0
+        for _ in range(epochs):
+            idx = torch.stack([torch.stack(list(batches(streams[seeds[0]].n, B, g, drop_last=True)))
+                               for g in gens])                          # (M, per_epoch, B)
+            for j in range(per_epoch):
+                bidx = idx[:, j]
+                xb = xs[sidx.unsqueeze(1), bidx]
+                yb = ys[sidx.unsqueeze(1), bidx]
+                frac = step_in_task / task_steps
+                decide = probe is not None and (step + 1) % K == 0
+                for p in net.params():
+                    p.grad = None
+                logits, ce, total, inputs, outs = objective(xb, yb, keep=decide)
+                total.backward()
+                correct += (logits.argmax(2) == yb).sum(1)
+                loss_sum += ce.detach()
+                if decide:
+                    meas = probe.measure(inputs, outs, lambda: objective(xb, yb)[2])
+                    rows_task.append((step, frac, sched.step(meas, frac)))
+                adam.step()
+                step += 1
+                step_in_task += 1
+            bar.update(per_epoch)
+            finite = torch.isfinite(loss_sum).tolist()   # one host sync per epoch, as train.run
+            correct_now = None
+            for m in range(M):
+                if alive[m] and not diverged_now[m]:
+                    steps_done[m] = step_in_task
+                    if not finite[m]:   # train.run stops this model's task here: freeze its counts
+                        diverged_now[m] = True
+                        correct_now = correct_now or correct.tolist()
+                        correct_frozen[m] = correct_now[m]
+        end_loss, end_acc = _evaluate(net, xs, ys, sidx)
+        wall = round(time.perf_counter() - t0, 3)
+        # decision rows: one transfer per task
+        host_rows = torch.stack([r for _, _, r in rows_task]).cpu() if rows_task else None
+        correct_h = [f if f is not None else c for f, c in zip(correct_frozen, correct.tolist())]
+        lr_h = adam.lr.tolist()
+        for m, c in enumerate(cfgs):
+            if not alive[m]:
+                continue
+            rec = records[m]
+            rows_m = []
+            for i, (s, frac, _) in enumerate(rows_task):
+                rows = _rows_to_dicts(host_rows[i], m)
+                rows_m.append(rows)
+                append_decision(rec, s, t, frac, rows)
+                for l, r in rows.items():
+                    rule_counts[m][l][r["rule"]] += 1
+            rec["tasks"].append({
+                "task": t, "online_acc": correct_h[m] / (steps_done[m] * B), "end_loss": end_loss[m],
+                "end_acc": end_acc[m], "steps": steps_done[m], "wall_s": wall, "lr": lr_h[m],
+                "crossings": crossings(rows_m) if rows_m else None, "indicators": indicators[m]})
+            if diverged_now[m] or not math.isfinite(end_loss[m]):
+                rec.update(status="diverged", diverged_at_task=t)
+                alive[m] = False
+        bar.set_postfix(task=t)
+        if not progress:
+            accs = " ".join(f"{r['tasks'][-1]['online_acc']:.3f}" for r in records)
+            print(f"task {t}/{T}  online acc per model {accs}  {wall:.1f}s", file=sys.stderr, flush=True)
+        if not any(alive):
+            break
+        save_checkpoint({"hashes": hashes, "params": [p.detach() for p in net.params()],
+                         "adam": adam.state_dict(), "wass": wass.sorted_init if wass is not None else None,
+                         "probe": probe.state_dict() if probe else None,
+                         "sched": sched.state_dict() if sched else None, "records": records,
+                         "rule_counts": rule_counts, "alive": alive, "next_task": t + 1, "step": step},
+                        ckpt_path)
+        if stop_after_task is not None and t >= stop_after_task and t + 1 < T:
+            bar.close()
+            return records
+    bar.close()
+    for m, (c, rec) in enumerate(zip(cfgs, records)):
+        rec["rule_counts"] = ({str(l): v for l, v in rule_counts[m].items()} | {"global": {r: 0 for r in RULES}}) \
+            if probe is not None else None
+        if rec["status"] == "running":
+            rec["status"] = "completed"
+        rec["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json_atomic(rec, out_dirs[m] / RECORD_NAME)
+        log_to_wandb(rec, c, metas[m])
+    ckpt_path.unlink(missing_ok=True)
+    return records
+
+
+def log_to_wandb(rec: dict, cfg: dict, meta: dict) -> None:
+    """Replay a finished record into W&B (one W&B run per model, as train.run logs)."""
+    logger = _wandb_logger(cfg, meta)
+    if logger.run is None:
+        return
+    d = rec["decisions"]
+    if cfg["wandb"]["log_decisions"]:
+        for i, s in enumerate(d["step"]):
+            logger.log({f"layer{l}/{k}": v[i] for l, series in d["layers"].items() for k, v in series.items()
+                        if k != "rule"}, step=s)
+    step = 0
+    for tr in rec["tasks"]:
+        step += tr["steps"]
+        logger.log({"task": tr["task"], "online_acc": tr["online_acc"], "end_loss": tr["end_loss"],
+                    "end_acc": tr["end_acc"], **{f"lr/layer{i + 1}": lr for i, lr in enumerate(tr["lr"])},
+                    **{f"crossings/{k}": v for k, v in (tr["crossings"] or {}).items()},
+                    **{f"indicators/{k}": v for k, v in (tr["indicators"] or {}).items()}}, step=step)
+    tasks = rec["tasks"]
+    logger.summary({"status": rec["status"], "final_online_acc": tasks[-1]["online_acc"],
+                    "mean_online_acc": sum(r["online_acc"] for r in tasks) / len(tasks), "batched": True})
+    logger.finish(exit_code=0 if rec["status"] == "completed" else 1)

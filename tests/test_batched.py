@@ -1,0 +1,122 @@
+"""Batched training (trainability.batched) against the one-model-at-a-time engine (train.run)."""
+import json
+import math
+
+import pytest
+import torch
+
+from trainability import config as C
+from trainability.batched import batched_lanczos, check_batchable, run_batched
+from trainability.measure import _lanczos
+from trainability.train import run
+
+from test_train import strip, tiny
+
+
+def _close(a, b, rtol, path="") -> list[str]:
+    """Paths where two JSON trees differ: floats beyond rtol, anything else not equal."""
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        return [p for k in a for p in _close(a[k], b[k], rtol, f"{path}/{k}")]
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} != {len(b)}"]
+        return [p for i, (x, y) in enumerate(zip(a, b)) for p in _close(x, y, rtol, f"{path}[{i}]")]
+    if isinstance(a, float) or isinstance(b, float):
+        if math.isnan(a) and math.isnan(b) or a == b:
+            return []
+        return [] if abs(a - b) <= rtol * max(abs(a), abs(b)) else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def _comparable(rec):
+    rec = strip(rec)
+    rec.pop("batched", None)
+    return json.loads(json.dumps(rec))
+
+
+def _check_equal(cfgs, tmp_path, rtol=1e-3):
+    singles = [run(c, tmp_path / f"single{i}", progress=False) for i, c in enumerate(cfgs)]
+    batch = run_batched(cfgs, [tmp_path / f"batch{i}" for i in range(len(cfgs))], progress=False)
+    for i, (s, b) in enumerate(zip(singles, batch)):
+        diffs = _close(_comparable(s), _comparable(b), rtol)
+        assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
+        assert b["batched"] == {"models": len(cfgs), "position": i}
+    return batch
+
+
+def test_mixed_arms_regularisers_and_seeds_equal_single_runs(tmp_path, mnist_root):
+    """Vanilla, reset and scheduled arms, coupled L2 and Wasserstein, two seeds, in one batch: every
+    record (per-task metrics, indicators, every decision row, the rules fired) equals train.run's."""
+    # floor 0 and a warm window over the whole task: the scheduler warms at most decisions, so the LR
+    # paths (and the rules fired) are compared, not just the measurements
+    d = {"data": {"root": mnist_root}, "scheduler": {"floor": 0.0, "warm_frac": 1.0, "warm_factor": 1.0}}
+    cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d),
+            C.deep_merge(tiny("l2-scheduled", **d), {"seed": 1}), tiny("wass-scheduled", **d),
+            tiny("l2-noise", **d)]
+    batch = _check_equal(cfgs, tmp_path)
+    rules = [r for rec in batch for l in ("1", "2", "3") for r in rec["decisions"]["layers"][l]["rule"]]
+    assert "warm" in rules
+    assert batch[2]["tasks"][-1]["lr"] != batch[0]["tasks"][-1]["lr"]   # scheduled moved, vanilla did not
+
+
+def test_crelu_equals_single_runs(tmp_path, mnist_root):
+    # at lr 1e-2 rounding grows chaotically; a tiny safety factor makes the cool rule fire
+    d = {"data": {"root": mnist_root}, "optim": {"lr": 1e-3}, "scheduler": {"floor": 0.0, "safety": 1e-3}}
+    batch = _check_equal([tiny("crelu-scheduled", **d), tiny("crelu-curvature", **d)], tmp_path)
+    assert "cool" in batch[0]["decisions"]["layers"]["1"]["rule"]
+
+
+def test_resume_equals_uninterrupted(tmp_path, mnist_root):
+    cfgs = [tiny("l2-scheduled", data={"root": mnist_root}), tiny("wass-reset", data={"root": mnist_root})]
+    full = run_batched(cfgs, [tmp_path / "a0", tmp_path / "a1"], progress=False)
+    dirs = [tmp_path / "b0", tmp_path / "b1"]
+    part = run_batched(cfgs, dirs, progress=False, stop_after_task=0)
+    assert len(part[0]["tasks"]) == 1 and not (dirs[0] / "record.json").exists()
+    resumed = run_batched(cfgs, dirs, progress=False)
+    assert [_comparable(r) for r in resumed] == [_comparable(r) for r in full]
+
+
+def test_diverged_model_is_recorded_and_the_others_are_untouched(tmp_path, mnist_root):
+    d = {"data": {"root": mnist_root}, "indicators": {"enabled": False}, "n_tasks": 4}
+    good, bad = tiny("relu-vanilla", **d), tiny("relu-vanilla", optim={"lr": 1e12}, **d)
+    recs = run_batched([good, bad], [tmp_path / "g", tmp_path / "b"], progress=False)
+    single_bad = run(bad, tmp_path / "sb", progress=False)
+    assert recs[1]["status"] == "diverged" and recs[1]["diverged_at_task"] == single_bad["diverged_at_task"]
+    assert recs[0]["status"] == "completed" and len(recs[0]["tasks"]) == 4
+    assert not _close(_comparable(recs[0]), _comparable(run(good, tmp_path / "sg", progress=False)), 1e-3)
+
+
+def test_configs_that_cannot_share_a_batch_are_refused_naming_the_key(mnist_root):
+    a = tiny("l2-vanilla")
+    with pytest.raises(C.ConfigError, match="model"):
+        check_batchable([a, tiny("crelu-vanilla")])
+    with pytest.raises(C.ConfigError, match="batchnorm"):
+        check_batchable([tiny("bn-l2")])
+    with pytest.raises(C.ConfigError, match="global"):
+        check_batchable([tiny("l2-global")])
+    with pytest.raises(C.ConfigError, match="n_tasks"):
+        check_batchable([a, C.deep_merge(a, {"n_tasks": 5})])
+    check_batchable([a, tiny("l2-scheduled"), tiny("wass-reset"), C.deep_merge(a, {"seed": 3})])
+
+
+def test_batched_lanczos_equals_the_one_model_solver():
+    """Two symmetric matrices at once, stopping at different iterations: each row equals _lanczos."""
+    g = torch.Generator().manual_seed(0)
+    mats = []
+    for gap in (0.5, 0.01):
+        q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+        ev = torch.linspace(-1, 3, 40, dtype=torch.float64)
+        ev[-1] = ev[-2] + gap
+        mats.append((q * ev) @ q.t())
+    H = torch.stack(mats)
+    v = torch.randn(2, 40, generator=g, dtype=torch.float64)
+    v = v / v.norm(dim=1, keepdim=True)
+    theta, vec, iters = batched_lanczos(lambda V: torch.einsum("mij,mj->mi", H, V), v, 1e-6, 30)
+    for m in range(2):
+        th, vm, it = _lanczos(lambda x: H[m] @ x, v[m], 1e-6, 30)
+        assert int(iters[m]) == it
+        assert theta[m].item() == pytest.approx(th, rel=1e-12)
+        assert torch.allclose(vec[m], vm, atol=1e-8)
+        assert th == pytest.approx(torch.linalg.eigvalsh(H[m])[-1].item(), rel=1e-5)
