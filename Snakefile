@@ -3,6 +3,7 @@
 #        snakemake --cores N --config scale=smoke
 #        snakemake -n                   (the plan)       snakemake --report report.html
 # Experiments, runs and scales are defined in params.yaml only (validated below before any job runs).
+import re
 import sys
 from snakemake.utils import min_version, validate
 
@@ -11,12 +12,14 @@ min_version("9.0")
 configfile: "params.yaml"
 validate(config, "src/trainability/params.schema.yaml")
 
-from trainability.config import validate_params, resolve_run, config_hash
+from trainability.config import validate_params, resolve_run, config_hash, run_names
+from trainability.batched import batch_groups
 from trainability import pipeline as P
 
 validate_params(config)
 SCALE = config["scale"]
 SEEDS = config["scales"][SCALE]["seeds"]
+BATCHED = config["scales"][SCALE].get("batched", False)
 PY = sys.executable  # jobs use the interpreter that runs Snakemake (the project's venv)
 
 report: "workflow/report/workflow.rst"

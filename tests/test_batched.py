@@ -120,3 +120,26 @@ def test_batched_lanczos_equals_the_one_model_solver():
         assert theta[m].item() == pytest.approx(th, rel=1e-12)
         assert torch.allclose(vec[m], vm, atol=1e-8)
         assert th == pytest.approx(torch.linalg.eigvalsh(H[m])[-1].item(), rel=1e-5)
+
+
+def test_cli_dry_run_and_refusal(capsys):
+    from trainability.batched import main
+    assert main(["--scale", "paper", "--runs", "l2-vanilla", "l2-scheduled", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 models in one batch" in out and "results/paper/runs/l2-scheduled/seed2/record.json" in out
+    assert main(["--scale", "paper", "--runs", "l2-vanilla", "bn-l2", "--dry-run"]) == 2
+    assert "batchnorm" in capsys.readouterr().err
+
+
+def test_paper_scale_plan_uses_batched_jobs():
+    """`snakemake -n --config scale=paper`: seeds and arms of one model shape are grouped into batched
+    jobs; only the runs that cannot be batched (BatchNorm, global scheduler) stay one job per seed."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    plan = out.stdout + out.stderr
+    assert "run_batch_crelu_vanilla" in plan and "run_batch_l2_vanilla" in plan
+    singles = {line.split("run=")[1].split(",")[0] for line in plan.splitlines() if "wildcards: run=" in line}
+    assert singles == {"crelu-global", "l2-global", "wass-global", "bn-l2", "bn-l2-lr1e-5"}

@@ -79,6 +79,35 @@ def check_batchable(cfgs: list[dict]) -> None:
         raise C.ConfigError("batched run: measure.enabled must agree (a scheduled arm always measures)")
 
 
+def batch_key(cfg: dict) -> str | None:
+    """Runs whose configs have the same key can share a batch; None if the config cannot be batched."""
+    try:
+        check_batchable([cfg])
+    except C.ConfigError:
+        return None
+    s = _strip(cfg)
+    s["steps_per_task"] = steps_per_task(cfg)
+    s["measuring"] = cfg["measure"]["enabled"] or cfg["arm"] == "scheduled"
+    # the Wasserstein sort is the costliest op of a step: keep it out of batches that don't need it
+    s["wasserstein"] = cfg["regularizer"]["kind"] == "wasserstein"
+    s.pop("epochs_per_task")
+    return C.config_hash(s)
+
+
+def batch_groups(params: dict, scale: str, runs: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """({group name: [runs]}, [runs left to train.run]) for `runs` at `scale`: runs with the same
+    batch_key form one group (named after its first run), trained with all the scale's seeds in one job."""
+    groups: dict[str, list[str]] = {}
+    single = []
+    for r in runs:
+        key = batch_key(C.resolve_run(params, scale, r, params["scales"][scale]["seeds"][0]))
+        if key is None:
+            single.append(r)
+        else:
+            groups.setdefault(key, []).append(r)
+    return {f"batch-{rs[0]}": rs for rs in groups.values()}, single
+
+
 def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(M,) -> (M, 1, ..., 1) broadcastable against a stacked tensor."""
     return t.view(-1, *([1] * (like.dim() - 1)))
@@ -703,3 +732,60 @@ def log_to_wandb(rec: dict, cfg: dict, meta: dict) -> None:
     logger.summary({"status": rec["status"], "final_online_acc": tasks[-1]["online_acc"],
                     "mean_online_acc": sum(r["online_acc"] for r in tasks) / len(tasks), "batched": True})
     logger.finish(exit_code=0 if rec["status"] == "completed" else 1)
+
+
+def build_parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python -m trainability.batched",
+        description="Train several runs x seeds as one batched model (same architecture and task length) "
+                    "and write each run's record.json where trainability-run would.",
+        epilog="example: python -m trainability.batched --scale smoke --runs l2-vanilla l2-scheduled --seeds 0 1")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--scale", default=None, help="entry of `scales` (default: params.yaml's `scale`)")
+    p.add_argument("--runs", nargs="+", required=True, help="entries of `runs` in params.yaml")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the scale's seeds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of every run config (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints/records")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="check that the runs can be batched, print the plan")
+    return p
+
+
+def main(argv=None) -> int:
+    from .pipeline import run_dir
+    args = build_parser().parse_args(argv)
+    try:
+        params = C.load_params(args.params)
+        scale = args.scale or params["scale"]
+        if scale not in params["scales"]:
+            raise C.ConfigError(f"--scale {scale!r} is not one of {sorted(params['scales'])}")
+        seeds = args.seeds or params["scales"][scale]["seeds"]
+        jobs = [(r, s) for r in args.runs for s in seeds]
+        cfgs = []
+        for r, s in jobs:
+            cfg = C.resolve_run(params, scale, r, s)
+            for a in args.set:
+                cfg = C.set_dotted(cfg, a)
+            cfgs.append(C.validate_run(cfg, where=f"run {r!r} after --set"))
+        check_batchable(cfgs)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dirs = [run_dir(params, scale, r, s) for r, s in jobs]
+    if args.dry_run:
+        print(f"{len(jobs)} models in one batch on {pick_device(cfgs[0]['device'])}:")
+        for (r, s), d in zip(jobs, dirs):
+            print(f"  {r} seed {s} -> {d}/{RECORD_NAME}")
+        return 0
+    recs = run_batched(cfgs, dirs, metas=[{"run": r, "scale": scale} for r, _ in jobs], resume=not args.fresh,
+                       progress=not args.no_progress)
+    for (r, s), rec in zip(jobs, recs):
+        accs = " ".join(f"{t['online_acc']:.3f}" for t in rec["tasks"])
+        print(f"{r} seed {s}: {rec['status']}; online acc per task {accs}")
+    return 0 if all(r["status"] in ("completed", "diverged") for r in recs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

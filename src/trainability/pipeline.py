@@ -70,8 +70,19 @@ def dvc_yaml(params: dict) -> dict:
                              "deps": ["src/trainability/data.py"],
                              "params": ["run_defaults.data"],
                              "outs": ["data/MNIST/raw"]}}
-    for run in run_names(params, scale):
-        for seed in params["scales"][scale]["seeds"]:
+    runs = run_names(params, scale)
+    seeds = params["scales"][scale]["seeds"]
+    if params["scales"][scale].get("batched"):   # the Snakefile's grouping (workflow/rules/runs.smk)
+        from .batched import batch_groups
+        groups, runs = batch_groups(params, scale, runs)
+        for group, members in groups.items():
+            stages[stage_name("run", group)] = {
+                "cmd": f"{py} -m trainability.batched --scale {scale} --runs {' '.join(members)} --no-progress",
+                "deps": ["data/MNIST/raw", "src/trainability"],
+                "params": ["scale", "run_defaults", f"scales.{scale}"] + [f"runs.{r}" for r in members],
+                "outs": [{record_path(params, scale, r, s): {"cache": True}} for r in members for s in seeds]}
+    for run in runs:
+        for seed in seeds:
             out = run_dir(params, scale, run, seed)
             stages[stage_name("run", run, f"seed{seed}")] = {
                 "cmd": f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",

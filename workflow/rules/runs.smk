@@ -1,3 +1,13 @@
+# Runs: one job per (run, seed), or, at a scale with `batched: true` (the paper scale, on a GPU), one job
+# per batch group: every run sharing a model shape and task length, all seeds, trained as one batched
+# model (trainability.batched). Both write the same record.json files.
+
+if BATCHED:
+    GROUPS, SINGLE_RUNS = batch_groups(config, SCALE, run_names(config, SCALE))
+else:
+    GROUPS, SINGLE_RUNS = {}, run_names(config, SCALE)
+
+
 rule run:
     """One continual-learning stream: one (run config, seed). Writes the run record."""
     input:
@@ -14,7 +24,30 @@ rule run:
         gpu=run_resources_gpu,
         mem_mb=2000,
     wildcard_constraints:
+        run="|".join(re.escape(r) for r in SINGLE_RUNS) or "(?!)",
         seed=r"\d+",
     shell:
         "{PY} -m trainability.train --scale {SCALE} --run {wildcards.run} --seed {wildcards.seed} "
         "--out {params.out} --no-progress > {log} 2>&1"
+
+
+for group, members in GROUPS.items():
+
+    rule:
+        name:
+            "run_" + group.replace("-", "_")
+        input:
+            rules.prepare_data.output,
+        output:
+            [P.record_path(config, SCALE, r, s) for r in members for s in SEEDS],
+        params:
+            config_hash=config_hash({r: resolve_run(config, SCALE, r, s) for r in members for s in SEEDS}),
+            runs=" ".join(members),
+        log:
+            f"{P.results_dir(config)}/{SCALE}/logs/{group}.log",
+        threads: config["run_defaults"]["threads"] or 1
+        resources:
+            gpu=int(_cuda_available()),
+            mem_mb=8000,
+        shell:
+            "{PY} -m trainability.batched --scale {SCALE} --runs {params.runs} --no-progress > {log} 2>&1"
