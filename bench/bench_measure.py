@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--K", type=int, default=40, help="decision interval (Adam steps)")
     p.add_argument("--warmup", type=int, default=400, help="Adam steps (with decisions every K) before timing")
     p.add_argument("--decisions", type=int, default=8, help="timed decisions")
-    p.add_argument("--tol", type=float, default=1e-3, help="eigen-solver tolerance (params.yaml measure.eig_tol)")
+    p.add_argument("--tol", type=float, default=1e-4, help="eigen-solver tolerance (params.yaml measure.eig_tol)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
