@@ -25,6 +25,9 @@ CANDIDATES = {  # name: (description, overrides)
                              ["stream.n_images=10240", "epochs_per_task=25", "measure.every=10"]),
     "C: 4096 img x 40 ep": ("4,096 images, 40 epochs/task, K=10",
                             ["stream.n_images=4096", "epochs_per_task=40", "measure.every=10"]),
+    "E: default, beta2 0.99": ("the default stream with Adam beta2 = 0.99 (second-moment memory ~100 steps)",
+                               ["stream.n_images=4096", "epochs_per_task=24", "n_tasks=6", "measure.every=16",
+                                "optim.betas=[0.9,0.99]"]),
     "D: default scale": ("the chosen default: 4,096 images, 24 epochs/task, 6 tasks, K=16 (seed 0 of the DAG)",
                          ["stream.n_images=4096", "epochs_per_task=24", "n_tasks=6", "measure.every=16"]),
 }
