@@ -33,6 +33,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _timed(step, steps, device, warmup=5) -> float:
+    """Seconds for `steps` calls of step(i) after `warmup` untimed ones (device synchronised)."""
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def time_batched(M, steps, device, B, K, measure, warmup=5):
     models = []
     for m in range(M):
@@ -59,14 +71,7 @@ def time_batched(M, steps, device, B, K, measure, warmup=5):
         if decide:
             sched.step(probe.measure(a, z, lambda: loss()[0]), 0.5)
         adam.step()
-    for i in range(warmup):
-        step(i)
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    _sync(device)
-    return time.perf_counter() - t0
+    return _timed(step, steps, device, warmup)
 
 
 def time_single(M, steps, device, B, K, measure, warmup=5):
@@ -90,14 +95,7 @@ def time_single(M, steps, device, B, K, measure, warmup=5):
             else:
                 F.cross_entropy(model(x), y).backward()
             opt.step()
-        for i in range(warmup):
-            step(i)
-        _sync(device)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            step(i)
-        _sync(device)
-        total += time.perf_counter() - t0
+        total += _timed(step, steps, device, warmup)
         if M > 3:   # the per-model rate is the same for every model: time 3, scale to M
             return total / (m + 1) * M
     return total

@@ -757,18 +757,10 @@ def main(argv=None) -> int:
     from .pipeline import run_dir
     args = build_parser().parse_args(argv)
     try:
-        params = C.load_params(args.params)
-        scale = args.scale or params["scale"]
-        if scale not in params["scales"]:
-            raise C.ConfigError(f"--scale {scale!r} is not one of {sorted(params['scales'])}")
+        params, scale = C.params_and_scale(args.params, args.scale)
         seeds = args.seeds or params["scales"][scale]["seeds"]
         jobs = [(r, s) for r in args.runs for s in seeds]
-        cfgs = []
-        for r, s in jobs:
-            cfg = C.resolve_run(params, scale, r, s)
-            for a in args.set:
-                cfg = C.set_dotted(cfg, a)
-            cfgs.append(C.validate_run(cfg, where=f"run {r!r} after --set"))
+        cfgs = [C.resolve_with_sets(params, scale, r, s, args.set) for r, s in jobs]
         check_batchable(cfgs)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

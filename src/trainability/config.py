@@ -129,6 +129,23 @@ def set_dotted(cfg: dict, assignment: str) -> dict:
     return deep_merge(cfg, override)
 
 
+def params_and_scale(path: str | Path, scale: str | None = None) -> tuple[dict, str]:
+    """(validated params, scale) for a command line: `scale` defaults to params.yaml's `scale`."""
+    params = load_params(path)
+    scale = scale or params["scale"]
+    if scale not in params["scales"]:
+        raise ConfigError(f"--scale {scale!r} is not one of {sorted(params['scales'])}")
+    return params, scale
+
+
+def resolve_with_sets(params: dict, scale: str, run: str, seed: int, assignments: list[str]) -> dict:
+    """resolve_run, then the command line's `--set key=value` overrides, validated again."""
+    cfg = resolve_run(params, scale, run, seed)
+    for a in assignments:
+        cfg = set_dotted(cfg, a)
+    return validate_run(cfg, where=f"run {run!r} after --set")
+
+
 def config_hash(cfg: dict) -> str:
     """Stable hash of the scientific config (W&B naming and resume checks excluded)."""
     core = {k: v for k, v in cfg.items() if k not in ("wandb", "device", "threads", "data")}

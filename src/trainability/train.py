@@ -273,14 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = C.load_params(args.params)
-        scale = args.scale or params["scale"]
-        if scale not in params["scales"]:
-            raise C.ConfigError(f"--scale {scale!r} is not one of {sorted(params['scales'])}")
-        cfg = C.resolve_run(params, scale, args.run, args.seed)
-        for a in args.set:
-            cfg = C.set_dotted(cfg, a)
-        C.validate_run(cfg, where="run config after --set")
+        params, scale = C.params_and_scale(args.params, args.scale)
+        cfg = C.resolve_with_sets(params, scale, args.run, args.seed, args.set)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
