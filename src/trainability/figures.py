@@ -24,9 +24,10 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10
 
 METHODS = {"crelu": "CReLU", "l2": "L2", "wass": "Wasserstein"}
 ARM_COLORS = {"vanilla": "0.25", "reset": "tab:orange", "scheduled": "tab:blue", "global": "tab:green",
-              "noise": "tab:purple", "curvature": "tab:brown"}
+              "noise": "tab:purple", "curvature": "tab:brown", "authors": "tab:red"}
 ARM_LABELS = {"vanilla": "vanilla", "reset": "reset", "scheduled": "per-layer scheduler",
-              "global": "global scheduler", "noise": "noise-only bound", "curvature": "curvature-only bound"}
+              "global": "global scheduler", "noise": "noise-only bound", "curvature": "curvature-only bound",
+              "authors": "scheduler, authors' Eq. 2 settings"}
 ARM_STYLES = {"reset": "--", "noise": "-.", "global": "-."}
 LENGTH_COLORS = {"short": "tab:red", "scheduled": "tab:orange", "long": "tab:blue"}   # paper Figs. 7-8
 FIG3_COLORS = {"alpha": "tab:blue", "alpha_vol": "tab:orange", "alpha_g": "tab:red", "alpha_tilde": "tab:green"}
@@ -452,8 +453,22 @@ def ablation_bound(runs, ctx):
     return fig
 
 
+def ablation_authors(runs, ctx):
+    """Beyond the paper: the scheduler with Eq. 2 as the paper writes it vs the authors' per-method
+    settings [code] (statistic and beta), against vanilla: task accuracy (top), learned LR (bottom)."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.4))
+    arms = ("vanilla", "scheduled", "authors")
+    labels = dict(ARM_LABELS, scheduled="scheduler, paper's Eq. 2")
+    arm_panels(axes[0], runs, arms, ema=ctx["ema"], labels=labels)
+    arm_panels(axes[1], runs, arms, fn=lambda r: np.array([A.geomean(row) for row in A.task_lrs(r)]),
+               ylabel="LR at task end (geo. mean over layers)", labels=labels, log=True, value_name="LR")
+    finish(fig, "ablation-authors", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
 FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
-           "fig9": fig9, "ablation-global": ablation_global, "ablation-bound": ablation_bound}
+           "fig9": fig9, "ablation-global": ablation_global, "ablation-bound": ablation_bound,
+           "ablation-authors": ablation_authors}
 
 
 def make_figure(params: dict, scale: str, experiment: str, ema: float = 0.0, ema_steps: float = 0.6,

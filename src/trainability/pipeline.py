@@ -15,7 +15,7 @@ import yaml
 from .config import load_params, run_names
 
 FIGURE_EXPERIMENTS = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig9",
-                      "ablation-global", "ablation-bound")
+                      "ablation-global", "ablation-bound", "ablation-authors")
 TABLES = ("table1.md", "results.md", "results.csv", "paper_vs_ours.md")
 
 
