@@ -164,14 +164,14 @@ def finish(fig, experiment: str, title: str, scale: str, runs: dict) -> None:
     fig.tight_layout()
 
 
-def value_label(label: str, records: list[dict], fn, name: str) -> str:
+def value_label(label: str, records: list[dict], fn, name: str, fmt: str = ".2f") -> str:
     """Legend label with the final-window mean of fn(record) (e.g. the final Hessian rank)."""
     s = A.stat([A.final_window_mean(fn(r), A.planned_tasks(r)) for r in records])
-    return f"{label}: final {name} {s['mean']:.2f}" if math.isfinite(s["mean"]) else f"{label}: {name} n/a"
+    return f"{label}: final {name} {s['mean']:{fmt}}" if math.isfinite(s["mean"]) else f"{label}: {name} n/a"
 
 
 def arm_panels(axes, runs: dict, arms: tuple, fn=None, ylabel="Task accuracy (online)", ema=0.0,
-               colors=ARM_COLORS, labels=ARM_LABELS, log=False, value_name=None):
+               colors=ARM_COLORS, labels=ARM_LABELS, log=False, value_name=None, value_fmt=".2f"):
     """One panel per method (CReLU, L2, Wasserstein), one curve per arm; fn(record) = per-task values
     (default: online accuracy; then the legend gives the final accuracy, else final `value_name`)."""
     by = runs_by_method(runs)
@@ -186,7 +186,7 @@ def arm_panels(axes, runs: dict, arms: tuple, fn=None, ylabel="Task accuracy (on
                 continue
             recs = runs[run]
             label = (acc_label(labels.get(arm, arm), recs) if fn is None
-                     else value_label(labels.get(arm, arm), recs, fn, value_name))
+                     else value_label(labels.get(arm, arm), recs, fn, value_name, value_fmt))
             task_curve(ax, recs, fn or (lambda r: A.task_values(r, "online_acc")), colors[arm], label,
                        ls=ARM_STYLES.get(arm, "-"), ema=ema, log=log)
             drawn = True
@@ -461,7 +461,8 @@ def ablation_authors(runs, ctx):
     labels = dict(ARM_LABELS, scheduled="scheduler, paper's Eq. 2")
     arm_panels(axes[0], runs, arms, ema=ctx["ema"], labels=labels)
     arm_panels(axes[1], runs, arms, fn=lambda r: np.array([A.geomean(row) for row in A.task_lrs(r)]),
-               ylabel="LR at task end (geo. mean over layers)", labels=labels, log=True, value_name="LR")
+               ylabel="LR at task end (geo. mean over layers)", labels=labels, log=True, value_name="LR",
+               value_fmt=".2e")
     finish(fig, "ablation-authors", ctx["title"], ctx["scale"], runs)
     return fig
 
