@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import config as C
-from .bounds import EPS
+from . import bounds as Bd
 from .data import load_mnist
 from .measure import compute_indicators
 from .models import activation_fn, build_model
@@ -38,7 +38,8 @@ from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record,
 from .regularizers import WassersteinPenalty
 from .scheduler import ROW_FIELDS, crossings
 from .streams import batches, make_stream
-from .train import _sub_seed, _wandb_logger, pick_device, steps_per_task
+from .train import _sub_seed, _wandb_logger, measures, pick_device, steps_per_task
+from .wandb_log import run_summary, task_metrics
 
 # keys that may differ between the runs of one batch (all others must agree)
 PER_MODEL_KEYS = ("seed", "arm", "optim.lr", "regularizer", "scheduler.bound", "epochs_factor", "wandb")
@@ -74,8 +75,7 @@ def check_batchable(cfgs: list[dict]) -> None:
                                     f"{', '.join(PER_MODEL_KEYS)} may differ within a batch")
         if steps_per_task(cfg) != steps:
             raise C.ConfigError(f"batched run: config {i}: epochs_factor gives another task length")
-    measuring = {c["measure"]["enabled"] or c["arm"] == "scheduled" for c in cfgs}
-    if len(measuring) > 1:
+    if len({measures(c) for c in cfgs}) > 1:
         raise C.ConfigError("batched run: measure.enabled must agree (a scheduled arm always measures)")
 
 
@@ -87,7 +87,7 @@ def batch_key(cfg: dict) -> str | None:
         return None
     s = _strip(cfg)
     s["steps_per_task"] = steps_per_task(cfg)
-    s["measuring"] = cfg["measure"]["enabled"] or cfg["arm"] == "scheduled"
+    s["measuring"] = measures(cfg)
     # the Wasserstein sort is the costliest op of a step: keep it out of batches that don't need it
     s["wasserstein"] = cfg["regularizer"]["kind"] == "wasserstein"
     s.pop("epochs_per_task")
@@ -118,7 +118,6 @@ class StackedMLP:
 
     def __init__(self, models, device):
         self.act = activation_fn(models[0].activation, models[0].rho)
-        self.activation, self.rho = models[0].activation, models[0].rho
         self.W = [torch.stack([m.linears[l].weight.detach() for m in models]).to(device).requires_grad_()
                   for l in range(models[0].n_layers)]
         self.b = [torch.stack([m.linears[l].bias.detach() for m in models]).to(device).requires_grad_()
@@ -128,10 +127,8 @@ class StackedMLP:
     def n_layers(self) -> int:
         return len(self.W)
 
-    def params(self, l: int | None = None) -> list[torch.Tensor]:
-        """[W, b] of layer l (0-based), or of every layer in models.MLP.parameters() order."""
-        if l is not None:
-            return [self.W[l], self.b[l]]
+    def params(self) -> list[torch.Tensor]:
+        """W1, b1, W2, b2, ...: models.MLP.parameters() order."""
         return [t for pair in zip(self.W, self.b) for t in pair]
 
     @torch.no_grad()
@@ -392,11 +389,6 @@ class StackedProbe:
             g.set_state(st)
 
 
-def _div(num, den):
-    """bounds._div on tensors: a zero, negative or NaN denominator gives +inf ("no constraint")."""
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, math.inf))
-
-
 class StackedScheduler:
     """scheduler.NoiseCurvatureScheduler (per-layer variant, Algorithm 1) for every model at once: the
     windows are (M, L, W) ring buffers, the rules tensors, and only models with act=True change LRs."""
@@ -433,20 +425,10 @@ class StackedScheduler:
         n = self.count.clamp_min(1).double()
         mu = torch.where(valid, self.values, 0.0).sum(2) / n
         sigma2 = torch.where(valid, (self.values - mu.unsqueeze(2)) ** 2, 0.0).sum(2) / n
-        vol = torch.where(mu + EPS != 0, sigma2 / (mu + EPS), math.inf)
+        vol = torch.where(mu + Bd.EPS != 0, sigma2 / (mu + Bd.EPS), math.inf)
         nan = torch.full_like(x, math.nan)
         return {k: torch.where(ok, v, nan) for k, v in
                 {"mu": mu, "sigma2": sigma2, "vol": vol, "sq_dev": (x - mu) ** 2}.items()}
-
-    def _statistic(self, lam_bar, st):
-        if self.statistic == "vol":
-            return st["vol"]
-        if self.statistic == "sq_dev":
-            return st["sq_dev"]
-        if self.statistic == "lam_bar":
-            return lam_bar
-        mu = st["mu"]   # x2_over_mu_sq
-        return torch.where(mu > 0, (lam_bar * lam_bar / mu) ** 2, 0.0)
 
     @torch.no_grad()
     def step(self, m: dict, task_frac: float) -> torch.Tensor:
@@ -458,11 +440,12 @@ class StackedScheduler:
         curv_nan = torch.isnan(lam_bar)
         nan = torch.full_like(lam_bar, math.nan)
         g, s2, B = m["grad_sq"], m["sigma2_ps"], self.B
-        a_g = torch.where(noise_nan, nan, _div(B * g, s2))
-        a_vol = torch.where(curv_nan, nan, _div(torch.ones_like(g), self.kappa * st["vol"]))
-        t = torch.where(curv_nan, nan, _div(2.0 * st["mu"], st["mu"] ** 2 + st["sigma2"]))
-        a_tilde = torch.where(noise_nan | curv_nan, nan,
-                              _div(B * g, s2 + self.beta * g * self._statistic(lam_bar, st)))
+        # bounds.py's functions work elementwise on tensors; NaN inputs give NaN bounds, as in _decide
+        a_g = torch.where(noise_nan, nan, Bd.alpha_g(g, s2, B))
+        a_vol = torch.where(curv_nan, nan, Bd.alpha_vol(st["vol"], self.kappa))
+        t = torch.where(curv_nan, nan, Bd.tau(st["mu"], st["sigma2"]))
+        a_tilde = torch.where(noise_nan | curv_nan, nan, Bd.alpha_tilde(
+            g, s2, B, Bd.curvature_statistic(self.statistic, lam_bar, st), self.beta))
         bound = torch.stack([a_tilde, a_g, t]).gather(
             0, self.bound_idx.view(1, -1, 1).expand(1, *a_g.shape)).squeeze(0)
         alpha = m["alpha"]
@@ -555,7 +538,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     lam_w = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0
                           for c in cfgs], device=device)
     wass = StackedWasserstein(net, lam_w) if any(c["regularizer"]["kind"] == "wasserstein" for c in cfgs) else None
-    measuring = c0["measure"]["enabled"] or c0["arm"] == "scheduled"
+    measuring = measures(c0)
     init_seeds = [_sub_seed(c["seed"], 0) for c in cfgs]
     probe = StackedProbe(net, adam, B, init_seeds, c0["measure"]["eig_tol"], c0["measure"]["eig_max_iter"],
                          c0["scheduler"]["code_alpha_agg"]) if measuring else None
@@ -724,13 +707,8 @@ def log_to_wandb(rec: dict, cfg: dict, meta: dict) -> None:
     step = 0
     for tr in rec["tasks"]:
         step += tr["steps"]
-        logger.log({"task": tr["task"], "online_acc": tr["online_acc"], "end_loss": tr["end_loss"],
-                    "end_acc": tr["end_acc"], **{f"lr/layer{i + 1}": lr for i, lr in enumerate(tr["lr"])},
-                    **{f"crossings/{k}": v for k, v in (tr["crossings"] or {}).items()},
-                    **{f"indicators/{k}": v for k, v in (tr["indicators"] or {}).items()}}, step=step)
-    tasks = rec["tasks"]
-    logger.summary({"status": rec["status"], "final_online_acc": tasks[-1]["online_acc"],
-                    "mean_online_acc": sum(r["online_acc"] for r in tasks) / len(tasks), "batched": True})
+        logger.log(task_metrics(tr), step=step)
+    logger.summary(dict(run_summary(rec), batched=True))
     logger.finish(exit_code=0 if rec["status"] == "completed" else 1)
 
 

@@ -53,6 +53,9 @@ def curvature_statistic(kind: str, x, stats: dict):
         return x
     if kind == "x2_over_mu_sq":
         mu = stats["mu"]
+        if hasattr(mu, "clamp_min"):   # tensors (batched.StackedScheduler)
+            import torch
+            return torch.where(mu > 0, (x * x / mu) ** 2, 0.0)
         return (x * x / mu) ** 2 if mu > 0 else 0.0
     raise ValueError(f"scheduler.statistic: unknown {kind!r}")
 

@@ -28,7 +28,12 @@ from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record,
 from .regularizers import adam_weight_decay, build_regularizer
 from .scheduler import build_scheduler, crossings
 from .streams import batches, make_stream
-from .wandb_log import WandbLogger
+from .wandb_log import WandbLogger, run_summary, task_metrics
+
+
+def measures(cfg: dict) -> bool:
+    """Whether a run measures at decision steps: when asked to, and always in the scheduled arm."""
+    return cfg["measure"]["enabled"] or cfg["arm"] == "scheduled"
 
 
 def pick_device(name: str) -> torch.device:
@@ -58,7 +63,7 @@ class Learner:
             param_groups(self.model, o["lr"], adam_weight_decay(cfg["regularizer"])),
             lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
         self.regularizer = build_regularizer(cfg["regularizer"], self.model)
-        self.measuring = cfg["measure"]["enabled"] or cfg["arm"] == "scheduled"
+        self.measuring = measures(cfg)
         m = cfg["measure"]
         self.probe = DecisionProbe(self.model, self.optimizer, cfg["batch_size"], eig_tol=m["eig_tol"],
                                    eig_max_iter=m["eig_max_iter"], global_too=m["global"],
@@ -221,10 +226,7 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
                     "crossings": crossings(rows_this_task) if rows_this_task else None,
                     "indicators": indicators}
         record["tasks"].append(task_rec)
-        logger.log({"task": t, "online_acc": online_acc, "end_loss": end_loss, "end_acc": end_acc,
-                    **{f"lr/layer{i + 1}": lr for i, lr in enumerate(task_rec["lr"])},
-                    **{f"crossings/{k}": v for k, v in (task_rec["crossings"] or {}).items()},
-                    **{f"indicators/{k}": v for k, v in (indicators or {}).items()}}, step=step)
+        logger.log(task_metrics(task_rec), step=step)
         bar.set_postfix(task=t, acc=f"{online_acc:.3f}")
         if not progress:  # logs of pipeline jobs: one line per task instead of a bar
             print(f"task {t}/{cfg['n_tasks']}  online acc {online_acc:.4f}  end acc {end_acc:.4f}  "
@@ -244,8 +246,7 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
         record["status"] = "completed"
     record["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(record, record_path)
-    logger.summary({"status": record["status"], "final_online_acc": record["tasks"][-1]["online_acc"],
-                    "mean_online_acc": sum(r["online_acc"] for r in record["tasks"]) / len(record["tasks"])})
+    logger.summary(run_summary(record))
     logger.finish(exit_code=0 if record["status"] == "completed" else 1)
     ckpt_path.unlink(missing_ok=True)
     return record

@@ -11,6 +11,21 @@ import sys
 import warnings
 
 
+def task_metrics(task_rec: dict) -> dict:
+    """What W&B gets at the end of a task, from the record's task entry."""
+    return {"task": task_rec["task"], "online_acc": task_rec["online_acc"], "end_loss": task_rec["end_loss"],
+            "end_acc": task_rec["end_acc"], **{f"lr/layer{i + 1}": lr for i, lr in enumerate(task_rec["lr"])},
+            **{f"crossings/{k}": v for k, v in (task_rec["crossings"] or {}).items()},
+            **{f"indicators/{k}": v for k, v in (task_rec["indicators"] or {}).items()}}
+
+
+def run_summary(record: dict) -> dict:
+    """The W&B run summary of a finished record."""
+    tasks = record["tasks"]
+    return {"status": record["status"], "final_online_acc": tasks[-1]["online_acc"],
+            "mean_online_acc": sum(r["online_acc"] for r in tasks) / len(tasks)}
+
+
 class WandbLogger:
     def __init__(self, cfg: dict, *, project: str, name: str | None, group: str | None,
                  mode: str = "offline", entity: str | None = None, dir: str = ".",
