@@ -12,14 +12,12 @@ min_version("9.0")
 configfile: "params.yaml"
 validate(config, "src/trainability/params.schema.yaml")
 
-from trainability.config import validate_params, resolve_run, config_hash, run_names
-from trainability.batched import batch_groups
+from trainability.config import validate_params, resolve_run, config_hash
 from trainability import pipeline as P
 
 validate_params(config)
 SCALE = config["scale"]
 SEEDS = config["scales"][SCALE]["seeds"]
-BATCHED = config["scales"][SCALE].get("batched", False)
 PY = sys.executable  # jobs use the interpreter that runs Snakemake (the project's venv)
 
 report: "workflow/report/workflow.rst"

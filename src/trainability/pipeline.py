@@ -57,6 +57,16 @@ def all_records(params: dict, scale: str) -> list[str]:
     return [record_path(params, scale, r, s) for r in run_names(params, scale) for s in seeds]
 
 
+def run_jobs(params: dict, scale: str) -> tuple[dict[str, list[str]], list[str]]:
+    """How a scale's runs become jobs, for the Snakefile and dvc.yaml alike: ({batch group: [runs]},
+    [runs with one job per seed]). Groups exist only at a scale with `batched: true`."""
+    runs = run_names(params, scale)
+    if not params["scales"][scale].get("batched"):
+        return {}, runs
+    from .batched import batch_groups
+    return batch_groups(params, scale, runs)
+
+
 def stage_name(*parts) -> str:
     """DVC stage names allow letters, digits, '_' and '-' only."""
     return "_".join(str(p) for p in parts).replace(".", "p")
@@ -70,17 +80,14 @@ def dvc_yaml(params: dict) -> dict:
                              "deps": ["src/trainability/data.py"],
                              "params": ["run_defaults.data"],
                              "outs": ["data/MNIST/raw"]}}
-    runs = run_names(params, scale)
     seeds = params["scales"][scale]["seeds"]
-    if params["scales"][scale].get("batched"):   # the Snakefile's grouping (workflow/rules/runs.smk)
-        from .batched import batch_groups
-        groups, runs = batch_groups(params, scale, runs)
-        for group, members in groups.items():
-            stages[stage_name("run", group)] = {
-                "cmd": f"{py} -m trainability.batched --scale {scale} --runs {' '.join(members)} --no-progress",
-                "deps": ["data/MNIST/raw", "src/trainability"],
-                "params": ["scale", "run_defaults", f"scales.{scale}"] + [f"runs.{r}" for r in members],
-                "outs": [{record_path(params, scale, r, s): {"cache": True}} for r in members for s in seeds]}
+    groups, runs = run_jobs(params, scale)
+    for group, members in groups.items():
+        stages[stage_name("run", group)] = {
+            "cmd": f"{py} -m trainability.batched --scale {scale} --runs {' '.join(members)} --no-progress",
+            "deps": ["data/MNIST/raw", "src/trainability"],
+            "params": ["scale", "run_defaults", f"scales.{scale}"] + [f"runs.{r}" for r in members],
+            "outs": [{record_path(params, scale, r, s): {"cache": True}} for r in members for s in seeds]}
     for run in runs:
         for seed in seeds:
             out = run_dir(params, scale, run, seed)

@@ -2,10 +2,7 @@
 # per batch group: every run sharing a model shape and task length, all seeds, trained as one batched
 # model (trainability.batched). Both write the same record.json files.
 
-if BATCHED:
-    GROUPS, SINGLE_RUNS = batch_groups(config, SCALE, run_names(config, SCALE))
-else:
-    GROUPS, SINGLE_RUNS = {}, run_names(config, SCALE)
+GROUPS, SINGLE_RUNS = P.run_jobs(config, SCALE)
 
 
 rule run:
