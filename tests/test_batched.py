@@ -1,6 +1,7 @@
 """Batched training (trainability.batched) against the one-model-at-a-time engine (train.run)."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -36,7 +37,12 @@ def _comparable(rec):
     return json.loads(json.dumps(rec))
 
 
-def _check_equal(cfgs, tmp_path, rtol=1e-3):
+# On a GPU (TRAINABILITY_TEST_DEVICE=cuda) baddbmm and addmm sum in different orders: alpha_g = B||g||^2 /
+# sigma2, a ratio of nearly cancelling sums, then differs by up to ~2e-3 (H200, torch 2.11).
+RTOL = 1e-3 if os.environ.get("TRAINABILITY_TEST_DEVICE", "cpu") == "cpu" else 5e-3
+
+
+def _check_equal(cfgs, tmp_path, rtol=RTOL):
     singles = [run(c, tmp_path / f"single{i}", progress=False) for i, c in enumerate(cfgs)]
     batch = run_batched(cfgs, [tmp_path / f"batch{i}" for i in range(len(cfgs))], progress=False)
     for i, (s, b) in enumerate(zip(singles, batch)):

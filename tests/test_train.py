@@ -1,6 +1,7 @@
 """The continual-training engine: determinism, resume, divergence, the record."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ def tiny(run_name="crelu-scheduled", **over):
     cfg = C.resolve_run(PARAMS, "smoke", run_name, seed=0)
     cfg = C.deep_merge(cfg, {"n_tasks": 3, "epochs_per_task": 2, "stream": {"n_images": 512},
                              "measure": {"every": 2}, "indicators": {"n_fixed": 16},
-                             "wandb": {"mode": "disabled"}})
+                             "wandb": {"mode": "disabled"},
+                             # CI is CPU-only; `TRAINABILITY_TEST_DEVICE=cuda pytest` runs these on a GPU
+                             "device": os.environ.get("TRAINABILITY_TEST_DEVICE", "cpu")})
     return C.deep_merge(cfg, over)
 
 

@@ -386,7 +386,7 @@ class StackedProbe:
         self.vecs = [v.clone() for v in s["vecs"]]
         self.has_vec.copy_(s["has_vec"])
         for g, st in zip(self.generators, s["generators"]):
-            g.set_state(st)
+            g.set_state(st.cpu())   # RNG states are CPU ByteTensors, whatever map_location did
 
 
 class StackedScheduler:

@@ -371,7 +371,7 @@ class DecisionProbe:
         if isinstance(vecs, list):   # checkpoints written before vecs became {layer: vector}
             vecs = {g["layer"]: v for g, v in zip(self.optimizer.param_groups, vecs)}
         self.vecs, self.global_vec = vecs, state["global_vec"]
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())   # map_location may have moved it to the GPU
 
 
 # ----------------------------------------------------------------------------- indicators (SPEC 4)
