@@ -133,6 +133,14 @@ def main():
     rate = M * a.steps / statistics.median(times[("batched", M)])
     print(f"largest batch: {rate * 6 * n_params * a.batch_size / 1e9:.1f} GFLOP/s in forward+backward matmuls "
           f"({n_params} parameters per model, 6 x P x B FLOP per model-step)")
+    # Bytes by counting, not by hardware counters: StackedAdam's unfused arithmetic makes ~27 fp32 passes
+    # over the parameters (coupled L2 included), forward + backward read W twice and write the gradient
+    # (3 more); activations: the gathered input (read + write + read) and each hidden layer's output,
+    # ReLU and their gradients (~8 passes of B x width).
+    widths = [256, 256, 10]
+    act_bytes = 4 * a.batch_size * (3 * 784 + 8 * sum(widths))
+    print(f"largest batch: ~{rate * (4 * 30 * n_params + act_bytes) / 1e9:.0f} GB/s of memory traffic "
+          f"(estimate: {(4 * 30 * n_params + act_bytes) / 1e6:.0f} MB per model-step, counted, not measured)")
 
 
 if __name__ == "__main__":
