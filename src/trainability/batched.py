@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import config as C
 from . import bounds as Bd
 from .data import load_mnist
-from .measure import compute_indicators
+from .measure import compute_indicators, linear_gradient_stats, mixed_start
 from .models import activation_fn, build_model
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
                      save_checkpoint, write_json_atomic)
@@ -49,10 +49,14 @@ NUM_FIELDS = tuple(f for f in ROW_FIELDS if f != "rule")
 
 
 def _strip(cfg: dict) -> dict:
-    """The config without the keys that may differ within a batch."""
-    out = {k: v for k, v in cfg.items() if k not in ("seed", "arm", "regularizer", "epochs_factor", "wandb")}
-    out["optim"] = {k: v for k, v in cfg["optim"].items() if k != "lr"}
-    out["scheduler"] = {k: v for k, v in cfg["scheduler"].items() if k != "bound"}
+    """The config without the keys that may differ within a batch (PER_MODEL_KEYS)."""
+    out = dict(cfg)
+    for key in PER_MODEL_KEYS:
+        top, _, sub = key.partition(".")
+        if sub:
+            out[top] = {k: v for k, v in out[top].items() if k != sub}
+        else:
+            out.pop(top, None)
     return out
 
 
@@ -338,10 +342,7 @@ class StackedProbe:
         """measure._start for every model: a seeded Gaussian, plus the previous eigenvector if any."""
         n = self.vecs[l].shape[1]
         r = torch.stack([torch.randn(n, generator=g) for g in self.generators]).to(self.vecs[l])
-        r = r / (r.norm(dim=1, keepdim=True) + 1e-30)
-        w = self.vecs[l] / (self.vecs[l].norm(dim=1, keepdim=True) + 1e-30) + 0.5 * r
-        r = torch.where(self.has_vec.unsqueeze(1), w, r)
-        return r / (r.norm(dim=1, keepdim=True) + 1e-30)
+        return torch.where(self.has_vec.unsqueeze(1), mixed_start(r, self.vecs[l]), mixed_start(r))
 
     def measure(self, inputs, outs, loss_closure) -> dict[str, torch.Tensor]:
         """{field: (M, L) float64} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters."""
@@ -352,10 +353,7 @@ class StackedProbe:
             for l in range(L):
                 gW, gb = self.adam.grad_with_decay(net.W[l]), self.adam.grad_with_decay(net.b[l])
                 grad_sq.append(gW.double().pow(2).sum((1, 2)) + gb.double().pow(2).sum(1))
-                a, d = inputs[l].double(), outs[l].grad.double()
-                mean_sq = B * (d.pow(2).sum(2) * (a.pow(2).sum(2) + 1.0)).sum(1)
-                gbar_sq = (d.transpose(1, 2) @ a).pow(2).sum((1, 2)) + d.sum(1).pow(2).sum(1)
-                sigma2.append((mean_sq - gbar_sq).clamp_min(0.0))
+                sigma2.append(linear_gradient_stats(inputs[l], outs[l].grad, B)[0])
         alpha, agg = self.adam.effective_steps(self.code_alpha_agg)
         flat = net.params()
         grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)

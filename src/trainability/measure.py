@@ -26,6 +26,16 @@ from torch.func import functional_call, grad, vmap
 
 
 # ----------------------------------------------------------------------------- per-example variance
+def linear_gradient_stats(a: torch.Tensor, d: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma2_ps, ||gbar||^2) of one Linear layer (weight and bias) from its input a [..., B, d_in] and
+    the gradient d [..., B, d_out] of the mean loss w.r.t. its output, float64; leading dims (stacked
+    models, trainability.batched) are kept. The derivation is in LayerProbe.per_example_stats."""
+    a, d = a.double(), d.double()
+    mean_sq = B * (d.pow(2).sum(-1) * (a.pow(2).sum(-1) + 1.0)).sum(-1)
+    gbar_sq = (d.transpose(-2, -1) @ a).pow(2).sum((-2, -1)) + d.sum(-2).pow(2).sum(-1)
+    return (mean_sq - gbar_sq).clamp_min(0.0), gbar_sq
+
+
 class LayerProbe:
     """Captures, for every nn.Linear of `model.linears` (layer l = index + 1), its input a [B, d_in] and
     the gradient of the loss w.r.t. its output z [B, d_out], while `capture()` is active.
@@ -71,10 +81,8 @@ class LayerProbe:
         for i, (a, d) in enumerate(zip(self.inputs, self.out_grads)):
             if a is None or d is None:
                 raise RuntimeError("LayerProbe: run the forward and backward inside probe.capture()")
-            a, d = a.double(), d.double()
-            mean_sq = B * (d.pow(2).sum(1) * (a.pow(2).sum(1) + 1.0)).sum()
-            gbar_sq = (d.t() @ a).pow(2).sum() + d.sum(0).pow(2).sum()
-            out[i + 1] = ((mean_sq - gbar_sq).clamp_min(0.0).item(), gbar_sq.item())
+            sigma2, gbar_sq = linear_gradient_stats(a, d, B)
+            out[i + 1] = (sigma2.item(), gbar_sq.item())
         return out
 
     def per_example_variance(self, B: int) -> dict[int, float]:
@@ -166,17 +174,23 @@ def _lanczos(hvp, v, tol: float, max_iter: int, min_iter: int = 2):
 SOLVERS = {"lanczos": _lanczos, "power": _power}
 
 
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / (v.norm(dim=-1, keepdim=True) + 1e-30)
+
+
+def mixed_start(noise: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit start vector(s) along the last dim: the Gaussian `noise` (cold start), plus the previous
+    eigenvector when given (warm start). The random part is kept: a start equal to a stale eigenvector
+    can sit near a lower eigenvalue long enough for the tolerance test to stop there; mixed with noise,
+    the Krylov space holds every direction and Lanczos finds the top of the spectrum in a few products."""
+    r = _unit(noise)
+    return _unit(r if previous is None else _unit(previous) + 0.5 * r)
+
+
 def _start(n: int, like: torch.Tensor, v0, generator) -> torch.Tensor:
-    """Unit start vector: a seeded Gaussian (cold start), plus the previous eigenvector when given (warm
-    start). The random part is kept: a start equal to a stale eigenvector can sit near a lower eigenvalue
-    long enough for the tolerance test to stop there; mixed with noise, the Krylov space holds every
-    direction and Lanczos finds the top of the spectrum in a few products."""
-    r = torch.randn(n, generator=generator, dtype=like.dtype).to(like.device)   # generator lives on the CPU
-    r = r / (r.norm() + 1e-30)
-    if v0 is not None:
-        w = v0.to(device=like.device, dtype=like.dtype)
-        r = w / (w.norm() + 1e-30) + 0.5 * r
-    return r / (r.norm() + 1e-30)
+    """mixed_start with a seeded Gaussian of length n (the generator lives on the CPU)."""
+    r = torch.randn(n, generator=generator, dtype=like.dtype).to(like.device)
+    return mixed_start(r, None if v0 is None else v0.to(device=like.device, dtype=like.dtype))
 
 
 def _top_eigs(grads: dict, params: dict, v0: dict | None, tol: float, max_iter: int, min_iter: int,
