@@ -12,7 +12,7 @@ min_version("9.0")
 configfile: "params.yaml"
 validate(config, "src/trainability/params.schema.yaml")
 
-from trainability.config import validate_params, resolve_run, config_hash
+from trainability.config import validate_params, resolve_run, config_hash, experiment_names
 from trainability import pipeline as P
 
 validate_params(config)
@@ -30,5 +30,5 @@ include: "workflow/rules/figures.smk"
 
 rule all:
     input:
-        [f for e in config["experiments"] for f in P.figure_paths(SCALE, e)],
+        [f for e in experiment_names(config, SCALE) for f in P.figure_paths(SCALE, e)],
         P.table_paths(SCALE),

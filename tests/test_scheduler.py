@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from trainability.scheduler import NoiseCurvatureScheduler, build_scheduler, crossings
+from trainability.optim import ramped_betas
 
 B = 10
 
@@ -196,26 +197,19 @@ def test_crossings_on_hand_made_rows():
     assert crossings([{1: r(0.41, 0.4, 0.4, 0.4)}]) == {"combined": 1.0, "noise": 1.0, "vol": 1.0}
 
 
-def test_beta_ramp():
-    opt = make_opt()
-    s = sched(opt, beta_ramp=True)
-    s.on_step(0.0)
-    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
-    s.on_step(1.0)
-    assert opt.param_groups[0]["betas"] == (0.945, 0.875)
-    s.on_step(0.5)
-    assert opt.param_groups[0]["betas"] == pytest.approx((0.9225, 0.937))
-    assert opt.param_groups[1]["betas"] == opt.param_groups[2]["betas"] == (0.9, 0.999)   # first group only
-    opt2 = make_opt()
-    s2 = sched(opt2)   # off by default: nothing
-    s2.on_step(1.0)
-    assert all(g["betas"] == (0.9, 0.999) for g in opt2.param_groups)
+def test_beta_ramp_is_the_authors_formula():
+    """optim.ramped_betas: linear in the epoch towards (0.99, 0.75) over 2E epochs [code]."""
+    assert ramped_betas((0.9, 0.999), 0, 250) == (0.9, 0.999)
+    b1, b2 = ramped_betas((0.9, 0.999), 249, 250)          # a task's last epoch
+    assert b1 == pytest.approx(0.9 + 0.09 * 249 / 500) and b2 == pytest.approx(0.999 - 0.249 * 249 / 500)
+    assert (round(b1, 3), round(b2, 3)) == (0.945, 0.875)
+    assert ramped_betas((0.9, 0.999), 5, 5) == pytest.approx((0.945, 0.8745))   # halfway at e = E
 
 
 def test_build_scheduler_and_validation():
     cfg = {"variant": "global", "bound": "noise", "safety": 0.5, "cool": 0.9, "warm": 1.1, "floor": 0.0,
            "warm_frac": 0.2, "warm_factor": 0.5, "window": 7, "kappa": 2.0, "beta": 20.0,
-           "statistic": "sq_dev", "code_alpha_agg": False, "beta_ramp": False, "act": False}
+           "statistic": "sq_dev", "code_alpha_agg": False, "act": False}
     s = build_scheduler(cfg, make_opt(), 64)
     assert (s.B, s.variant, s.bound, s.safety, s.windows[1].W, s.act) == (64, "global", "noise", 0.5, 7, False)
     for bad in ({"variant": "x"}, {"bound": "x"}, {"statistic": "x"}):

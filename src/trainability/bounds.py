@@ -41,14 +41,24 @@ def cantelli_cap(mu, sigma2, delta: float):
     return _div(2.0, mu + sigma * math.sqrt((1 - delta) / delta))
 
 
+STATISTICS = ("vol", "sq_dev", "sq_dev_over_mu", "lam_bar", "x2_over_mu_sq")
+
+
 def curvature_statistic(kind: str, x, stats: dict):
     """S in Eq. 2 from the window statistics of VolatilityWindow.push: 'vol' (the paper), or the authors'
-    per-method forms [code]: 'sq_dev' = (x - mu)^2, 'lam_bar' = x itself, 'x2_over_mu_sq' = (x^2 / mu)^2
-    (0 when mu <= 0, as the authors' `x**2 / mu if mu > 0 else 0`)."""
+    per-method forms [code]: 'sq_dev' = (x - mu)^2, 'sq_dev_over_mu' = (x - mu)^2 / mu (the instantaneous
+    stand-in for Vol), 'lam_bar' = x itself, 'x2_over_mu_sq' = (x^2 / mu)^2 (the last two 0 when mu <= 0,
+    as the authors' `... / mu if mu > 0 else 0`)."""
     if kind == "vol":
         return stats["vol"]
     if kind == "sq_dev":
         return stats["sq_dev"]
+    if kind == "sq_dev_over_mu":
+        mu = stats["mu"]
+        if hasattr(mu, "clamp_min"):   # tensors (batched.StackedScheduler)
+            import torch
+            return torch.where(mu > 0, stats["sq_dev"] / mu, 0.0)
+        return stats["sq_dev"] / mu if mu > 0 else 0.0
     if kind == "lam_bar":
         return x
     if kind == "x2_over_mu_sq":

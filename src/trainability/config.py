@@ -61,6 +61,9 @@ def validate_params(params: dict) -> dict:
             if r not in params["runs"]:
                 raise ConfigError(f"invalid params.yaml:\n  experiments.{name}.runs: unknown run {r!r}")
     for name, scale in params["scales"].items():
+        for e in scale.get("experiments", []):
+            if e not in params["experiments"]:
+                raise ConfigError(f"invalid params.yaml:\n  scales.{name}.experiments: unknown experiment {e!r}")
         for r in scale.get("runs", []):
             if r not in params["runs"]:
                 raise ConfigError(f"invalid params.yaml:\n  scales.{name}.runs: unknown run {r!r}")
@@ -79,10 +82,17 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     return validate_params(params)
 
 
+def experiment_names(params: dict, scale: str) -> list[str]:
+    """The experiments the pipeline runs at a scale: the scale's `experiments` list, else all of them,
+    in params.yaml order."""
+    allowed = set(params["scales"][scale].get("experiments") or params["experiments"])
+    return [e for e in params["experiments"] if e in allowed]
+
+
 def run_names(params: dict, scale: str) -> list[str]:
-    """The runs the pipeline executes at a scale: those some experiment uses (restricted to the scale's
+    """The runs the pipeline executes at a scale: those its experiments use (restricted to the scale's
     `runs` list if it has one), in params.yaml order. Other runs stay runnable with trainability-run."""
-    used = {r for e in params["experiments"].values() for r in e["runs"]}
+    used = {r for e in experiment_names(params, scale) for r in params["experiments"][e]["runs"]}
     allowed = set(params["scales"][scale].get("runs") or params["runs"])
     return [r for r in params["runs"] if r in used and r in allowed]
 

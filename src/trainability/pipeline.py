@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import load_params, run_names
+from .config import experiment_names, load_params, run_names
 
 FIGURE_EXPERIMENTS = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig9",
                       "ablation-global", "ablation-bound", "ablation-authors")
@@ -96,7 +96,7 @@ def dvc_yaml(params: dict) -> dict:
                 "deps": ["data/MNIST/raw", "src/trainability"],
                 "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"],
                 "outs": [{f"{out}/record.json": {"cache": True}}]}
-    for exp in params["experiments"]:
+    for exp in experiment_names(params, scale):
         recs = experiment_records(params, scale, exp)
         stages[stage_name("experiment", exp)] = {
             "cmd": f"{py} workflow/scripts/aggregate.py --scale {scale} --experiment {exp} && "
@@ -109,7 +109,7 @@ def dvc_yaml(params: dict) -> dict:
             "outs": [{p: {"cache": False}} for p in figure_paths(scale, exp)]}
     stages["tables"] = {
         "cmd": f"{py} workflow/scripts/tables.py --scale {scale}",
-        "deps": [summary_path(params, scale, e) for e in params["experiments"]]
+        "deps": [summary_path(params, scale, e) for e in experiment_names(params, scale)]
                 + ["workflow/scripts/tables.py", "src/trainability/tables.py"],
         "params": ["run_defaults", f"scales.{scale}"],
         "outs": [{p: {"cache": False}} for p in table_paths(scale)]}

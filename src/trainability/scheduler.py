@@ -39,20 +39,20 @@ class NoiseCurvatureScheduler:
     def __init__(self, optimizer, batch_size: int, *, variant: str = "per_layer", bound: str = "combined",
                  safety: float = 0.8, cool: float = 0.99, warm: float = 1.01, floor: float = 0.12,
                  warm_frac: float = 0.1, warm_factor: float = 0.3, window: int = 30, kappa: float = 1.0,
-                 beta: float = 1.0, statistic: str = "vol", act: bool = True, beta_ramp: bool = False,
+                 beta: float = 1.0, statistic: str = "vol", act: bool = True,
                  code_alpha_agg: bool = False):
         if variant not in ("per_layer", "global"):
             raise ValueError(f"scheduler.variant: unknown {variant!r}")
         if bound not in ("combined", "noise", "curvature"):
             raise ValueError(f"scheduler.bound: unknown {bound!r}")
-        if statistic not in ("vol", "sq_dev", "lam_bar", "x2_over_mu_sq"):
+        if statistic not in Bd.STATISTICS:
             raise ValueError(f"scheduler.statistic: unknown {statistic!r}")   # fail at build, not mid-run
         self.optimizer, self.B = optimizer, batch_size
         self.variant, self.bound = variant, bound
         self.safety, self.cool, self.warm, self.floor = safety, cool, warm, floor
         self.warm_frac, self.warm_factor = warm_frac, warm_factor
         self.kappa, self.beta, self.statistic = kappa, beta, statistic
-        self.act, self.beta_ramp = act, beta_ramp
+        self.act = act
         self.code_alpha_agg = code_alpha_agg   # consumed by the probe; kept here for the record
         # one window per layer and one for the whole network: per-layer bounds are logged in both variants
         keys = [g["layer"] for g in optimizer.param_groups] + ["global"]
@@ -122,15 +122,6 @@ class NoiseCurvatureScheduler:
                     layer_row = self._decide(g["layer"], measurement[g["layer"]], task_frac)
                     rows[g["layer"]] = dict(layer_row, lr=g["lr"], rule=row["rule"])
         return rows
-
-    def on_step(self, task_frac: float) -> None:
-        """Authors' quirk [code], off by default: after every step, overwrite the first layer's Adam betas
-        with a within-task ramp, beta1 0.9 -> 0.945 and beta2 0.999 -> 0.875, linear in task progress."""
-        if not self.beta_ramp:
-            return
-        f = min(max(float(task_frac), 0.0), 1.0)
-        # (1 - f) a + f b hits both end points exactly
-        self.optimizer.param_groups[0]["betas"] = ((1 - f) * 0.9 + f * 0.945, (1 - f) * 0.999 + f * 0.875)
 
     def get_last_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]

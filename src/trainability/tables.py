@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from .analysis import FIG1_PANELS, load_summary
-from .config import deep_merge
+from .config import deep_merge, experiment_names
 from .pipeline import TABLES, table_paths
 
 CHANCE = 0.1
@@ -151,7 +151,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def collect(params: dict, scale: str) -> dict:
     """{experiment: summary dict or None}."""
-    return {e: load_summary(params, scale, e) for e in params["experiments"]}
+    return {e: load_summary(params, scale, e) for e in experiment_names(params, scale)}
 
 
 def run_stats(summaries: dict, experiment: str, run: str) -> dict | None:

@@ -23,6 +23,7 @@ from . import config as C
 from .data import load_mnist
 from .measure import DecisionProbe, compute_indicators
 from .models import build_model, param_groups
+from .optim import ramped_betas
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
                      save_checkpoint, write_json_atomic)
 from .regularizers import adam_weight_decay, build_regularizer
@@ -109,12 +110,25 @@ def evaluate(model, x, y, chunk: int = 4096) -> tuple[float, float]:
 
 
 def steps_per_task(cfg: dict) -> tuple[int, int, int]:
+    """(epochs, steps per epoch, steps per task); an epoch keeps its last partial minibatch unless
+    stream.drop_last (the authors' DataLoader keeps it: 60,000 images -> 235 steps [code])."""
     epochs = max(1, round(cfg["epochs_per_task"] * cfg["epochs_factor"]))
-    per_epoch = cfg["stream"]["n_images"] // cfg["batch_size"]
+    n, B = cfg["stream"]["n_images"], cfg["batch_size"]
+    per_epoch = n // B if cfg["stream"]["drop_last"] else -(-n // B)
     if per_epoch < 1:
         raise C.ConfigError(f"stream.n_images ({cfg['stream']['n_images']}) must be >= batch_size "
                             f"({cfg['batch_size']})")
     return epochs, per_epoch, epochs * per_epoch
+
+
+def task_online_acc(correct_full: float, correct_partial: float, steps: int, n: int, B: int,
+                    drop_last: bool) -> float:
+    """"Task accuracy" (SPEC 2): the mean over the task's minibatches of each one's pre-update accuracy,
+    a partial minibatch weighing as much as a full one (the authors' mean of per-batch means [code])."""
+    last = n % B
+    if drop_last or last == 0:
+        return (correct_full + correct_partial) / (steps * B)
+    return (correct_full + correct_partial * B / last) / (steps * B)
 
 
 def _wandb_logger(cfg: dict, meta: dict) -> WandbLogger:
@@ -182,13 +196,14 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
             indicators = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], learner.regularizer,
                                             adam_weight_decay(cfg["regularizer"]))
         gen = torch.Generator(device=device).manual_seed(_sub_seed(seed, t, 1))
-        correct = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)          # over full minibatches
+        correct_partial = torch.zeros((), device=device)  # over last partial ones (drop_last false)
         loss_sum = torch.zeros((), device=device)
         rows_this_task = []
         step_in_task = 0
         diverged = False
-        for _ in range(epochs):
-            for idx in batches(stream.n, B, gen, drop_last=True):
+        for epoch in range(epochs):
+            for idx in batches(stream.n, B, gen, drop_last=cfg["stream"]["drop_last"]):
                 xb, yb = x[idx], y[idx]
                 frac = step_in_task / task_steps
                 decide = learner.probe is not None and (step + 1) % K == 0
@@ -200,7 +215,11 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
                 else:
                     logits, ce, total = learner.loss(xb, yb)
                     total.backward()
-                correct += (logits.argmax(1) == yb).sum()  # pre-update: online accuracy (SPEC 2)
+                hits = (logits.argmax(1) == yb).sum()      # pre-update: online accuracy (SPEC 2)
+                if len(idx) == B:
+                    correct += hits
+                else:
+                    correct_partial += hits
                 loss_sum += ce.detach()
                 if decide:
                     m = learner.probe.measure(lambda: learner.loss(xb, yb)[2])
@@ -211,14 +230,17 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
                         logger.log({f"layer{l}/{k}": v for l, r in rows.items() for k, v in r.items()
                                     if k != "rule"}, step=step)
                 learner.optimizer.step()
-                learner.scheduler.on_step(frac)
+                if cfg["optim"]["beta_ramp"]:
+                    g0 = learner.optimizer.param_groups[0]
+                    g0["betas"] = ramped_betas(tuple(cfg["optim"]["betas"]), epoch, epochs)
                 step += 1
                 step_in_task += 1
             bar.update(per_epoch)
             if not torch.isfinite(loss_sum):  # one host sync per epoch, not per step
                 diverged = True
                 break
-        online_acc = correct.item() / (step_in_task * B)
+        online_acc = task_online_acc(correct.item(), correct_partial.item(), step_in_task, stream.n, B,
+                                     cfg["stream"]["drop_last"])
         end_loss, end_acc = evaluate(model, x, y)
         task_rec = {"task": t, "online_acc": online_acc, "end_loss": end_loss, "end_acc": end_acc,
                     "steps": step_in_task, "wall_s": round(time.perf_counter() - t0, 3),

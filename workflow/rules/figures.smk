@@ -17,7 +17,7 @@ rule experiment:
 rule tables:
     """Table 1 (from params.yaml), the results table, and the paper-vs-ours table."""
     input:
-        [P.summary_path(config, SCALE, e) for e in config["experiments"]],
+        [P.summary_path(config, SCALE, e) for e in experiment_names(config, SCALE)],
     output:
         [report(p, category="Tables") for p in P.table_paths(SCALE)],
     log:
