@@ -335,7 +335,7 @@ class DecisionProbe:
         return total
 
     def measure(self, loss_closure) -> dict:
-        """{l: {grad_sq, sigma2_ps, lam_max, alpha, alpha_agg, eig_iters}, ..., "global": {...}}.
+        """{l: {grad_sq, sigma2_ps, lam_max, alpha, alpha_agg, eig_iters, batch_size}, ..., "global": {...}}.
 
         lam_max is the top eigenvalue of the Hessian block of the training objective (closure plus Adam's
         coupled L2, [choice]: the same objective as grad_sq). "global" sums grad_sq and sigma2_ps over
@@ -343,16 +343,19 @@ class DecisionProbe:
         full Hessian's when global_too, else NaN.
         """
         groups = self.optimizer.param_groups
-        var = self.layer_probe.per_example_variance(self.B)
+        b = self.layer_probe.inputs[0].shape[0]   # this minibatch's size: B, or an epoch's partial last one
+        var = self.layer_probe.per_example_variance(b)
         out = {}
         for g in groups:
             out[g["layer"]] = {"grad_sq": self._layer_grad_sq(g), "sigma2_ps": var[g["layer"]],
                                "alpha": adam_effective_step(self.optimizer, g),
-                               "alpha_agg": adam_alpha_agg(self.optimizer, g, self.code_alpha_agg)}
+                               "alpha_agg": adam_alpha_agg(self.optimizer, g, self.code_alpha_agg),
+                               "batch_size": b}
         alpha, agg = _global_effective_step(self.optimizer)
         out["global"] = {"grad_sq": sum(out[g["layer"]]["grad_sq"] for g in groups),
                          "sigma2_ps": sum(out[g["layer"]]["sigma2_ps"] for g in groups),
-                         "alpha": alpha, "alpha_agg": agg, "lam_max": math.nan, "eig_iters": 0}
+                         "alpha": alpha, "alpha_agg": agg, "lam_max": math.nan, "eig_iters": 0,
+                         "batch_size": b}
         self._eigenvalues(loss_closure, out)
         return out
 

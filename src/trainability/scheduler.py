@@ -70,11 +70,12 @@ class NoiseCurvatureScheduler:
         # run, failed eigen-solve) must instead give a NaN bound, i.e. no decision rather than a warm
         noise_nan = _isnan(m["grad_sq"]) or _isnan(m["sigma2_ps"])
         curv_nan = _isnan(lam_bar)
-        a_g = math.nan if noise_nan else Bd.alpha_g(m["grad_sq"], m["sigma2_ps"], self.B)
+        B = m.get("batch_size", self.B)   # the measured minibatch's size (an epoch's last may be partial)
+        a_g = math.nan if noise_nan else Bd.alpha_g(m["grad_sq"], m["sigma2_ps"], B)
         a_vol = math.nan if curv_nan else Bd.alpha_vol(stats["vol"], self.kappa)
         t = math.nan if curv_nan else Bd.tau(stats["mu"], stats["sigma2"])
         a_tilde = math.nan if noise_nan or curv_nan else Bd.alpha_tilde(
-            m["grad_sq"], m["sigma2_ps"], self.B, Bd.curvature_statistic(self.statistic, lam_bar, stats),
+            m["grad_sq"], m["sigma2_ps"], B, Bd.curvature_statistic(self.statistic, lam_bar, stats),
             self.beta)
         bound = {"combined": a_tilde, "noise": a_g, "curvature": t}[self.bound]
         alpha = m["alpha"]
