@@ -67,6 +67,18 @@ def test_mixed_arms_regularisers_and_seeds_equal_single_runs(tmp_path, mnist_roo
     assert batch[2]["tasks"][-1]["lr"] != batch[0]["tasks"][-1]["lr"]   # scheduled moved, vanilla did not
 
 
+def test_the_authors_stream_equals_single_runs(tmp_path, mnist_root):
+    """The paper scale's stream [code]: the last partial minibatch kept (600 images = 256 + 256 + 88, a
+    decision on every partial one) and the first-layer beta ramp, with a reset arm (fresh betas for its
+    first step of a task while the others keep the ramp's last values)."""
+    d = {"data": {"root": mnist_root}, "stream": {"n_images": 600, "drop_last": False},
+         "optim": {"beta_ramp": True}, "measure": {"every": 3},
+         "scheduler": {"floor": 0.0, "warm_frac": 1.0, "warm_factor": 1.0}}
+    cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
+    batch = _check_equal(cfgs, tmp_path)
+    assert all(t["steps"] == 2 * 3 for rec in batch for t in rec["tasks"])
+
+
 def test_crelu_equals_single_runs(tmp_path, mnist_root):
     # at lr 1e-2 rounding grows chaotically; a tiny safety factor makes the cool rule fire
     d = {"data": {"root": mnist_root}, "optim": {"lr": 1e-3}, "scheduler": {"floor": 0.0, "safety": 1e-3}}

@@ -254,6 +254,7 @@ def test_decision_probe_reports_every_quantity_at_the_gradient_parameters():
         assert m[l]["alpha_agg"] == M.adam_alpha_agg(opt, g)
         assert m[l]["eig_iters"] >= 2
     glob = m["global"]
+    assert {m[l]["batch_size"] for l in m} == {len(x)}
     assert glob["grad_sq"] == pytest.approx(sum(m[l]["grad_sq"] for l in P))
     assert glob["sigma2_ps"] == pytest.approx(sum(m[l]["sigma2_ps"] for l in P))
     full, _, _ = M.full_top_eigenvalue(F.cross_entropy(model(x), y) + reg(model), list(model.parameters()),
@@ -373,3 +374,21 @@ def test_compute_indicators_leaves_gradients_and_statistics_untouched():
     assert ind["sharpness"] == pytest.approx(want, rel=1e-2)
     assert M.sharpness(model, x, y, reg, 0.01) == ind["sharpness"]
     assert all(torch.equal(a, b) for a, b in zip(bufs, model.buffers()))
+
+
+def test_a_partial_minibatch_is_measured_at_its_own_size():
+    """An epoch's last partial minibatch (stream.drop_last false): the per-example variance and the
+    scheduler's B are that minibatch's size, not the configured batch size (the authors' B = inputs.size(0))."""
+    model = small()
+    x, y = data()
+    b = len(x) - 3
+    opt = torch.optim.Adam(M_groups(model))
+    probe = M.DecisionProbe(model, opt, batch_size=len(x))      # configured B
+    decision(model, opt, probe, x, y, None)
+    opt.step()
+    m = decision(model, opt, probe, x[:b], y[:b], None)
+    assert m[1]["batch_size"] == b
+    assert m[1]["sigma2_ps"] == probe.layer_probe.per_example_variance(b)[1]
+    from trainability.scheduler import NoiseCurvatureScheduler
+    row = NoiseCurvatureScheduler(opt, len(x), act=False, bound="noise").step(m, 0.5)[1]
+    assert row["alpha_g"] == pytest.approx(b * m[1]["grad_sq"] / m[1]["sigma2_ps"], rel=1e-12)

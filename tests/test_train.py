@@ -99,3 +99,20 @@ def test_checkpoint_of_another_config_is_ignored(tmp_path, mnist_root):
     rec = run(other, tmp_path, progress=False)
     fresh = run(other, tmp_path / "fresh", progress=False)
     assert strip(rec) == strip(fresh)
+
+
+def test_task_accuracy_is_the_mean_of_minibatch_accuracies():
+    """A partial last minibatch weighs as much as a full one (the authors' mean of per-batch means)."""
+    from trainability.train import task_online_acc
+    # 2 epochs of 600 images at B = 256: minibatches 256, 256, 88; hits 128 + 64 per epoch on full ones,
+    # 44 on each partial one -> accuracies (0.5, 0.25, 0.5) per epoch
+    assert task_online_acc(2 * 192, 2 * 44, 6, 600, 256, drop_last=False) == pytest.approx((0.5 + 0.25 + 0.5) / 3)
+    assert task_online_acc(384, 0, 4, 600, 256, drop_last=True) == 384 / (4 * 256)
+
+
+def test_partial_last_minibatch_is_kept_unless_drop_last(tmp_path, mnist_root):
+    for drop, steps in ((False, 2 * 3), (True, 2 * 2)):
+        cfg = tiny("l2-vanilla", data={"root": mnist_root}, stream={"n_images": 600, "drop_last": drop},
+                   indicators={"enabled": False})
+        rec = run(cfg, tmp_path / str(drop), progress=False)
+        assert [t["steps"] for t in rec["tasks"]] == [steps] * 3

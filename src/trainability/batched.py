@@ -38,7 +38,8 @@ from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record,
 from .regularizers import WassersteinPenalty
 from .scheduler import ROW_FIELDS, crossings
 from .streams import batches, make_stream
-from .train import _sub_seed, _wandb_logger, measures, pick_device, steps_per_task
+from .optim import ramped_betas
+from .train import _sub_seed, _wandb_logger, measures, pick_device, steps_per_task, task_online_acc
 from .wandb_log import run_summary, task_metrics
 
 # keys that may differ between the runs of one batch (all others must agree)
@@ -173,9 +174,13 @@ class StackedAdam:
     def __init__(self, net: StackedMLP, lr: torch.Tensor, weight_decay: torch.Tensor, betas, eps: float):
         self.net, self.lr, self.wd = net, lr, weight_decay
         self.has_wd = bool((weight_decay != 0).any())   # fixed for the run: one sync, at construction
-        self.beta1, self.beta2 = betas
         self.eps = eps
-        M = lr.shape[0]
+        M, L = lr.shape
+        # per (model, layer), as each model's Adam groups: optim.beta_ramp moves layer 1's, and a reset
+        # model starts its task with fresh betas while the others keep the ramp's last values
+        self.betas0 = tuple(betas)
+        self.beta1 = torch.full((M, L), float(betas[0]), dtype=torch.float64, device=lr.device)
+        self.beta2 = torch.full((M, L), float(betas[1]), dtype=torch.float64, device=lr.device)
         self.k = torch.zeros(M, dtype=torch.float64, device=lr.device)
         self.exp_avg = [torch.zeros_like(p) for p in net.params()]
         self.exp_avg_sq = [torch.zeros_like(p) for p in net.params()]
@@ -187,13 +192,14 @@ class StackedAdam:
     @torch.no_grad()
     def step(self) -> None:
         self.k += 1
-        bc1 = 1 - self.beta1 ** self.k                  # float64 like Adam's Python scalars
-        bc2_sqrt = (1 - self.beta2 ** self.k).sqrt()
         for i, p in enumerate(self.net.params()):
             l = i // 2
+            beta1, beta2 = self.beta1[:, l], self.beta2[:, l]
+            bc1 = 1 - beta1 ** self.k                   # float64 like Adam's Python scalars
+            bc2_sqrt = (1 - beta2 ** self.k).sqrt()
             g = self.grad_with_decay(p)
-            self.exp_avg[i].lerp_(g, 1 - self.beta1)
-            self.exp_avg_sq[i].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            self.exp_avg[i].lerp_(g, _view((1 - beta1).to(p.dtype), p))
+            self.exp_avg_sq[i].mul_(_view(beta2.to(p.dtype), p)).addcmul_(g, g * _view((1 - beta2).to(p.dtype), p))
             step_size = (self.lr[:, l] / bc1).to(p.dtype)
             denom = (self.exp_avg_sq[i].sqrt() / _view(bc2_sqrt.to(p.dtype), p)).add_(self.eps)
             p.sub_(_view(step_size, p) * self.exp_avg[i] / denom)   # addcdiv's order: (s * m) / d
@@ -202,6 +208,7 @@ class StackedAdam:
     def reset(self, m: int, lr: float) -> None:
         self.k[m] = 0
         self.lr[m] = lr
+        self.beta1[m], self.beta2[m] = self.betas0
         for t in self.exp_avg + self.exp_avg_sq:
             t[m].zero_()
 
@@ -225,10 +232,13 @@ class StackedAdam:
             return torch.where(k > 0, alpha, nan), torch.where(k > 0, agg, nan)
 
     def state_dict(self) -> dict:
-        return {"lr": self.lr, "k": self.k, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        return {"lr": self.lr, "k": self.k, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
+                "beta1": self.beta1, "beta2": self.beta2}
 
     def load_state_dict(self, s: dict) -> None:
         with torch.no_grad():
+            self.beta1.copy_(s["beta1"])
+            self.beta2.copy_(s["beta2"])
             self.lr.copy_(s["lr"])
             self.k.copy_(s["k"])
             for a, b in zip(self.exp_avg + self.exp_avg_sq, s["exp_avg"] + s["exp_avg_sq"]):
@@ -346,7 +356,8 @@ class StackedProbe:
 
     def measure(self, inputs, outs, loss_closure) -> dict[str, torch.Tensor]:
         """{field: (M, L) float64} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters."""
-        net, B, L = self.net, self.B, self.net.n_layers
+        net, L = self.net, self.net.n_layers
+        B = inputs[0].shape[1]   # this minibatch's size: B, or an epoch's partial last one
         wd = self.adam.wd
         with torch.no_grad():
             grad_sq, sigma2 = [], []
@@ -375,7 +386,8 @@ class StackedProbe:
             iters.append(it.double())
         self.has_vec[:] = True
         return {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
-                "alpha_agg": agg, "lam_max": torch.stack(lam, 1), "eig_iters": torch.stack(iters, 1)}
+                "alpha_agg": agg, "lam_max": torch.stack(lam, 1), "eig_iters": torch.stack(iters, 1),
+                "batch_size": B}
 
     def state_dict(self) -> dict:
         return {"vecs": self.vecs, "has_vec": self.has_vec, "generators": [g.get_state() for g in self.generators]}
@@ -397,8 +409,6 @@ class StackedScheduler:
         self.safety, self.cool, self.warm, self.floor = s["safety"], s["cool"], s["warm"], s["floor"]
         self.warm_frac, self.warm_factor = s["warm_frac"], s["warm_factor"]
         self.kappa, self.beta, self.statistic, self.W = s["kappa"], s["beta"], s["statistic"], s["window"]
-        if s["beta_ramp"]:
-            raise C.ConfigError("batched run: scheduler.beta_ramp is not batched (use train.run)")
         dev = adam.lr.device
         M, L = adam.lr.shape
         self.bound_idx = torch.tensor([BOUNDS.index(b) for b in bounds], device=dev)
@@ -437,7 +447,7 @@ class StackedScheduler:
         noise_nan = torch.isnan(m["grad_sq"]) | torch.isnan(m["sigma2_ps"])
         curv_nan = torch.isnan(lam_bar)
         nan = torch.full_like(lam_bar, math.nan)
-        g, s2, B = m["grad_sq"], m["sigma2_ps"], self.B
+        g, s2, B = m["grad_sq"], m["sigma2_ps"], m.get("batch_size", self.B)
         # bounds.py's functions work elementwise on tensors; NaN inputs give NaN bounds, as in _decide
         a_g = torch.where(noise_nan, nan, Bd.alpha_g(g, s2, B))
         a_vol = torch.where(curv_nan, nan, Bd.alpha_vol(st["vol"], self.kappa))
@@ -514,6 +524,9 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     device = pick_device(c0["device"])
     epochs, per_epoch, task_steps = steps_per_task(c0)
     K, B, T = c0["measure"]["every"], c0["batch_size"], c0["n_tasks"]
+    n_images, drop_last = c0["stream"]["n_images"], c0["stream"]["drop_last"]
+    n_full = n_images // B   # full minibatches per epoch; one partial more unless drop_last
+    ramp, betas0 = c0["optim"]["beta_ramp"], tuple(c0["optim"]["betas"])
 
     # data: one stream per distinct seed, on the device; model m reads seed slot sidx[m]
     x_all, y_all = load_mnist(c0["data"]["root"], train=True)
@@ -602,18 +615,20 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                 reg = wass.for_model(m, model) if wass is not None and lam_w[m] > 0 else None
                 indicators[m] = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], reg, float(wd[m]))
         gens = [torch.Generator(device=device).manual_seed(_sub_seed(c["seed"], t, 1)) for c in cfgs]
-        correct = torch.zeros(M, device=device)
+        correct = torch.zeros(M, device=device)           # over full minibatches
+        correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)
         loss_sum = torch.zeros(M, device=device)
         rows_task = []
         steps_done = [0] * M
         diverged_now = [False] * M
         correct_frozen = [None] * M
         step_in_task = 0
-        for _ in range(epochs):
-            idx = torch.stack([torch.stack(list(batches(streams[seeds[0]].n, B, g, drop_last=True)))
-                               for g in gens])                          # (M, per_epoch, B)
+        for epoch in range(epochs):
+            per_model = [batches(n_images, B, g, drop_last=drop_last) for g in gens]
+            full = torch.stack([torch.stack(bl[:n_full]) for bl in per_model])   # (M, n_full, B)
+            tail = torch.stack([bl[n_full] for bl in per_model]) if per_epoch > n_full else None   # (M, b)
             for j in range(per_epoch):
-                bidx = idx[:, j]
+                bidx = full[:, j] if j < n_full else tail
                 xb = xs[sidx.unsqueeze(1), bidx]
                 yb = ys[sidx.unsqueeze(1), bidx]
                 frac = step_in_task / task_steps
@@ -622,12 +637,18 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                     p.grad = None
                 logits, ce, total, inputs, outs = objective(xb, yb, keep=decide)
                 total.backward()
-                correct += (logits.argmax(2) == yb).sum(1)
+                hits = (logits.argmax(2) == yb).sum(1)
+                if j < n_full:
+                    correct += hits
+                else:
+                    correct_partial += hits
                 loss_sum += ce.detach()
                 if decide:
                     meas = probe.measure(inputs, outs, lambda: objective(xb, yb)[2])
                     rows_task.append((step, frac, sched.step(meas, frac)))
                 adam.step()
+                if ramp:   # every model is at the same epoch of its task
+                    adam.beta1[:, 0], adam.beta2[:, 0] = ramped_betas(betas0, epoch, epochs)
                 step += 1
                 step_in_task += 1
             bar.update(per_epoch)
@@ -638,13 +659,14 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                     steps_done[m] = step_in_task
                     if not finite[m]:   # train.run stops this model's task here: freeze its counts
                         diverged_now[m] = True
-                        correct_now = correct_now or correct.tolist()
+                        correct_now = correct_now or list(zip(correct.tolist(), correct_partial.tolist()))
                         correct_frozen[m] = correct_now[m]
         end_loss, end_acc = _evaluate(net, xs, ys, sidx)
         wall = round(time.perf_counter() - t0, 3)
         # decision rows: one transfer per task
         host_rows = torch.stack([r for _, _, r in rows_task]).cpu() if rows_task else None
-        correct_h = [f if f is not None else c for f, c in zip(correct_frozen, correct.tolist())]
+        correct_h = [f if f is not None else c
+                     for f, c in zip(correct_frozen, zip(correct.tolist(), correct_partial.tolist()))]
         lr_h = adam.lr.tolist()
         for m, c in enumerate(cfgs):
             if not alive[m]:
@@ -658,7 +680,8 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                 for l, r in rows.items():
                     rule_counts[m][l][r["rule"]] += 1
             rec["tasks"].append({
-                "task": t, "online_acc": correct_h[m] / (steps_done[m] * B), "end_loss": end_loss[m],
+                "task": t, "online_acc": task_online_acc(*correct_h[m], steps_done[m], n_images, B, drop_last),
+                "end_loss": end_loss[m],
                 "end_acc": end_acc[m], "steps": steps_done[m], "wall_s": wall, "lr": lr_h[m],
                 "crossings": crossings(rows_m) if rows_m else None, "indicators": indicators[m]})
             if diverged_now[m] or not math.isfinite(end_loss[m]):
