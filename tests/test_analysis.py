@@ -228,3 +228,19 @@ def test_all_figures_draw_from_partial_records(tmp_path, monkeypatch):
     for exp in F.FIGURES:
         paths = F.make_figure(params, "smoke", exp, ema=0.3, log=lambda m: None)
         assert all((tmp_path / p).stat().st_size > 1000 for p in paths)
+
+
+def test_stream_rows_judge_only_the_authors_stream_against_the_paper():
+    """ablation-stream: task-1 numbers on the authors' stream get verdicts against Fig. 5's task-1 level;
+    the ablation streams are reported without one."""
+    def summ(*accs):
+        return A.run_summary([make_record(s, accs=(a,)) for s, a in enumerate(accs)])
+    runs = {"l2-vanilla": summ(0.17, 0.20), "l2-scheduled": summ(0.40, 0.42),
+            "l2-vanilla-appendix": summ(0.86, 0.87), "l2-scheduled-appendix": summ(0.86, 0.88)}
+    rows = {r[0]: r for r in T.stream_rows({"ablation-stream": {"runs": runs}})}
+    assert rows["Fig. 5 task 1, L2 vanilla, authors' stream (60,000 images, beta ramp)"][3] == T.REP
+    assert rows["Fig. 5 task 1, L2 scheduled, authors' stream (60,000 images, beta ramp)"][3] == T.REP
+    assert rows["Task 1, L2: scheduler beats vanilla, authors' stream (60,000 images, beta ramp)"][3] == T.REP
+    assert rows["Fig. 5 task 1, L2 vanilla, App. D.1: 21,000 images, no ramp"][3].startswith("ablation")
+    assert rows["Task 1, L2: scheduler beats vanilla, App. D.1: 21,000 images, no ramp"][3] == T.PART
+    assert not any("CReLU" in k for k in rows)   # no records, no rows

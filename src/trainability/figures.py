@@ -467,9 +467,68 @@ def ablation_authors(runs, ctx):
     return fig
 
 
+STREAM_TICKS = {"": "authors' stream\n(60k, ramp)", "-noramp": "60k images,\nno ramp",
+                "-appendix": "App. D.1:\n21k, no ramp"}
+
+
+def ablation_stream(runs, ctx):
+    """Beyond the paper's text: the stream the authors ran (60,000 images with the last partial batch,
+    first-layer beta ramp) vs the same without the ramp vs App. D.1's 21,000 images. Left panels: task-1
+    online accuracy per run (one dot per seed, bar = mean) against the paper's Fig. 5 level at task 1;
+    right: the scheduled runs' per-layer LR through task 1 on the authors' stream."""
+    from .tables import PAPER_FIG5_EARLY, STREAMS
+    methods = [m for m in ("l2", "crelu", "wass") if any(runs.get(f"{m}-{a}") for a in ("vanilla", "scheduled"))]
+    fig, axes = plt.subplots(1, len(methods) + 1, figsize=(5.2 * (len(methods) + 1), 4.6), squeeze=False)
+    axes = axes[0]
+    for ax, method in zip(axes, methods):
+        ticks, top = [], 0.2
+        streams = [(suf, st) for suf, st in STREAMS.items()
+                   if any(runs.get(f"{method}-{a}{suf}") for a in ("vanilla", "scheduled"))]
+        for i, (suffix, stream) in enumerate(streams):
+            for j, arm in enumerate(("vanilla", "scheduled")):
+                recs = runs.get(f"{method}-{arm}{suffix}") or []
+                x = i * 3 + j
+                vals = [A.task_values(r, "online_acc")[0] for r in recs if A.task_values(r, "online_acc").size]
+                if vals:
+                    ax.bar(x, np.mean(vals), color=ARM_COLORS[arm], alpha=0.55, width=0.8,
+                           label=f"ours, {arm} (dots: seeds)" if i == 0 else None)
+                    ax.plot([x] * len(vals), vals, "o", color=ARM_COLORS[arm], ms=5)
+                    ax.text(x, np.mean(vals) + 0.01, f"{np.mean(vals):.2f}", ha="center", fontsize=8)
+                    top = max(top, max(vals))
+            ticks.append((i * 3 + 0.5, STREAM_TICKS[suffix]))
+        ax.set_ylim(0, top * 1.45)   # room for the legend above the bars
+        ax.set_xlim(-0.8, 3 * max(len(streams), 2) - 1.2)
+        for arm, ls in (("vanilla", "--"), ("scheduled", "-")):
+            ax.axhline(PAPER_FIG5_EARLY[(method, arm)][0], color=ARM_COLORS[arm], ls=ls, lw=1.2,
+                       label=f"paper Fig. 5 task 1, {arm}")
+        ax.axhline(0.1, color="0.6", lw=0.8, ls=":")
+        ax.set_xticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=8)
+        recs0 = next((runs[r] for r in runs if r.startswith(method + "-") and runs[r]), [])
+        ax.set_title(method_title(method, recs0) + ": task 1")
+        ax.set_ylabel("Task accuracy (online), task 1")
+        ax.legend(loc="upper left", fontsize=7)
+    ax = axes[-1]
+    for method, color in zip(methods, PAIR_COLORS + ("tab:green",)):
+        recs = runs.get(f"{method}-scheduled") or []
+        for layer, ls in zip(("1", "2", "3"), ("-", "--", ":")):
+            x, m = decision_matrix(recs, "lr", layer, task_filter=lambda t: t == 0, x="task")
+            if m.size:
+                band(ax, x - 1, m, color, label=f"{METHODS[method]} layer {layer}", ls=ls, log=True)
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of task 1")
+    ax.set_ylabel("learning rate (scheduled, authors' stream)")
+    ax.set_title("Learned LR through task 1")
+    if ax.lines:
+        ax.legend(loc="best", fontsize=7)
+    else:
+        note(ax, "no decisions")
+    finish(fig, "ablation-stream", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
 FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
            "fig9": fig9, "ablation-global": ablation_global, "ablation-bound": ablation_bound,
-           "ablation-authors": ablation_authors}
+           "ablation-authors": ablation_authors, "ablation-stream": ablation_stream}
 
 
 def make_figure(params: dict, scale: str, experiment: str, ema: float = 0.0, ema_steps: float = 0.6,
