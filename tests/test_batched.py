@@ -79,6 +79,17 @@ def test_the_authors_stream_equals_single_runs(tmp_path, mnist_root):
     assert all(t["steps"] == 2 * 3 for rec in batch for t in rec["tasks"])
 
 
+def test_the_authors_bound_equals_single_runs(tmp_path, mnist_root):
+    """The `*-authors` settings [code]: the authors' alpha_agg form and per-method statistics."""
+    d = {"data": {"root": mnist_root}, "scheduler": {"code_alpha_agg": True, "beta": 20.0}}
+    cfgs = [tiny("l2-scheduled", **C.deep_merge(d, {"scheduler": {"statistic": "lam_bar"}})),
+            tiny("l2-scheduled", **C.deep_merge(d, {"scheduler": {"statistic": "sq_dev_over_mu"}})),
+            tiny("l2-scheduled", **C.deep_merge(d, {"scheduler": {"statistic": "x2_over_mu_sq"}}))]
+    for c in cfgs[1:]:   # the statistic is shared by a batch: check each against its single run alone
+        _check_equal([c], tmp_path / c["scheduler"]["statistic"])
+    _check_equal(cfgs[:1], tmp_path / "lam_bar")
+
+
 def test_crelu_equals_single_runs(tmp_path, mnist_root):
     # at lr 1e-2 rounding grows chaotically; a tiny safety factor makes the cool rule fire
     d = {"data": {"root": mnist_root}, "optim": {"lr": 1e-3}, "scheduler": {"floor": 0.0, "safety": 1e-3}}

@@ -87,6 +87,12 @@ def test_curvature_statistics_by_kind():
     assert Bd.curvature_statistic("lam_bar", x, stats) == 5.0
     assert Bd.curvature_statistic("x2_over_mu_sq", x, stats) == pytest.approx((25.0 / 2.0) ** 2)
     assert Bd.curvature_statistic("x2_over_mu_sq", x, dict(stats, mu=0.0)) == 0.0   # authors: 0 if mu <= 0
+    assert Bd.curvature_statistic("sq_dev_over_mu", x, stats) == 4.5                # (x - mu)^2 / mu
+    assert Bd.curvature_statistic("sq_dev_over_mu", x, dict(stats, mu=0.0)) == 0.0
+    import torch
+    t = Bd.curvature_statistic("sq_dev_over_mu", torch.tensor([x]),
+                               {"mu": torch.tensor([2.0]), "sq_dev": torch.tensor([9.0])})
+    assert t.tolist() == [4.5]
     with pytest.raises(ValueError):
         Bd.curvature_statistic("nope", x, stats)
 

@@ -211,9 +211,13 @@ def test_adam_effective_step_by_hand_after_three_steps():
         assert M.adam_effective_step(opt, g) == pytest.approx(g["lr"] / ((1 - b1 ** k) * (rms + eps)), rel=1e-9)
         assert M.adam_alpha_agg(opt, g) == pytest.approx(g["lr"] / (rms + eps), rel=1e-9)
     lr0 = opt.param_groups[0]["lr"]
-    for g in opt.param_groups:   # the authors' form: global RMS, first group's LR, for every layer
+    raw = sum(t.sum().item() for t in v.values())            # no bias correction, biases included [code]
+    n_params = sum(p.numel() for p in model.parameters())
+    for g in opt.param_groups:   # the authors' form: global RMS of raw v, first group's LR, every layer
         assert M.adam_alpha_agg(opt, g, code_form=True) == pytest.approx(
-            lr0 / (math.sqrt(total_all / n_all) + eps), rel=1e-9)
+            lr0 / (math.sqrt(raw / n_params) + eps), rel=1e-9)
+    glob_alpha, glob_agg = M._global_effective_step(opt)     # the global variant keeps v_hat over weights
+    assert glob_agg == pytest.approx(lr0 / (math.sqrt(total_all / n_all) + eps), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- the decision probe

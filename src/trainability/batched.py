@@ -222,9 +222,10 @@ class StackedAdam:
                                   device=sums.device)
             k = self.k.unsqueeze(1)
             v_hat = sums / (1 - self.beta2 ** k)
-            if code_alpha_agg:   # [code quirk] global RMS and the first layer's LR for every layer
-                rms = (v_hat.sum(1, keepdim=True) / counts.sum()).sqrt().expand(-1, L)
-                agg = self.lr[:, :1] / (rms + self.eps)
+            if code_alpha_agg:   # [code] raw v over every parameter (biases too), the first layer's LR
+                raw = sum(v.double().flatten(1).sum(1) for v in self.exp_avg_sq)
+                n_all = sum(p[0].numel() for p in self.net.params())
+                agg = (self.lr[:, :1] / ((raw / n_all).sqrt() + self.eps).unsqueeze(1)).expand(-1, L)
             else:
                 agg = self.lr / ((v_hat / counts).sqrt() + self.eps)
             alpha = self.lr / ((1 - self.beta1 ** k) * ((v_hat / counts).sqrt() + self.eps))

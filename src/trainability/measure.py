@@ -261,24 +261,40 @@ def adam_effective_step(optimizer: torch.optim.Optimizer, group: dict) -> float:
     return group["lr"] / ((1 - group["betas"][0] ** k) * (math.sqrt(total / count) + group["eps"]))
 
 
-def adam_alpha_agg(optimizer: torch.optim.Optimizer, group: dict, code_form: bool = False) -> float:
-    """alpha_agg = eta / (RMS(sqrt(v_hat)) + eps) (SPEC 5): per-layer LR and RMS over the layer's
-    weights [choice]; code_form: global RMS over every group's weights and the first group's LR for
-    every layer [code quirk]. NaN before the first step."""
-    groups = optimizer.param_groups if code_form else [group]
+def _rms_alpha_agg(optimizer: torch.optim.Optimizer, groups: list, lr: float, eps: float) -> float:
+    """lr / (RMS over the groups' weight tensors of sqrt(v_hat) + eps); NaN before the first step."""
     stats = [_weights_v_hat(optimizer, g) for g in groups]
     total, count = sum(s[0] for s in stats), sum(s[1] for s in stats)
     if count == 0 or max(s[2] for s in stats) == 0:
         return math.nan
-    lr = optimizer.param_groups[0]["lr"] if code_form else group["lr"]
-    return lr / (math.sqrt(total / count) + group["eps"])
+    return lr / (math.sqrt(total / count) + eps)
+
+
+def adam_alpha_agg(optimizer: torch.optim.Optimizer, group: dict, code_form: bool = False) -> float:
+    """alpha_agg = eta / (RMS(sqrt(v_hat)) + eps) (SPEC 5): the layer's LR and the RMS over its weights,
+    v_hat bias-corrected [choice]. code_form is the authors' normalised sharpness [code]: Adam's raw
+    second moment v (no bias correction) over every parameter of the network, biases included, and the
+    first group's LR for every layer. NaN before the first step."""
+    if not code_form:
+        return _rms_alpha_agg(optimizer, [group], group["lr"], group["eps"])
+    total, count, stepped = 0.0, 0, False
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            st = optimizer.state.get(p, {})
+            if "exp_avg_sq" in st:
+                total += st["exp_avg_sq"].double().sum().item()
+                count += p.numel()
+                stepped = stepped or int(st["step"]) > 0
+    if not stepped:
+        return math.nan
+    return optimizer.param_groups[0]["lr"] / (math.sqrt(total / count) + group["eps"])
 
 
 def _global_effective_step(optimizer) -> tuple[float, float]:
-    """(alpha, alpha_agg) of the whole network (global variant, SPEC 6): RMS over every weight tensor,
-    the first group's LR."""
+    """(alpha, alpha_agg) of the whole network (global variant, SPEC 6): RMS over every weight tensor
+    (v_hat bias-corrected), the first group's LR."""
     g0 = optimizer.param_groups[0]
-    agg = adam_alpha_agg(optimizer, g0, code_form=True)
+    agg = _rms_alpha_agg(optimizer, optimizer.param_groups, g0["lr"], g0["eps"])
     k = max(_weights_v_hat(optimizer, g)[2] for g in optimizer.param_groups)
     if k == 0:
         return math.nan, math.nan
