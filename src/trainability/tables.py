@@ -21,9 +21,11 @@ CHANCE = 0.1
 TAGS = {
     "device": "choice", "threads": "choice", "n_tasks": "paper", "epochs_per_task": "paper",
     "epochs_factor": "choice (task-length ablation factor)", "batch_size": "paper", "arm": "paper",
-    "stream.kind": "paper", "stream.n_images": "paper", "stream.label_fraction": "paper",
+    "stream.kind": "paper", "stream.n_images": "code (App. D.1 says 21,000)", "stream.label_fraction": "paper",
+    "stream.drop_last": "code (the last partial minibatch is kept)",
     "model.activation": "paper", "model.rho": "paper (Fig. 1)", "model.widths": "paper",
     "model.batchnorm": "paper (Fig. 1)", "optim.lr": "paper", "optim.betas": "paper", "optim.eps": "paper",
+    "optim.beta_ramp": "code (the authors' first-layer beta ramp)",
     "regularizer.kind": "paper (per run)", "regularizer.lam": "paper/code (per run)",
     "measure.enabled": "choice", "measure.every": "paper (K)", "measure.eig_tol": "choice (warm start)",
     "measure.eig_max_iter": "code", "measure.global": "paper (appendix variant)",
@@ -32,7 +34,7 @@ TAGS = {
     "scheduler.warm_frac": "paper (Table 1)", "scheduler.warm_factor": "paper", "scheduler.window": "paper (W)",
     "scheduler.kappa": "choice", "scheduler.beta": "choice (paper: beta in [0, 1])",
     "scheduler.statistic": "choice (paper's Vol)", "scheduler.code_alpha_agg": "choice (code form: switch)",
-    "scheduler.beta_ramp": "code quirk (off)", "indicators.enabled": "paper", "indicators.n_fixed": "paper",
+    "indicators.enabled": "paper", "indicators.n_fixed": "paper",
     "data.root": "choice",
 }
 # per-method settings of the runs (SPEC 2-3)
