@@ -31,6 +31,10 @@ def test_repository_params_are_valid():
     (["runs", "l2-vanilla", "regularizer", "kind"], "l1", "runs.l2-vanilla.regularizer.kind"),
     (["scales", "smoke", "seeds"], [], "scales.smoke.seeds"),
     (["run_defaults", "optim", "learning_rate"], 1e-3, "run_defaults.optim"),  # unknown key
+    (["run_defaults", "n_tasks"], 3.0, "run_defaults.n_tasks"),                # whole-number float
+    (["run_defaults", "stream", "n_images"], 70000, "run_defaults.stream.n_images"),
+    (["scales", "smoke", "run", "stream", "n_images"], 100, "stream.n_images"),   # below batch_size
+    (["scales", "smoke", "experiments"], ["fig5", "nope"], "scales.smoke.experiments"),
 ])
 def test_invalid_value_names_the_key(path, value, named):
     with pytest.raises(C.ConfigError) as e:

@@ -29,10 +29,18 @@ def _key_path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
-def _check(instance: dict, schema: dict, what: str) -> None:
+def _validator(schema: dict):
+    """Draft 7 with a strict "integer": 3.0 is refused where a count is expected (JSON Schema accepts
+    whole-number floats as integers, and they crash range() and tensor shapes later)."""
     import jsonschema
 
-    validator = jsonschema.Draft7Validator(schema)
+    checker = jsonschema.Draft7Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(jsonschema.Draft7Validator, type_checker=checker)(schema)
+
+
+def _check(instance: dict, schema: dict, what: str) -> None:
+    validator = _validator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  {_key_path(e)}: {e.message}" for e in errors[:10]]
@@ -116,6 +124,9 @@ def validate_run(cfg: dict, where: str = "run config") -> dict:
                             schema["properties"]["run_defaults"]["allOf"][1],
                             {"required": ["seed"]}]}
     _check(cfg, run_schema, where)
+    if cfg["stream"]["n_images"] < cfg["batch_size"]:
+        raise ConfigError(f"invalid {where}:\n  stream.n_images: {cfg['stream']['n_images']} is below "
+                          f"batch_size {cfg['batch_size']} (an epoch would hold no minibatch)")
     return cfg
 
 
