@@ -87,6 +87,9 @@ def dvc_repo(smoke_dag, tmp_path_factory):
     params["run_defaults"]["wandb"]["mode"] = "disabled"
     # two experiments keep DVC's serial repro short; both use l2-vanilla, fig5 also uses other runs
     params["experiments"] = {e: params["experiments"][e] for e in DVC_EXPERIMENTS}
+    for scale in params["scales"].values():
+        scale["experiments"] = [e for e in scale.get("experiments", DVC_EXPERIMENTS) if e in DVC_EXPERIMENTS] \
+            or list(DVC_EXPERIMENTS)
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(sys.executable, "-m", "trainability.pipeline", "dvc-yaml", cwd=d)
     sh("git", "init", "-q", cwd=d)
@@ -121,3 +124,18 @@ def test_dvc_reruns_only_the_changed_run(dvc_repo):
     record = "results/smoke/runs/l2-vanilla/seed0/record.json"
     depending = {k for k, v in stages.items() if k.startswith("experiment_") and record in v["deps"]}
     assert depending == {f"experiment_{e}" for e in DVC_EXPERIMENTS if "l2-vanilla" in EXPERIMENTS[e]["runs"]}
+
+
+def test_dvc_refuses_a_scale_its_stages_were_not_generated_for(dvc_repo):
+    """`dvc exp run -S scale=default` on a dvc.yaml generated for smoke must stop before training."""
+    text = (dvc_repo / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["scale"] = "default"
+    (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = sh(str(BIN / "dvc"), "repro", "run_l2-vanilla_seed0", cwd=dvc_repo, check=False)
+        assert out.returncode != 0
+        assert "generated for scale 'smoke'" in out.stdout + out.stderr
+        assert not (dvc_repo / "results" / "default").exists()
+    finally:
+        (dvc_repo / "params.yaml").write_text(text)

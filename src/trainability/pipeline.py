@@ -76,6 +76,9 @@ def dvc_yaml(params: dict) -> dict:
     """dvc.yaml for params['scale']: one stage per (run, seed), per experiment, and for the tables."""
     scale = params["scale"]
     py = "python"
+    # dvc.yaml's paths are this scale's: a run after `dvc exp run -S scale=...` must stop, not train
+    # another scale into these outputs (check-scale exits 2 with the fix when params.yaml disagrees)
+    guard = f"{py} -m trainability.pipeline check-scale {scale} && "
     stages: dict = {"data": {"cmd": f"{py} -m trainability.data --root data",
                              "deps": ["src/trainability/data.py"],
                              "params": ["run_defaults.data"],
@@ -84,7 +87,7 @@ def dvc_yaml(params: dict) -> dict:
     groups, runs = run_jobs(params, scale)
     for group, members in groups.items():
         stages[stage_name("run", group)] = {
-            "cmd": f"{py} -m trainability.batched --scale {scale} --runs {' '.join(members)} --no-progress",
+            "cmd": guard + f"{py} -m trainability.batched --scale {scale} --runs {' '.join(members)} --no-progress",
             "deps": ["data/MNIST/raw", "src/trainability"],
             "params": ["scale", "run_defaults", f"scales.{scale}"] + [f"runs.{r}" for r in members],
             "outs": [{record_path(params, scale, r, s): {"cache": True}} for r in members for s in seeds]}
@@ -92,14 +95,14 @@ def dvc_yaml(params: dict) -> dict:
         for seed in seeds:
             out = run_dir(params, scale, run, seed)
             stages[stage_name("run", run, f"seed{seed}")] = {
-                "cmd": f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",
+                "cmd": guard + f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",
                 "deps": ["data/MNIST/raw", "src/trainability"],
                 "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"],
                 "outs": [{f"{out}/record.json": {"cache": True}}]}
     for exp in experiment_names(params, scale):
         recs = experiment_records(params, scale, exp)
         stages[stage_name("experiment", exp)] = {
-            "cmd": f"{py} workflow/scripts/aggregate.py --scale {scale} --experiment {exp} && "
+            "cmd": guard + f"{py} workflow/scripts/aggregate.py --scale {scale} --experiment {exp} && "
                    f"{py} workflow/scripts/figures.py --scale {scale} --experiment {exp}",
             "deps": sorted(set(recs)) + ["workflow/scripts/aggregate.py", "workflow/scripts/figures.py",
                                          "src/trainability/figures.py"],
@@ -108,7 +111,7 @@ def dvc_yaml(params: dict) -> dict:
             "plots": [{curves_path(params, scale, exp): {"x": "task", "y": "online_acc", "cache": False}}],
             "outs": [{p: {"cache": False}} for p in figure_paths(scale, exp)]}
     stages["tables"] = {
-        "cmd": f"{py} workflow/scripts/tables.py --scale {scale}",
+        "cmd": guard + f"{py} workflow/scripts/tables.py --scale {scale}",
         "deps": [summary_path(params, scale, e) for e in experiment_names(params, scale)]
                 + ["workflow/scripts/tables.py", "src/trainability/tables.py"],
         "params": ["run_defaults", f"scales.{scale}"],
@@ -123,8 +126,18 @@ def main(argv=None) -> int:
     g = sub.add_parser("dvc-yaml", help="write dvc.yaml generated from params.yaml")
     g.add_argument("--params", default="params.yaml")
     g.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is not current")
+    c = sub.add_parser("check-scale", help="exit 2 unless params.yaml's `scale` is SCALE (dvc.yaml's guard)")
+    c.add_argument("scale")
+    c.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
     params = load_params(args.params)
+    if args.cmd == "check-scale":
+        if params["scale"] != args.scale:
+            print(f"error: dvc.yaml was generated for scale {args.scale!r} but params.yaml has scale "
+                  f"{params['scale']!r}; regenerate it first: python -m trainability.pipeline dvc-yaml "
+                  "(or run that scale with snakemake --config scale=...)", file=sys.stderr)
+            return 2
+        return 0
     text = ("# GENERATED from params.yaml by `python -m trainability.pipeline dvc-yaml`; do not edit.\n"
             "# Regenerate after changing the scale, the runs or the experiments.\n"
             + yaml.safe_dump(dvc_yaml(params), sort_keys=False, width=120))
