@@ -6,15 +6,7 @@ def run_config_hash(wildcards):
     return config_hash(resolve_run(config, SCALE, wildcards.run, int(wildcards.seed)))
 
 
-def run_resources_gpu(wildcards):
-    """A run asks for a GPU when its resolved device wants CUDA (the `paper` scale uses `auto`)."""
-    cfg = resolve_run(config, SCALE, wildcards.run, int(wildcards.seed))
-    return 1 if cfg["device"] in ("auto", "cuda") and _cuda_available() else 0
-
-
-def _cuda_available():
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+def run_resource(name):
+    """A resource of one (run, seed) job from its config (pipeline.job_resources): `gpu` (1 when the run's
+    device is cuda/auto, whatever the submitting host has) or `runtime` (minutes)."""
+    return lambda wildcards: P.job_resources([resolve_run(config, SCALE, wildcards.run, int(wildcards.seed))])[name]

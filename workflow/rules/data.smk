@@ -4,5 +4,7 @@ rule prepare_data:
         directory(f"{config['run_defaults']['data']['root']}/MNIST/raw"),
     log:
         f"{P.results_dir(config)}/logs/prepare_data.log",
+    resources:
+        runtime=10,
     shell:
         "{PY} -m trainability.data --root {config[run_defaults][data][root]} > {log} 2>&1"

@@ -9,6 +9,8 @@ rule experiment:
         pdf=f"figures/{SCALE}/{{experiment}}.pdf",
     log:
         f"{P.results_dir(config)}/{SCALE}/logs/experiment-{{experiment}}.log",
+    resources:
+        runtime=10,
     shell:
         "({PY} workflow/scripts/aggregate.py --scale {SCALE} --experiment {wildcards.experiment} && "
         "{PY} workflow/scripts/figures.py --scale {SCALE} --experiment {wildcards.experiment}) > {log} 2>&1"
@@ -22,5 +24,7 @@ rule tables:
         [report(p, category="Tables") for p in P.table_paths(SCALE)],
     log:
         f"{P.results_dir(config)}/{SCALE}/logs/tables.log",
+    resources:
+        runtime=10,
     shell:
         "{PY} workflow/scripts/tables.py --scale {SCALE} > {log} 2>&1"

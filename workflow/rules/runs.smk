@@ -18,7 +18,8 @@ rule run:
         f"{P.results_dir(config)}/{SCALE}/logs/{{run}}-seed{{seed}}.log",
     threads: config["run_defaults"]["threads"] or 1
     resources:
-        gpu=run_resources_gpu,
+        gpu=run_resource("gpu"),
+        runtime=run_resource("runtime"),
         mem_mb=2000,
     wildcard_constraints:
         run="|".join(re.escape(r) for r in SINGLE_RUNS) or "(?!)",
@@ -44,7 +45,7 @@ for group, members in GROUPS.items():
             f"{P.results_dir(config)}/{SCALE}/logs/{group}.log",
         threads: config["run_defaults"]["threads"] or 1
         resources:
-            gpu=int(_cuda_available()),
+            **P.job_resources([resolve_run(config, SCALE, r, s) for r in members for s in SEEDS]),
             mem_mb=8000,
         shell:
             "{PY} -m trainability.batched --scale {SCALE} --runs {params.runs} --no-progress > {log} 2>&1"
