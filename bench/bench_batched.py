@@ -25,7 +25,7 @@ from trainability.measure import DecisionProbe
 from trainability.models import MLP, param_groups
 
 SCHED = {"safety": 0.8, "cool": 0.99, "warm": 1.01, "floor": 0.12, "warm_frac": 0.1, "warm_factor": 0.3,
-         "window": 30, "kappa": 1.0, "beta": 1.0, "statistic": "vol", "beta_ramp": False}
+         "window": 30, "kappa": 1.0, "beta": 1.0, "statistic": "vol"}
 
 
 def _sync(device):

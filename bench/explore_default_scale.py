@@ -37,7 +37,7 @@ CANDIDATES = {  # name: (description, overrides)
                                          "measure.every=10", "optim.betas=[0.9,0.99]"]),
     "R: default, authors' beta ramp": ("the default stream with the authors' layer-1 Adam beta ramp [code quirk]",
                                        ["stream.n_images=4096", "epochs_per_task=24", "n_tasks=6",
-                                        "measure.every=16", "scheduler.beta_ramp=true"]),
+                                        "measure.every=16", "optim.beta_ramp=true"]),
     "D: default scale": ("the chosen default: 4,096 images, 24 epochs/task, 6 tasks, K=16 (seed 0 of the DAG)",
                          ["stream.n_images=4096", "epochs_per_task=24", "n_tasks=6", "measure.every=16"]),
 }

@@ -172,3 +172,11 @@ def test_paper_scale_plan_uses_batched_jobs():
     assert "run_batch_crelu_vanilla" in plan and "run_batch_l2_vanilla" in plan
     singles = {line.split("run=")[1].split(",")[0] for line in plan.splitlines() if "wildcards: run=" in line}
     assert singles == {"crelu-global", "l2-global", "wass-global", "bn-l2", "bn-l2-lr1e-5"}
+    # cluster requests come from the run configs, not from this (GPU-less) host: every training job of
+    # the paper scale asks for one GPU, and none at the smoke scale (profiles/slurm submits these)
+    jobs = [line for line in plan.splitlines() if "resources:" in line and "mem_mb=" in line]
+    assert jobs and all("gpu=1" in line and "runtime=" in line for line in jobs)
+    smoke = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=smoke"],
+                           capture_output=True, text=True, timeout=300)
+    jobs = [line for line in (smoke.stdout + smoke.stderr).splitlines() if "resources:" in line and "mem_mb=" in line]
+    assert jobs and all("gpu=0" in line for line in jobs)
