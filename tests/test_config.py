@@ -28,7 +28,9 @@ def test_repository_params_are_valid():
     (["run_defaults", "batch_size"], 1, "run_defaults.batch_size"),
     (["run_defaults", "model", "activation"], "gelu", "run_defaults.model.activation"),
     (["run_defaults", "scheduler", "cool"], 1.5, "run_defaults.scheduler.cool"),
-    (["runs", "l2-vanilla", "regularizer", "kind"], "l1", "runs.l2-vanilla.regularizer.kind"),
+    (["families", "l2", "regularizer", "kind"], "l1", "families.l2.regularizer.kind"),
+    (["runs", "l2-vanilla", "arm"], "sometimes", "runs.l2-vanilla.arm"),
+    (["runs", "l2-vanilla", "extends"], "l1", "runs.l2-vanilla.extends"),
     (["scales", "smoke", "seeds"], [], "scales.smoke.seeds"),
     (["run_defaults", "optim", "learning_rate"], 1e-3, "run_defaults.optim"),  # unknown key
     (["run_defaults", "n_tasks"], 3.0, "run_defaults.n_tasks"),                # whole-number float
@@ -86,3 +88,13 @@ def test_snakemake_validation_names_the_key():
 def test_dvc_yaml_is_generated_from_params():
     from trainability.pipeline import main
     assert main(["dvc-yaml", "--check"]) == 0, "run: python -m trainability.pipeline dvc-yaml"
+
+
+def test_a_run_entry_changes_that_run_only_and_a_family_all_its_runs():
+    p = copy.deepcopy(PARAMS)
+    p["runs"]["l2-vanilla"]["optim"] = {"lr": 3e-4}
+    assert C.resolve_run(p, "smoke", "l2-vanilla", 0)["optim"]["lr"] == 3e-4
+    assert C.resolve_run(p, "smoke", "l2-scheduled", 0) == C.resolve_run(PARAMS, "smoke", "l2-scheduled", 0)
+    p["families"]["l2"]["regularizer"]["lam"] = 1e-2
+    assert C.resolve_run(p, "smoke", "l2-scheduled", 0)["regularizer"] == {"kind": "l2", "lam": 1e-2}
+    assert "extends" not in C.resolve_run(p, "smoke", "l2-scheduled", 0)

@@ -139,3 +139,18 @@ def test_dvc_refuses_a_scale_its_stages_were_not_generated_for(dvc_repo):
         assert not (dvc_repo / "results" / "default").exists()
     finally:
         (dvc_repo / "params.yaml").write_text(text)
+
+
+def test_dvc_exp_run_set_changes_that_run_only(dvc_repo):
+    """`dvc exp run -S` on one run's entry reruns that run's stages only: its family's settings live in
+    `families`, so no other run shares the edited entry (YAML anchors used to make them share it)."""
+    text = (dvc_repo / "params.yaml").read_text()
+    try:
+        out = sh(str(BIN / "dvc"), "exp", "run", "--dry", "-S", "+runs.l2-vanilla.optim.lr=3e-4", cwd=dvc_repo)
+        log = out.stdout + out.stderr
+        running = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+        assert {s for s in running if s.startswith("run_")} == {"run_l2-vanilla_seed0", "run_l2-vanilla_seed1"}, log
+        params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
+        assert params["runs"]["l2-scheduled"] == {"extends": "l2", "arm": "scheduled"}
+    finally:
+        (dvc_repo / "params.yaml").write_text(text)

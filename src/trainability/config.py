@@ -1,7 +1,7 @@
 """Configuration: params.yaml is the single source of truth.
 
-A *run config* is `run_defaults`, overridden by the scale's `run` block, then by the named run in
-`runs`, then by the seed. `params.schema.yaml` (beside this file) validates both params.yaml and every
+A *run config* is `run_defaults`, overridden by the scale's `run` block, then by the run's family in
+`families` (named by the run's `extends`), then by the named run in `runs`, then by the seed. `params.schema.yaml` (beside this file) validates both params.yaml and every
 resolved run config, so a bad value fails before any compute with a message naming the key.
 """
 from __future__ import annotations
@@ -64,6 +64,10 @@ def validate_params(params: dict) -> dict:
     if params["scale"] not in params["scales"]:
         raise ConfigError(f"invalid params.yaml:\n  scale: {params['scale']!r} is not one of scales "
                           f"{sorted(params['scales'])}")
+    for name, run in params["runs"].items():
+        if "extends" in run and run["extends"] not in params.get("families", {}):
+            raise ConfigError(f"invalid params.yaml:\n  runs.{name}.extends: unknown family {run['extends']!r}; "
+                              f"known: {sorted(params.get('families', {}))}")
     for name, exp in params["experiments"].items():
         for r in exp["runs"]:
             if r not in params["runs"]:
@@ -97,6 +101,11 @@ def experiment_names(params: dict, scale: str) -> list[str]:
     return [e for e in params["experiments"] if e in allowed]
 
 
+def run_family(params: dict, run: str) -> str | None:
+    """The `families` entry a run extends (None if it extends none)."""
+    return params["runs"][run].get("extends")
+
+
 def run_names(params: dict, scale: str) -> list[str]:
     """The runs the pipeline executes at a scale: those its experiments use (restricted to the scale's
     `runs` list if it has one), in params.yaml order. Other runs stay runnable with trainability-run."""
@@ -110,7 +119,11 @@ def resolve_run(params: dict, scale: str, run: str, seed: int) -> dict:
     if run not in params["runs"]:
         raise ConfigError(f"unknown run {run!r}; known runs: {sorted(params['runs'])}")
     cfg = deep_merge(params["run_defaults"], params["scales"][scale].get("run"))
-    cfg = deep_merge(cfg, params["runs"][run])
+    entry = dict(params["runs"][run])
+    family = entry.pop("extends", None)
+    if family is not None:
+        cfg = deep_merge(cfg, params.get("families", {}).get(family))
+    cfg = deep_merge(cfg, entry)
     cfg["seed"] = int(seed)
     cfg.setdefault("wandb", {})
     validate_run(cfg, where=f"run {run!r} at scale {scale!r}")

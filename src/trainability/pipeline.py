@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import experiment_names, load_params, run_names
+from .config import experiment_names, load_params, run_family, run_names
 
 FIGURE_EXPERIMENTS = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig9",
                       "ablation-global", "ablation-bound", "ablation-authors")
@@ -105,7 +105,8 @@ def dvc_yaml(params: dict) -> dict:
         stages[stage_name("run", group)] = {
             "cmd": guard + f"{py} -m trainability.batched --scale {scale} --runs {' '.join(members)} --no-progress",
             "deps": ["data/MNIST/raw", "src/trainability"],
-            "params": ["scale", "run_defaults", f"scales.{scale}"] + [f"runs.{r}" for r in members],
+            "params": ["scale", "run_defaults", f"scales.{scale}"] + [f"runs.{r}" for r in members]
+                      + sorted({f"families.{f}" for r in members if (f := run_family(params, r))}),
             "outs": [{record_path(params, scale, r, s): {"cache": True}} for r in members for s in seeds]}
     for run in runs:
         for seed in seeds:
@@ -113,7 +114,8 @@ def dvc_yaml(params: dict) -> dict:
             stages[stage_name("run", run, f"seed{seed}")] = {
                 "cmd": guard + f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",
                 "deps": ["data/MNIST/raw", "src/trainability"],
-                "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"],
+                "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"]
+                          + ([f"families.{run_family(params, run)}"] if run_family(params, run) else []),
                 "outs": [{f"{out}/record.json": {"cache": True}}]}
     for exp in experiment_names(params, scale):
         recs = experiment_records(params, scale, exp)
