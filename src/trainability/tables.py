@@ -189,13 +189,17 @@ def table1(params: dict, scale: str) -> str:
         if k in base and base[k] != v:
             tag = f"choice (scale `{scale}`; default {show(base[k])}: {tag})"
         rows.append([f"`{k}`", show(v), tag])
+    families = [[f"`{f}`", f"`{json.dumps(o or {})}`", RUN_TAGS.get(f, "")]
+                for f, o in params.get("families", {}).items()]
     runs = [[f"`{r}`", f"`{json.dumps(o or {})}`", RUN_TAGS.get(r.split("-")[0], "")]
             for r, o in params["runs"].items()]
     return (f"# Table 1: hyperparameters (scale `{scale}`)\n\n"
             f"Generated from params.yaml: `run_defaults` overridden by `scales.{scale}.run`. "
             f"Seeds: {params['scales'][scale]['seeds']}. {params['scales'][scale].get('description', '')}\n\n"
             + table(["setting", "value", "tag"], rows)
-            + "\n## Runs (overrides of the settings above)\n\n" + table(["run", "overrides", "tag"], runs))
+            + "\n## Families (settings shared by a method's runs)\n\n" + table(["family", "settings", "tag"], families)
+            + "\n## Runs (overrides of the settings above, after the family they extend)\n\n"
+            + table(["run", "overrides", "tag"], runs))
 
 
 # ---------------------------------------------------------------- results
