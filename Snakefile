@@ -10,12 +10,19 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 configfile: "params.yaml"
-validate(config, "src/trainability/params.schema.yaml")
 
-from trainability.config import validate_params, resolve_run, config_hash, experiment_names
+from trainability.config import ConfigError, validate_params, resolve_run, config_hash, experiment_names
 from trainability import pipeline as P
 
-validate_params(config)
+try:  # ours first: its messages name the key (and say why a --config number arrived as a string)
+    validate_params(config)
+except ConfigError as e:
+    raise WorkflowError(f"{e}\n(snakemake --config passes nested values as strings: put numbers in "
+                        "params.yaml, or use trainability-run --set for one run)") from None
+validate(config, "src/trainability/params.schema.yaml")
+# Jobs read this file, not params.yaml: it is the config Snakemake planned with, `--config` overrides
+# included, so a job trains exactly what the plan (and its record.json) says. Named by its content.
+PARAMS = P.write_effective_params(config)
 SCALE = config["scale"]
 SEEDS = config["scales"][SCALE]["seeds"]
 PY = sys.executable  # jobs use the interpreter that runs Snakemake (the project's venv)

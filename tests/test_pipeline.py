@@ -154,3 +154,19 @@ def test_dvc_exp_run_set_changes_that_run_only(dvc_repo):
         assert params["runs"]["l2-scheduled"] == {"extends": "l2", "arm": "scheduled"}
     finally:
         (dvc_repo / "params.yaml").write_text(text)
+
+
+def test_snakemake_config_overrides_reach_the_jobs():
+    """A `--config` override is the config the job runs: jobs read the effective params Snakemake
+    planned with (--params .snakemake/params/<hash>.yaml), not params.yaml from disk."""
+    target = "results/smoke/runs/l2-vanilla/seed0/record.json"
+    out = sh(str(BIN / "snakemake"), "-n", "-p", "--forcerun", "run", "--config", "scale=smoke",
+             "run_defaults={wandb: {mode: disabled, group: mine}}", "--", target)
+    cmd = next(line for line in out.stdout.splitlines() if "trainability.train" in line)
+    params_file = cmd.split("--params ")[1].split()[0]
+    from trainability import config as C
+    cfg = C.resolve_run(C.load_params(ROOT / params_file), "smoke", "l2-vanilla", 0)
+    assert cfg["wandb"]["mode"] == "disabled" and cfg["wandb"]["group"] == "mine"
+    bad = sh(str(BIN / "snakemake"), "-n", "--config", "scale=smoke",
+             "runs={l2-vanilla: {extends: l2, optim: {lr: 0.0003}}}", check=False)
+    assert bad.returncode != 0 and "runs.l2-vanilla.optim.lr" in bad.stdout + bad.stderr

@@ -7,6 +7,7 @@ committed file is current). Both Snakemake rules and DVC stages run the same com
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -81,6 +82,20 @@ def job_resources(cfgs: list[dict]) -> dict:
     steps = max(c["n_tasks"] * steps_per_task(c)[2] for c in cfgs)
     minutes = steps * SECONDS_PER_STEP["gpu" if gpu else "cpu"] * 1.5 / 60
     return {"gpu": gpu, "runtime": int(10 + minutes)}
+
+
+def write_effective_params(params: dict, folder: str = ".snakemake/params") -> str:
+    """Write the validated params (with Snakemake's --config overrides) to FOLDER/<content hash>.yaml
+    once, and return the path: the Snakemake jobs' --params."""
+    import hashlib
+    text = yaml.safe_dump(params, sort_keys=True)
+    path = Path(folder) / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path)
 
 
 def stage_name(*parts) -> str:

@@ -12,8 +12,8 @@ rule experiment:
     resources:
         runtime=10,
     shell:
-        "({PY} workflow/scripts/aggregate.py --scale {SCALE} --experiment {wildcards.experiment} && "
-        "{PY} workflow/scripts/figures.py --scale {SCALE} --experiment {wildcards.experiment}) > {log} 2>&1"
+        "({PY} workflow/scripts/aggregate.py --params {PARAMS} --scale {SCALE} --experiment {wildcards.experiment} && "
+        "{PY} workflow/scripts/figures.py --params {PARAMS} --scale {SCALE} --experiment {wildcards.experiment}) > {log} 2>&1"
 
 
 rule tables:
@@ -27,4 +27,4 @@ rule tables:
     resources:
         runtime=10,
     shell:
-        "{PY} workflow/scripts/tables.py --scale {SCALE} > {log} 2>&1"
+        "{PY} workflow/scripts/tables.py --params {PARAMS} --scale {SCALE} > {log} 2>&1"

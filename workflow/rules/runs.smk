@@ -25,7 +25,7 @@ rule run:
         run="|".join(re.escape(r) for r in SINGLE_RUNS) or "(?!)",
         seed=r"\d+",
     shell:
-        "{PY} -m trainability.train --scale {SCALE} --run {wildcards.run} --seed {wildcards.seed} "
+        "{PY} -m trainability.train --params {PARAMS} --scale {SCALE} --run {wildcards.run} --seed {wildcards.seed} "
         "--out {params.out} --no-progress > {log} 2>&1"
 
 
@@ -48,4 +48,4 @@ for group, members in GROUPS.items():
             **P.job_resources([resolve_run(config, SCALE, r, s) for r in members for s in SEEDS]),
             mem_mb=8000,
         shell:
-            "{PY} -m trainability.batched --scale {SCALE} --runs {params.runs} --no-progress > {log} 2>&1"
+            "{PY} -m trainability.batched --params {PARAMS} --scale {SCALE} --runs {params.runs} --no-progress > {log} 2>&1"
