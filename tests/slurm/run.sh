@@ -47,9 +47,14 @@ phase() {  # phase NAME: ends the current phase (if any), starts NAME ("" ends o
     PHASE=$1 PHASE_T0=$now
     [ -n "$PHASE" ] && log "=== phase: $PHASE" || true
 }
-wait_for() {  # wait_for SECONDS DESCRIPTION CMD...: poll CMD every second until it succeeds
-    local t=$1 what=$2 i; shift 2
-    for ((i = 0; i < t; i++)); do "$@" >/dev/null 2>&1 && return 0; sleep 1; done
+wait_for() {  # wait_for SECONDS DESCRIPTION CMD...: poll CMD every second until it succeeds (99: give up)
+    local t=$1 what=$2 i rc; shift 2
+    for ((i = 0; i < t; i++)); do
+        rc=0; "$@" >/dev/null 2>&1 || rc=$?
+        [ "$rc" = 0 ] && return 0
+        [ "$rc" = 99 ] && { log "gave up waiting for $what"; return 1; }
+        sleep 1
+    done
     log "timed out after ${t}s waiting for $what"; return 1
 }
 
@@ -105,6 +110,12 @@ trap 'log "interrupted"; exit 130' INT TERM
 [ "$(id -u)" = 0 ] || { log "run as root (apt-get, daemons, mknod)"; exit 1; }
 [ -x "$PY" ] || { log "no venv at $VENV (run install.sh first)"; exit 1; }
 
+WORK=$(mktemp -d /tmp/slurm-test.XXXXXX)
+chmod 755 "$WORK"                                   # munge and mysql must reach their dirs
+mkdir -p "$WORK"/{etc,log,run,spool/ctld,spool/d,munge,db,home}
+LOGS=$WORK/log
+log "state and logs in $WORK"
+
 # ---------------------------------------------------------------- 1. install
 phase install
 PKGS=(slurm-wlm munge slurmdbd mariadb-server)
@@ -115,25 +126,20 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     log "apt-get install ${PKGS[*]} (missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
-    apt-get install -y -q "${PKGS[@]}" >/dev/null
+    apt-get update -q >"$LOGS/apt.log" 2>&1
+    apt-get install -y -q "${PKGS[@]}" >>"$LOGS/apt.log" 2>&1
 else
     log "packages already installed"
 fi
 if ! "$PY" -c "import snakemake_executor_plugin_slurm" 2>/dev/null; then
     log "pip install -e .[slurm]"
-    (cd "$REPO" && "$VENV/bin/pip" install -q -e ".[slurm]" 2>&1 | grep -v "^WARNING: Location" || true)
+    (cd "$REPO" && "$VENV/bin/pip" install -e ".[slurm]") >"$LOGS/pip.log" 2>&1
     "$PY" -c "import snakemake_executor_plugin_slurm"
 fi
-log "$(sinfo --version), plugin $("$VENV/bin/pip" show snakemake-executor-plugin-slurm 2>/dev/null | sed -n 's/^Version: //p')"
+log "slurm $(dpkg-query -W -f='${Version}' slurm-wlm), plugin $("$PY" -c 'import importlib.metadata as m; print(m.version("snakemake-executor-plugin-slurm"))')"
 
 # ---------------------------------------------------------------- 2. cluster
 phase cluster
-WORK=$(mktemp -d /tmp/slurm-test.XXXXXX)
-chmod 755 "$WORK"                                   # munge and mysql must reach their dirs
-mkdir -p "$WORK"/{etc,log,run,spool/ctld,spool/d,munge,db,home}
-LOGS=$WORK/log
-log "state in $WORK"
 for p in "$PORT" $((PORT + 1)) $((PORT + 2)); do
     ! ss -ltn "sport = :$p" | grep -q LISTEN || { log "port $p in use (set SLURM_TEST_PORT)"; exit 1; }
 done
@@ -144,17 +150,20 @@ dd if=/dev/urandom of="$WORK/munge/munge.key" bs=1024 count=1 status=none
 chown -R munge:munge "$WORK/munge"; chmod 700 "$WORK/munge"; chmod 400 "$WORK/munge/munge.key"
 runuser -u munge -- munged --force --key-file="$WORK/munge/munge.key" --socket="$MUNGE_SOCK" \
     --pid-file="$WORK/munge/munged.pid" --log-file="$WORK/munge/munged.log" --seed-file="$WORK/munge/munged.seed"
-wait_for "$READY_TIMEOUT" munged bash -c "munge -S '$MUNGE_SOCK' -n | unmunge -S '$MUNGE_SOCK'"
+wait_for "$READY_TIMEOUT" munged bash -c "munge -S '$MUNGE_SOCK' -n | unmunge -S '$MUNGE_SOCK'" ||
+    { tail -n 20 "$WORK/munge/munged.log"; exit 1; }
 
 # mariadbd: own datadir and socket, no TCP
-DB_SOCK=$WORK/db/mysqld.sock
+DB_SOCK=$WORK/db/mysqld.sock                        # pid file and log in its own dir: it runs as mysql
 chown mysql:mysql "$WORK/db"
 mariadb-install-db --no-defaults --user=mysql --datadir="$WORK/db/data" --auth-root-authentication-method=socket \
     --skip-test-db >"$LOGS/mariadb-install-db.log" 2>&1
 mariadbd --no-defaults --user=mysql --datadir="$WORK/db/data" --socket="$DB_SOCK" --skip-networking \
-    --pid-file="$WORK/run/mariadbd.pid" --log-error="$LOGS/mariadbd.log" --innodb-buffer-pool-size=64M &
-PIDS+=("mariadbd:$!")
-wait_for "$READY_TIMEOUT" mariadbd mariadb-admin --no-defaults --socket="$DB_SOCK" -uroot ping
+    --pid-file="$WORK/db/mariadbd.pid" --log-error="$WORK/db/mariadbd.log" --innodb-buffer-pool-size=64M &
+MDB_PID=$!
+PIDS+=("mariadbd:$MDB_PID")
+db_up() { kill -0 "$MDB_PID" 2>/dev/null || return 99; mariadb-admin --no-defaults --socket="$DB_SOCK" -uroot ping; }
+wait_for "$READY_TIMEOUT" mariadbd db_up || { tail -n 5 "$WORK/db/mariadbd.log"; exit 1; }
 
 # dummy GPUs: a gres.conf line with File= per GPU (a GPU without File= is dropped and the node goes invalid)
 for ((i = 0; i < NGPU; i++)); do
@@ -215,7 +224,8 @@ chmod 600 "$WORK/etc/slurmdbd.conf"
 # after /etc/mysql's [client] socket)
 printf '[client]\nsocket=%s\n' "$DB_SOCK" >"$WORK/home/.my.cnf"
 HOME=$WORK/home MYSQL_UNIX_PORT=$DB_SOCK slurmdbd
-wait_for "$READY_TIMEOUT" "slurmdbd (sacctmgr show cluster)" sacctmgr -n show cluster
+wait_for "$READY_TIMEOUT" "slurmdbd (sacctmgr show cluster)" sacctmgr -n show cluster ||
+    { tail -n 20 "$LOGS/slurmdbd.log"; exit 1; }
 sacctmgr -i add cluster "$CLUSTER" >/dev/null
 # the root account/user association comes with the cluster; add one if this Slurm does not
 if [ -z "$(sacctmgr -n -P show assoc where cluster="$CLUSTER" user=root format=account)" ]; then
@@ -223,10 +233,11 @@ if [ -z "$(sacctmgr -n -P show assoc where cluster="$CLUSTER" user=root format=a
     sacctmgr -i add user root account=smktest cluster="$CLUSTER" >/dev/null
 fi
 slurmctld
-wait_for "$READY_TIMEOUT" "slurmctld (sinfo)" sinfo -h
+wait_for "$READY_TIMEOUT" "slurmctld (sinfo)" sinfo -h || { tail -n 20 "$LOGS/slurmctld.log"; exit 1; }
 slurmd -N localhost
 node_is() { [ "$(sinfo -h -n localhost -o "$1" | tr -d ' ')" = "$2" ]; }
-wait_for "$READY_TIMEOUT" "node localhost idle (sinfo)" node_is %t idle
+wait_for "$READY_TIMEOUT" "node localhost idle (sinfo)" node_is %t idle ||
+    { sinfo -N -l; tail -n 20 "$LOGS/slurmd.log" "$LOGS/slurmctld.log"; exit 1; }
 log "cluster up: $(sinfo -h -o '%P %D %c %m %G %t')"
 check "node localhost advertises gpu:$NGPU" node_is %G "gpu:$NGPU"
 has_cluster() { sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; }
