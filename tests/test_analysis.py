@@ -170,6 +170,8 @@ def test_aggregate_end_to_end(tmp_path):
     assert r["n_seeds"] == 2 and r["final_acc"]["mean"] is None and r["mean_acc"]["mean"] == pytest.approx(0.45)
     assert r["prediction"]["vol"]["spearman"]["mean"] is None
     assert s["runs"]["relu-vanilla"]["n_seeds"] == 0
+    metrics = json.loads((tmp_path / "results/s/experiments/fig4/metrics.json").read_text())
+    assert metrics["l2-vanilla"] == {"final_acc": None, "mean_acc": pytest.approx(0.45)}   # dvc metrics show
     rows = list(csv.DictReader(open(tmp_path / "results/s/experiments/fig4/curves.csv")))
     assert len(rows) == 6 and list(rows[0]) == list(A.CURVE_COLUMNS)
     assert rows[2]["online_acc"] == "" and float(rows[0]["online_acc"]) == 0.5

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipeline import curves_path, record_path, summary_path
+from .pipeline import curves_path, metrics_path, record_path, summary_path
 from .record import load_record
 
 FINAL_FRAC = 0.1          # "final accuracy" = mean over the last 10% of the planned tasks (at least one)
@@ -428,6 +428,8 @@ def aggregate(params: dict, scale: str, experiment: str, log=print) -> dict:
     summary = summarize(runs, experiment, scale)
     write_strict_json(summary, summary_path(params, scale, experiment))
     write_curves(curve_rows(runs), curves_path(params, scale, experiment))
+    write_strict_json({run: {"final_acc": s["final_acc"]["mean"], "mean_acc": s["mean_acc"]["mean"]}
+                       for run, s in summary["runs"].items()}, metrics_path(params, scale, experiment))
     log(f"wrote {summary_path(params, scale, experiment)} and {curves_path(params, scale, experiment)} "
         f"({sum(len(v) for v in runs.values())} records)")
     return strict(summary)

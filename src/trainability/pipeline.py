@@ -36,6 +36,11 @@ def summary_path(params: dict, scale: str, experiment: str) -> str:
     return f"{results_dir(params)}/{scale}/experiments/{experiment}/summary.json"
 
 
+def metrics_path(params: dict, scale: str, experiment: str) -> str:
+    """The few numbers a person compares (`dvc metrics show`): final and mean accuracy per run."""
+    return f"{results_dir(params)}/{scale}/experiments/{experiment}/metrics.json"
+
+
 def curves_path(params: dict, scale: str, experiment: str) -> str:
     return f"{results_dir(params)}/{scale}/experiments/{experiment}/curves.csv"
 
@@ -140,9 +145,9 @@ def dvc_yaml(params: dict) -> dict:
             "deps": sorted(set(recs)) + ["workflow/scripts/aggregate.py", "workflow/scripts/figures.py",
                                          "src/trainability/figures.py"],
             "params": [f"experiments.{exp}"],
-            "metrics": [{summary_path(params, scale, exp): {"cache": False}}],
+            "metrics": [{metrics_path(params, scale, exp): {"cache": False}}],
             "plots": [{curves_path(params, scale, exp): {"x": "task", "y": "online_acc", "cache": False}}],
-            "outs": [{p: {"cache": False}} for p in figure_paths(scale, exp)]}
+            "outs": [{p: {"cache": False}} for p in [summary_path(params, scale, exp)] + figure_paths(scale, exp)]}
     stages["tables"] = {
         "cmd": guard + f"{py} workflow/scripts/tables.py --scale {scale}",
         "deps": [summary_path(params, scale, e) for e in experiment_names(params, scale)]

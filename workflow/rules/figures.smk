@@ -4,6 +4,7 @@ rule experiment:
         records=lambda w: P.experiment_records(config, SCALE, w.experiment),
     output:
         summary=P.summary_path(config, SCALE, "{experiment}"),
+        metrics=P.metrics_path(config, SCALE, "{experiment}"),
         curves=P.curves_path(config, SCALE, "{experiment}"),
         png=report(f"figures/{SCALE}/{{experiment}}.png", category="Figures"),
         pdf=f"figures/{SCALE}/{{experiment}}.pdf",
