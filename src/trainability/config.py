@@ -30,13 +30,13 @@ def _key_path(error) -> str:
 
 
 def _validator(schema: dict):
-    """Draft 7 with a strict "integer": 3.0 is refused where a count is expected (JSON Schema accepts
+    """JSON Schema 2020-12 (as Snakemake) with a strict "integer": 3.0 is refused where a count is expected (JSON Schema accepts
     whole-number floats as integers, and they crash range() and tensor shapes later)."""
     import jsonschema
 
-    checker = jsonschema.Draft7Validator.TYPE_CHECKER.redefine(
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
-    return jsonschema.validators.extend(jsonschema.Draft7Validator, type_checker=checker)(schema)
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)(schema)
 
 
 def _check(instance: dict, schema: dict, what: str) -> None:
