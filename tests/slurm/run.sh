@@ -47,10 +47,11 @@ phase() {  # phase NAME: ends the current phase (if any), starts NAME ("" ends o
     PHASE=$1 PHASE_T0=$now
     [ -n "$PHASE" ] && log "=== phase: $PHASE" || true
 }
-wait_for() {  # wait_for SECONDS DESCRIPTION CMD...: poll CMD every second until it succeeds (99: give up)
-    local t=$1 what=$2 i rc; shift 2
-    for ((i = 0; i < t; i++)); do
-        rc=0; "$@" >/dev/null 2>&1 || rc=$?
+wait_for() {  # wait_for SECONDS DESCRIPTION CMD...: poll CMD (10 s a try) until it succeeds (99: give up)
+    local t=$1 what=$2 end rc; shift 2
+    end=$((SECONDS + t))
+    while [ "$SECONDS" -lt "$end" ]; do
+        rc=0; timeout 10 "$@" >/dev/null 2>&1 || rc=$?
         [ "$rc" = 0 ] && return 0
         [ "$rc" = 99 ] && { log "gave up waiting for $what"; return 1; }
         sleep 1
@@ -144,14 +145,19 @@ for p in "$PORT" $((PORT + 1)) $((PORT + 2)); do
     ! ss -ltn "sport = :$p" | grep -q LISTEN || { log "port $p in use (set SLURM_TEST_PORT)"; exit 1; }
 done
 
-# munged, as user munge, with its own key and socket
-MUNGE_SOCK=$WORK/munge/munge.socket
-dd if=/dev/urandom of="$WORK/munge/munge.key" bs=1024 count=1 status=none
-chown -R munge:munge "$WORK/munge"; chmod 700 "$WORK/munge"; chmod 400 "$WORK/munge/munge.key"
-runuser -u munge -- munged --force --key-file="$WORK/munge/munge.key" --socket="$MUNGE_SOCK" \
-    --pid-file="$WORK/munge/munged.pid" --log-file="$WORK/munge/munged.log" --seed-file="$WORK/munge/munged.seed"
-wait_for "$READY_TIMEOUT" munged bash -c "munge -S '$MUNGE_SOCK' -n | unmunge -S '$MUNGE_SOCK'" ||
-    { tail -n 20 "$WORK/munge/munged.log"; exit 1; }
+# munged, as user munge, with its own key, on munge's default socket: Slurm 22.05's client commands
+# ignore AuthInfo=socket= for slurmdbd connections (sacctmgr then fails on /run/munge/munge.socket.2)
+MUNGE_SOCK=/run/munge/munge.socket.2
+if [ -S "$MUNGE_SOCK" ] && timeout 10 munge -n </dev/null >/dev/null 2>&1; then
+    log "a munged already answers on $MUNGE_SOCK: using it"
+else
+    mkdir -p /run/munge; chown munge:munge /run/munge; chmod 755 /run/munge
+    dd if=/dev/urandom of="$WORK/munge/munge.key" bs=1024 count=1 status=none
+    chown -R munge:munge "$WORK/munge"; chmod 700 "$WORK/munge"; chmod 400 "$WORK/munge/munge.key"
+    runuser -u munge -- munged --force --key-file="$WORK/munge/munge.key" --socket="$MUNGE_SOCK" \
+        --pid-file="$WORK/munge/munged.pid" --log-file="$WORK/munge/munged.log" --seed-file="$WORK/munge/munged.seed"
+    wait_for "$READY_TIMEOUT" munged bash -c "munge -n | unmunge" || { tail -n 20 "$WORK/munge/munged.log"; exit 1; }
+fi
 
 # mariadbd: own datadir and socket, no TCP
 DB_SOCK=$WORK/db/mysqld.sock                        # pid file and log in its own dir: it runs as mysql
@@ -178,7 +184,6 @@ SlurmctldPort=$PORT
 SlurmdPort=$((PORT + 1))
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCK
 StateSaveLocation=$WORK/spool/ctld
 SlurmdSpoolDir=$WORK/spool/d
 SlurmctldPidFile=$WORK/run/slurmctld.pid
@@ -207,7 +212,6 @@ EOF
 for ((i = 0; i < NGPU; i++)); do echo "NodeName=localhost Name=gpu File=/dev/fakegpu$i" >>"$WORK/etc/gres.conf"; done
 cat >"$WORK/etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCK
 DbdHost=$HOST
 DbdAddr=127.0.0.1
 DbdPort=$((PORT + 2))
