@@ -412,14 +412,19 @@ def write_strict_json(obj, path) -> None:
     path.write_text(json.dumps(strict(obj), indent=1, allow_nan=False) + "\n")
 
 
-def write_curves(rows: list[dict], path) -> None:
+def write_csv(rows: list[dict], path, columns) -> None:
+    """CSV with the given columns; NaN and inf become empty cells (what spreadsheets and DVC expect)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CURVE_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for row in rows:
             w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+
+
+def write_curves(rows: list[dict], path) -> None:
+    write_csv(rows, path, CURVE_COLUMNS)
 
 
 def aggregate(params: dict, scale: str, experiment: str, log=print) -> dict:

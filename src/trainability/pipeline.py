@@ -15,8 +15,6 @@ import yaml
 
 from .config import experiment_names, load_params, run_family, run_names
 
-FIGURE_EXPERIMENTS = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig9",
-                      "ablation-global", "ablation-bound", "ablation-authors")
 TABLES = ("table1.md", "results.md", "results.csv", "paper_vs_ours.md")
 
 

@@ -10,11 +10,17 @@ import torch
 from .data import MNIST_MEAN, MNIST_STD
 
 
-def _generator(device: torch.device, *parts: int) -> torch.Generator:
-    s = 0
+def mix_seed(*parts: int, start: int = 0) -> int:
+    """The one seed-mixing formula: a derived seed as a function of (start, parts) alone, so that every
+    random draw of a run (images, labels, shuffles, inits) depends on (seed, task, ...) only."""
+    s = start
     for p in parts:
         s = (s * 1_000_003 + int(p) + 1) % (2**62)
-    return torch.Generator(device=device).manual_seed(s)
+    return s
+
+
+def _generator(device: torch.device, *parts: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(mix_seed(*parts))
 
 
 def _subsample(x_uint8: torch.Tensor, seed: int, n_images: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,12 +5,11 @@ number of ours is typed in here. The paper's numbers are those of SPEC section 7
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
-from .analysis import FIG1_PANELS, load_summary
+from .analysis import FIG1_PANELS, load_summary, write_csv
 from .config import deep_merge, experiment_names
 from .pipeline import TABLES, table_paths
 
@@ -237,11 +236,7 @@ def results_md(rows: list[dict], scale: str) -> str:
 
 
 def write_results_csv(rows: list[dict], path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()})
+    write_csv(rows, path, RESULT_COLUMNS)
 
 
 # ---------------------------------------------------------------- paper vs ours

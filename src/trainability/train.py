@@ -29,7 +29,7 @@ from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record,
                      save_checkpoint, write_json_atomic)
 from .regularizers import adam_weight_decay, build_regularizer
 from .scheduler import build_scheduler, crossings
-from .streams import batches, make_stream
+from .streams import batches, make_stream, mix_seed
 from .wandb_log import WandbLogger, run_summary, task_metrics
 
 
@@ -47,11 +47,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def _sub_seed(seed: int, *parts: int) -> int:
-    """Deterministic derived seed, so every random draw is a function of (seed, task, ...) alone."""
-    s = seed
-    for p in parts:
-        s = (s * 1_000_003 + p + 1) % (2**62)
-    return s
+    """Derived seed of (seed, task, ...): streams.mix_seed started at the run's seed."""
+    return mix_seed(*parts, start=seed)
 
 
 class Learner:

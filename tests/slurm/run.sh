@@ -51,7 +51,9 @@ wait_for() {  # wait_for SECONDS DESCRIPTION CMD...: poll CMD (10 s a try) until
     local t=$1 what=$2 end rc; shift 2
     end=$((SECONDS + t))
     while [ "$SECONDS" -lt "$end" ]; do
-        rc=0; timeout 10 "$@" >/dev/null 2>&1 || rc=$?
+        rc=0
+        if declare -F "$1" >/dev/null; then "$@" >/dev/null 2>&1 || rc=$?   # a function: times itself out
+        else timeout 10 "$@" >/dev/null 2>&1 || rc=$?; fi
         [ "$rc" = 0 ] && return 0
         [ "$rc" = 99 ] && { log "gave up waiting for $what"; return 1; }
         sleep 1
@@ -168,7 +170,7 @@ mariadbd --no-defaults --user=mysql --datadir="$WORK/db/data" --socket="$DB_SOCK
     --pid-file="$WORK/db/mariadbd.pid" --log-error="$WORK/db/mariadbd.log" --innodb-buffer-pool-size=64M &
 MDB_PID=$!
 PIDS+=("mariadbd:$MDB_PID")
-db_up() { kill -0 "$MDB_PID" 2>/dev/null || return 99; mariadb-admin --no-defaults --socket="$DB_SOCK" -uroot ping; }
+db_up() { kill -0 "$MDB_PID" 2>/dev/null || return 99; timeout 10 mariadb-admin --no-defaults --socket="$DB_SOCK" -uroot ping; }
 wait_for "$READY_TIMEOUT" mariadbd db_up || { tail -n 5 "$WORK/db/mariadbd.log"; exit 1; }
 
 # dummy GPUs: a gres.conf line with File= per GPU (a GPU without File= is dropped and the node goes invalid)
@@ -239,12 +241,12 @@ fi
 slurmctld
 wait_for "$READY_TIMEOUT" "slurmctld (sinfo)" sinfo -h || { tail -n 20 "$LOGS/slurmctld.log"; exit 1; }
 slurmd -N localhost
-node_is() { [ "$(sinfo -h -n localhost -o "$1" | tr -d ' ')" = "$2" ]; }
+node_is() { [ "$(timeout 10 sinfo -h -n localhost -o "$1" | tr -d ' ')" = "$2" ]; }
 wait_for "$READY_TIMEOUT" "node localhost idle (sinfo)" node_is %t idle ||
     { sinfo -N -l; tail -n 20 "$LOGS/slurmd.log" "$LOGS/slurmctld.log"; exit 1; }
 log "cluster up: $(sinfo -h -o '%P %D %c %m %G %t')"
 check "node localhost advertises gpu:$NGPU" node_is %G "gpu:$NGPU"
-has_cluster() { sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; }
+has_cluster() { timeout 10 sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; }
 check "cluster $CLUSTER registered in slurmdbd" has_cluster
 
 # ---------------------------------------------------------------- 3. the smoke DAG through the profile
@@ -292,7 +294,7 @@ sbatch_calls() { grep -o 'sbatch call: sbatch .*' "$1" | sed 's/ --wrap=.*//'; }
 job_ids() { sed -n 's/.*has been submitted with SLURM jobid \([0-9]*\).*/\1/p' "$1" | sort -u; }
 terminal() {  # terminal IDS...: no listed job still pending/running in sacct
     local ids; ids=$(IFS=,; echo "$*")
-    ! sacct -X -n -P -j "$ids" -o State | grep -qE 'PENDING|RUNNING|REQUEUED|SUSPENDED|COMPLETING'
+    ! timeout 10 sacct -X -n -P -j "$ids" -o State | grep -qE 'PENDING|RUNNING|REQUEUED|SUSPENDED|COMPLETING'
 }
 mapfile -t IDS < <(job_ids "$SMK_LOG")
 log "submitted: ${#IDS[@]} jobs (${IDS[*]})"
@@ -395,7 +397,7 @@ if [ "$PAPER_SUBMIT" = 1 ] && [ -s "$WORK/paper-targets" ]; then
     PIDS_PAPER=()
     if wait_for 180 "paper submissions" n_sub; then
         mapfile -t PIDS_PAPER < <(job_ids "$PAPER_LOG")
-        all_running() { [ "$(squeue -h -t R -j "$(IFS=,; echo "${PIDS_PAPER[*]}")" -o %i | grep -c .)" = "${#PIDS_PAPER[@]}" ]; }
+        all_running() { [ "$(timeout 10 squeue -h -t R -j "$(IFS=,; echo "${PIDS_PAPER[*]}")" -o %i | grep -c .)" = "${#PIDS_PAPER[@]}" ]; }
         wait_for 60 "paper jobs RUNNING" all_running || true
         for id in "${PIDS_PAPER[@]}"; do scontrol show job -d "$id" >>"$LOGS/scontrol-paper.txt" 2>&1 || true; done
     fi
