@@ -481,7 +481,8 @@ def paper_vs_ours(params: dict, scale: str, summaries: dict) -> str:
     if "ablation-stream" in summaries:
         rows += stream_rows(summaries)
     counts = {v: sum(r[3].startswith(v) for r in rows) for v in (REP, PART, NOT, NODATA)}
-    scale_note = ("This is the `paper` scale: numbers are compared with the paper's." if paper_scale else
+    scale_note = (f"Scale `{scale}` runs the paper's stream and model: numbers are compared with the paper's"
+                  + (" (first task only)." if scale != "paper" else ".") if paper_scale else
                   f"Scale `{scale}` is smaller than the paper's (fewer and shorter tasks, fewer images): "
                   "absolute accuracies are not comparable, so rows with paper numbers are judged on the "
                   "qualitative direction only and marked \"(qualitative)\".")

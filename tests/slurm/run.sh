@@ -6,7 +6,9 @@
 #
 # 1. install  apt: slurm-wlm munge slurmdbd mariadb-server (if missing); venv: pip install -e ".[slurm]"
 # 2. cluster  munged, mariadbd (--skip-networking), slurmdbd, slurmctld, slurmd -N localhost; all state
-#             (conf, logs, pid files, spool, database) in one temp dir; a node with 2 CPUs and 2 dummy GPUs
+#             (conf, logs, pid files, spool, database) in one temp dir; a node with 2 CPUs and 2 dummy GPUs.
+#             Outside it, for the run only: munge's socket /run/munge, /etc/slurm/slurm.conf (a link: the
+#             jobs' nested srun gets no SLURM_CONF) and /dev/fakegpu0..1
 # 3. dag      figures/smoke/fig2.png of the smoke DAG through --profile profiles/slurm, in a fresh clone
 # 4. checks   every submitted job COMPLETED in sacct; records and summary equal to a local run (another
 #             clone, --cores 2); no smoke job asks for a GPU; every paper run/run_batch_* job asks for
@@ -35,7 +37,7 @@ READY_TIMEOUT=60
 NGPU=2
 
 PASSED=0 FAILED=0 FAILS=() PHASES=() PHASE= PHASE_T0=0 T_START=$(date +%s)
-WORK= PIDS=() MADE_DEVS=() DONE=0
+WORK= PIDS=() MADE_DEVS=() MADE_LINKS=() MADE_MUNGE_DIR=0 SMK_PID= DONE=0
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*"; }
 pass() { PASSED=$((PASSED + 1)); log "PASS: $*"; }
@@ -73,6 +75,9 @@ stop_pid() {  # stop_pid NAME PID: TERM, up to 30 s, then KILL (only if it is st
 pid_of() { [ -s "$1" ] && cat "$1" || true; }
 stop_cluster() {
     [ -n "$WORK" ] || return 0
+    if [ -n "$SMK_PID" ] && kill -0 "$SMK_PID" 2>/dev/null; then   # the background paper snakemake
+        kill -KILL -- "-$SMK_PID" 2>/dev/null || true
+    fi
     if [ -s "$WORK/run/slurmctld.pid" ] && command -v squeue >/dev/null; then
         if [ -n "$(timeout 10 squeue -h -o %i 2>/dev/null)" ]; then
             log "cancelling leftover jobs"; timeout 10 scancel --user=root 2>/dev/null || true
@@ -83,9 +88,10 @@ stop_cluster() {
     for d in slurmd slurmctld slurmdbd; do
         p=$(pid_of "$WORK/run/$d.pid"); [ -n "$p" ] && { log "stopping $d ($p)"; stop_pid "$d" "$p"; }
     done
-    for p in "${PIDS[@]}"; do stop_pid "${p%%:*}" "${p#*:}"; done   # mariadbd (started in the foreground)
+    for p in "${PIDS[@]}"; do log "stopping ${p%%:*} (${p#*:})"; stop_pid "${p%%:*}" "${p#*:}"; done   # mariadbd
     p=$(pid_of "$WORK/munge/munged.pid"); [ -n "$p" ] && { log "stopping munged ($p)"; stop_pid munged "$p"; }
-    for d in "${MADE_DEVS[@]}"; do rm -f "$d"; done
+    for d in "${MADE_DEVS[@]}" "${MADE_LINKS[@]}"; do rm -f "$d"; done
+    [ "$MADE_MUNGE_DIR" = 1 ] && rm -rf /run/munge
     local left; left=$(pgrep -x slurmstepd || true)
     [ -z "$left" ] || log "warning: slurmstepd processes still running: $left"
 }
@@ -153,7 +159,8 @@ MUNGE_SOCK=/run/munge/munge.socket.2
 if [ -S "$MUNGE_SOCK" ] && timeout 10 munge -n </dev/null >/dev/null 2>&1; then
     log "a munged already answers on $MUNGE_SOCK: using it"
 else
-    mkdir -p /run/munge; chown munge:munge /run/munge; chmod 755 /run/munge
+    [ -d /run/munge ] || { mkdir /run/munge; MADE_MUNGE_DIR=1; }
+    chown munge:munge /run/munge; chmod 755 /run/munge
     dd if=/dev/urandom of="$WORK/munge/munge.key" bs=1024 count=1 status=none
     chown -R munge:munge "$WORK/munge"; chmod 700 "$WORK/munge"; chmod 400 "$WORK/munge/munge.key"
     runuser -u munge -- munged --force --key-file="$WORK/munge/munge.key" --socket="$MUNGE_SOCK" \
@@ -212,6 +219,16 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 : >"$WORK/etc/gres.conf"
 for ((i = 0; i < NGPU; i++)); do echo "NodeName=localhost Name=gpu File=/dev/fakegpu$i" >>"$WORK/etc/gres.conf"; done
+# The jobstep plugin runs each job's command through a nested `srun` whose environment it strips of every
+# SLURM_* variable, SLURM_CONF included: srun then needs the config at Slurm's default path.
+ETC_CONF=/etc/slurm/slurm.conf
+if [ -L "$ETC_CONF" ] && [[ "$(readlink "$ETC_CONF")" == /tmp/slurm-test.*/etc/slurm.conf ]] && [ ! -e "$ETC_CONF" ]; then
+    rm -f "$ETC_CONF"                              # left behind by a killed run of this script
+fi
+if [ -e "$ETC_CONF" ] || [ -L "$ETC_CONF" ]; then
+    log "$ETC_CONF exists: this machine has a Slurm of its own; not touching it"; exit 1
+fi
+mkdir -p /etc/slurm; ln -s "$SLURM_CONF" "$ETC_CONF"; MADE_LINKS+=("$ETC_CONF")
 cat >"$WORK/etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
 DbdHost=$HOST
@@ -253,7 +270,7 @@ check "cluster $CLUSTER registered in slurmdbd" has_cluster
 export PATH=$VENV/bin:$PATH WANDB_MODE=offline
 clone() {  # clone DIR: a fresh clone of the repository's HEAD, MNIST prepared in it
     git clone -q "$REPO" "$1"
-    (cd "$1" && "$PY" -m trainability.data --root data >"$LOGS/data-$(basename "$1").log" 2>&1)
+    (cd "$1" && PYTHONPATH=$1/src "$PY" -m trainability.data --root data >"$LOGS/data-$(basename "$1").log" 2>&1)
 }
 smk() {  # smk DIR LOG ARGS...: snakemake in DIR (its own src/ first on the path), killed after DAG_TIMEOUT
     local dir=$1 out=$2; shift 2
@@ -292,9 +309,10 @@ phase checks
 # sbatch calls and submitted ids, from the (verbose) snakemake log
 sbatch_calls() { grep -o 'sbatch call: sbatch .*' "$1" | sed 's/ --wrap=.*//'; }
 job_ids() { sed -n 's/.*has been submitted with SLURM jobid \([0-9]*\).*/\1/p' "$1" | sort -u; }
-terminal() {  # terminal IDS...: no listed job still pending/running in sacct
-    local ids; ids=$(IFS=,; echo "$*")
-    ! timeout 10 sacct -X -n -P -j "$ids" -o State | grep -qE 'PENDING|RUNNING|REQUEUED|SUSPENDED|COMPLETING'
+terminal() {  # terminal IDS...: every listed job in sacct, none still pending/running
+    local ids st; ids=$(IFS=,; echo "$*")
+    st=$(timeout 10 sacct -X -n -P -j "$ids" -o State) || return 1
+    [ "$(echo "$st" | grep -c .)" = "$#" ] && ! echo "$st" | grep -qE 'PENDING|RUNNING|REQUEUED|SUSPENDED|COMPLETING'
 }
 mapfile -t IDS < <(job_ids "$SMK_LOG")
 log "submitted: ${#IDS[@]} jobs (${IDS[*]})"
