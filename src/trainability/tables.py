@@ -73,6 +73,13 @@ task), per seed; "first" = task 1. Seed ranges = [min, max] over seeds.
   drawn at its raw value clipped into the actual range, so one that never crosses sits at the top.
 """
 
+STREAM_RULE = """\
+- *ablation-stream (task 1)*: online accuracy of task 1 against the paper's Fig. 5 read at task 1, on
+  the stream the authors ran only (the other streams are ablations the paper has no number for):
+  reproduced if |ours - paper| <= 0.05, partly if <= 0.10; "scheduler beats vanilla" as *A beats B* on
+  task 1.
+"""
+
 # SPEC 7, Fig. 5 (task accuracy, 40 tasks x 250 epochs, 3 seeds): (text, value at task 40, shape)
 PAPER_FIG5 = {
     ("crelu", "vanilla"): ("~0.10 throughout", 0.10, "chance"),
@@ -490,7 +497,8 @@ def paper_vs_ours(params: dict, scale: str, summaries: dict) -> str:
     return (f"# Paper vs ours (scale `{scale}`)\n\n{scale_note}\n"
             + (f"\nMissing summaries: {', '.join(missing)}.\n" if missing else "")
             + f"\nTally: {counts[REP]} reproduced, {counts[PART]} partly, {counts[NOT]} not reproduced, "
-              f"{counts[NODATA]} no data.\n\n" + VERDICT_RULES + "\n"
+              f"{counts[NODATA]} no data.\n\n" + VERDICT_RULES
+            + (STREAM_RULE if "ablation-stream" in summaries else "") + "\n"
             + table(["claim", "paper", "ours", "verdict"], rows))
 
 
