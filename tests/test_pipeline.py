@@ -149,12 +149,16 @@ def test_dvc_exp_run_set_changes_that_run_only(dvc_repo):
     `families`, so no other run shares the edited entry (YAML anchors used to make them share it)."""
     text = (dvc_repo / "params.yaml").read_text()
     try:
-        out = sh(str(BIN / "dvc"), "exp", "run", "--dry", "-S", "+runs.l2-vanilla.optim.lr=3e-4", cwd=dvc_repo)
+        # ++: add or override (an earlier test may have set this key already)
+        out = sh(str(BIN / "dvc"), "exp", "run", "-S", "++runs.l2-vanilla.optim.lr=2e-4", cwd=dvc_repo)
         log = out.stdout + out.stderr
         running = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
         assert {s for s in running if s.startswith("run_")} == {"run_l2-vanilla_seed0", "run_l2-vanilla_seed1"}, log
         params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
+        assert params["runs"]["l2-vanilla"]["optim"]["lr"] == 2e-4
         assert params["runs"]["l2-scheduled"] == {"extends": "l2", "arm": "scheduled"}
+        rec = json.loads((dvc_repo / "results/smoke/runs/l2-vanilla/seed0/record.json").read_text())
+        assert rec["config"]["optim"]["lr"] == 2e-4                          # the job ran that config
     finally:
         (dvc_repo / "params.yaml").write_text(text)
 
