@@ -33,3 +33,18 @@ def test_wandb_failure_does_not_fail_the_run(tmp_path, mnist_root, monkeypatch):
     monkeypatch.setattr(wandb, "init", broken_init)
     rec = run(_cfg(tmp_path, mnist_root, "offline"), tmp_path / "run", progress=False)
     assert rec["status"] == "completed" and len(rec["tasks"]) == 2
+
+
+def test_online_without_network_falls_back_to_offline(tmp_path, mnist_root, monkeypatch):
+    """An online run that cannot reach W&B (e.g. a key set, no network) logs offline instead."""
+    import wandb
+    real_init = wandb.init
+
+    def init(*a, mode=None, **k):
+        if mode == "online":
+            raise TimeoutError("simulated: no network")
+        return real_init(*a, mode=mode, **k)
+    monkeypatch.setattr(wandb, "init", init)
+    rec = run(_cfg(tmp_path, mnist_root, "online"), tmp_path / "run", progress=False)
+    assert rec["status"] == "completed"
+    assert glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "*.wandb"))

@@ -38,11 +38,21 @@ class WandbLogger:
             os.makedirs(dir, exist_ok=True)
             import wandb
 
-            self.run = wandb.init(project=project, entity=entity, name=name, group=group,
-                                  job_type=job_type, tags=tags or [], config=cfg, mode=mode, dir=dir,
+            def init(m: str):
+                # online: give up after 15 s (a set key without network would cost each job 60 s)
+                return wandb.init(project=project, entity=entity, name=name, group=group,
+                                  job_type=job_type, tags=tags or [], config=cfg, mode=m, dir=dir,
                                   reinit="create_new",
-                                  settings=wandb.Settings(init_timeout=60, console="off",
-                                                          x_disable_stats=True))
+                                  settings=wandb.Settings(init_timeout=15 if m == "online" else 60,
+                                                          console="off", x_disable_stats=True))
+            try:
+                self.run = init(mode)
+            except Exception as e:  # noqa: BLE001
+                if mode != "online":
+                    raise
+                print(f"[wandb] online init failed ({e}); logging offline instead (`wandb sync` later)",
+                      file=sys.stderr)
+                self.run = init("offline")
         except Exception as e:  # noqa: BLE001 - W&B must never fail a run
             self._fail(e)
 
