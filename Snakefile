@@ -5,7 +5,7 @@
 # Experiments, runs and scales are defined in params.yaml only (validated below before any job runs).
 import re
 import sys
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -14,12 +14,12 @@ configfile: "params.yaml"
 from trainability.config import ConfigError, validate_params, resolve_run, config_hash, experiment_names
 from trainability import pipeline as P
 
-try:  # ours first: its messages name the key (and say why a --config number arrived as a string)
+# params.schema.yaml plus cross-references (trainability.config): the message names the key
+try:
     validate_params(config)
 except ConfigError as e:
     raise WorkflowError(f"{e}\n(snakemake --config passes nested values as strings: put numbers in "
                         "params.yaml, or use trainability-run --set for one run)") from None
-validate(config, "src/trainability/params.schema.yaml")
 # Jobs read this file, not params.yaml: it is the config Snakemake planned with, `--config` overrides
 # included, so a job trains exactly what the plan (and its record.json) says. Named by its content.
 PARAMS = P.write_effective_params(config)

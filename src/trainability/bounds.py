@@ -54,20 +54,20 @@ def curvature_statistic(kind: str, x, stats: dict):
     if kind == "sq_dev":
         return stats["sq_dev"]
     if kind == "sq_dev_over_mu":
-        mu = stats["mu"]
-        if hasattr(mu, "clamp_min"):   # tensors (batched.StackedScheduler)
-            import torch
-            return torch.where(mu > 0, stats["sq_dev"] / mu, 0.0)
-        return stats["sq_dev"] / mu if mu > 0 else 0.0
+        return _where_mu_positive(stats["mu"], lambda mu: stats["sq_dev"] / mu)
     if kind == "lam_bar":
         return x
     if kind == "x2_over_mu_sq":
-        mu = stats["mu"]
-        if hasattr(mu, "clamp_min"):   # tensors (batched.StackedScheduler)
-            import torch
-            return torch.where(mu > 0, (x * x / mu) ** 2, 0.0)
-        return (x * x / mu) ** 2 if mu > 0 else 0.0
+        return _where_mu_positive(stats["mu"], lambda mu: (x * x / mu) ** 2)
     raise ValueError(f"scheduler.statistic: unknown {kind!r}")
+
+
+def _where_mu_positive(mu, value):
+    """value(mu) where mu > 0, else 0 (the authors' `... if mu > 0 else 0`), for a float or a tensor."""
+    if hasattr(mu, "clamp_min"):   # tensors (batched.StackedScheduler)
+        import torch
+        return torch.where(mu > 0, value(mu), 0.0)
+    return value(mu) if mu > 0 else 0.0
 
 
 def alpha_tilde(grad_sq, sigma2_ps, B: int, S, beta: float):
