@@ -101,3 +101,22 @@ def test_batches_deterministic():
     (c0, _), sizes = epochs(7, drop_last=False)
     assert sizes == [256, 256, 256, 232] and torch.equal(c0.sort().values, torch.arange(1000))
     assert list(batches(100, 256, torch.Generator(), drop_last=True)) == []
+
+
+@pytest.mark.parametrize("pool", [2, 4, 7])
+def test_pooled_stream_is_the_average_of_pixel_blocks(mnist, pool):
+    """stream.pool averages pool x pool pixel blocks, then normalises with the full images' mean/std;
+    the model's input size follows (streams.input_dim)."""
+    from trainability.streams import input_dim
+    x_u8, y = mnist
+    s = make_stream(dict(CFG, n_images=300, pool=pool), *mnist, seed=0, device="cpu")
+    side = 28 // pool
+    assert s.input_dim == input_dim({"pool": pool}) == side * side
+    _, idx = _subsample(x_u8, 0, 300, "cpu")
+    img = x_u8[idx[5]].float() / 255
+    block = img[pool:2 * pool, 2 * pool:3 * pool].mean()   # block (row 1, column 2)
+    assert torch.allclose(s.x[5, side + 2] * MNIST_STD + MNIST_MEAN, block, atol=1e-6)
+    # pool 1 is the paper's 784 pixels, unchanged
+    assert input_dim({}) == 784
+    assert torch.equal(make_stream(dict(CFG, n_images=300, pool=1), *mnist, seed=0, device="cpu").x,
+                       make_stream(dict(CFG, n_images=300), *mnist, seed=0, device="cpu").x)

@@ -37,7 +37,7 @@ from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record,
                      save_checkpoint, write_json_atomic)
 from .regularizers import WassersteinPenalty
 from .scheduler import ROW_FIELDS, crossings
-from .streams import batches, make_stream
+from .streams import batches, input_dim, make_stream
 from .optim import ramped_betas
 from .train import _sub_seed, _wandb_logger, measures, pick_device, steps_per_task, task_online_acc
 from .wandb_log import run_summary, task_metrics
@@ -145,7 +145,7 @@ class StackedMLP:
     @torch.no_grad()
     def extract(self, m: int, cfg_model: dict):
         """Model m as a models.MLP (for the indicators, which run once per task)."""
-        model = build_model(cfg_model).to(self.W[0].device)
+        model = build_model(cfg_model, self.W[0].shape[2]).to(self.W[0].device)
         for l, lin in enumerate(model.linears):
             lin.weight.copy_(self.W[l][m])
             lin.bias.copy_(self.b[l][m])
@@ -539,7 +539,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     models = []
     for c in cfgs:
         torch.manual_seed(_sub_seed(c["seed"], 0))   # as train.Learner
-        models.append(build_model(c["model"]))
+        models.append(build_model(c["model"], input_dim(c["stream"])))
     net = StackedMLP(models, device)
     L = net.n_layers
     lr0 = [float(c["optim"]["lr"]) for c in cfgs]
@@ -595,7 +595,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
             for m, c in enumerate(cfgs):
                 if c["arm"] == "reset":   # as train.run: a fresh model, optimiser, probe and scheduler
                     torch.manual_seed(_sub_seed(c["seed"], t))
-                    net.load(m, build_model(c["model"]))
+                    net.load(m, build_model(c["model"], input_dim(c["stream"])))
                     adam.reset(m, lr0[m])
                     if wass is not None:
                         wass.reset(m)

@@ -96,9 +96,10 @@ class MLP(nn.Module):
         return self.linears[self._n_hidden](x), pre, post
 
 
-def build_model(cfg: dict) -> MLP:
-    """cfg = params.yaml `model` block: {activation, rho, widths, batchnorm[, input_dim, n_classes]}."""
-    return MLP(input_dim=cfg.get("input_dim", 784), widths=tuple(cfg.get("widths", (256, 256))),
+def build_model(cfg: dict, input_dim: int = 784) -> MLP:
+    """cfg = params.yaml `model` block: {activation, rho, widths, batchnorm[, n_classes]}; `input_dim` is
+    the stream's (streams.input_dim)."""
+    return MLP(input_dim=input_dim, widths=tuple(cfg.get("widths", (256, 256))),
                n_classes=cfg.get("n_classes", 10), activation=cfg.get("activation", "relu"),
                rho=cfg.get("rho", 0.0), batchnorm=cfg.get("batchnorm", False))
 

@@ -6,6 +6,7 @@ can be regenerated after a restart without any saved random state.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .data import MNIST_MEAN, MNIST_STD
 
@@ -23,12 +24,22 @@ def _generator(device: torch.device, *parts: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(mix_seed(*parts))
 
 
-def _subsample(x_uint8: torch.Tensor, seed: int, n_images: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick n_images once per seed; flatten and normalise with the dataset's scalar mean/std."""
+def input_dim(stream_cfg: dict) -> int:
+    """Number of model inputs: 784 pixels, or (28 / pool)^2 with `stream.pool`."""
+    return (28 // stream_cfg.get("pool", 1)) ** 2
+
+
+def _subsample(x_uint8: torch.Tensor, seed: int, n_images: int, device,
+               pool: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick n_images once per seed; average-pool by `pool` (1: none, the paper); flatten and normalise with
+    the dataset's scalar mean/std."""
     if n_images > len(x_uint8):
         raise ValueError(f"stream.n_images={n_images} exceeds the {len(x_uint8)} MNIST training images")
     idx = torch.randperm(len(x_uint8), generator=_generator(torch.device("cpu"), seed, 0))[:n_images]
-    x = (x_uint8[idx].reshape(n_images, -1).float() / 255.0 - MNIST_MEAN) / MNIST_STD
+    x = x_uint8[idx].float() / 255.0
+    if pool > 1:   # [choice] a smaller input for the CPU default: fewer parameters to memorise with
+        x = F.avg_pool2d(x.unsqueeze(1), pool)
+    x = (x.reshape(n_images, -1) - MNIST_MEAN) / MNIST_STD
     return x.to(device), idx
 
 
@@ -40,12 +51,12 @@ class RandomLabelStream:
     (which matches the true one by chance 1/n_classes). Task t's labels depend on (seed, t) only."""
 
     def __init__(self, x_uint8, y, seed: int, n_images: int = 21000, label_fraction: float = 1.0,
-                 n_classes: int = 10, device="cpu"):
+                 n_classes: int = 10, device="cpu", pool: int = 1):
         if not 0.0 <= label_fraction <= 1.0:
             raise ValueError(f"stream.label_fraction={label_fraction} must lie in [0, 1]")
         self.device = torch.device(device)
         self.seed, self.label_fraction, self.n_classes = seed, label_fraction, n_classes
-        self.x, idx = _subsample(x_uint8, seed, n_images, self.device)
+        self.x, idx = _subsample(x_uint8, seed, n_images, self.device, pool)
         self.y_true = y[idx].to(self.device)
         self.n, self.input_dim = self.x.shape
 
@@ -63,10 +74,10 @@ class PermutedStream:
     """Permuted-pixel MNIST (beyond the paper): task t applies its own fixed pixel permutation (every
     task is permuted, task 0 included) to the same images, with their true labels."""
 
-    def __init__(self, x_uint8, y, seed: int, n_images: int = 21000, device="cpu", **_):
+    def __init__(self, x_uint8, y, seed: int, n_images: int = 21000, device="cpu", pool: int = 1):
         self.device = torch.device(device)
         self.seed = seed
-        self.x, idx = _subsample(x_uint8, seed, n_images, self.device)
+        self.x, idx = _subsample(x_uint8, seed, n_images, self.device, pool)
         self.y = y[idx].to(self.device)
         self.n, self.input_dim = self.x.shape
         self.n_classes = 10
@@ -77,11 +88,13 @@ class PermutedStream:
 
 
 def make_stream(cfg: dict, x_uint8, y, seed: int, device="cpu"):
-    """cfg = params.yaml `stream` block: {kind, n_images, label_fraction}."""
+    """cfg = params.yaml `stream` block: {kind, n_images, label_fraction, pool} (drop_last is the loop's)."""
+    pool = cfg.get("pool", 1)
     if cfg["kind"] == "random_label":
-        return RandomLabelStream(x_uint8, y, seed, cfg["n_images"], cfg.get("label_fraction", 1.0), device=device)
+        return RandomLabelStream(x_uint8, y, seed, cfg["n_images"], cfg.get("label_fraction", 1.0), device=device,
+                                 pool=pool)
     if cfg["kind"] == "permuted":
-        return PermutedStream(x_uint8, y, seed, cfg["n_images"], device=device)
+        return PermutedStream(x_uint8, y, seed, cfg["n_images"], device=device, pool=pool)
     raise ValueError(f"stream.kind: unknown {cfg['kind']!r}")
 
 

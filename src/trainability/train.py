@@ -29,7 +29,7 @@ from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record,
                      save_checkpoint, write_json_atomic)
 from .regularizers import adam_weight_decay, build_regularizer
 from .scheduler import build_scheduler, crossings
-from .streams import batches, make_stream, mix_seed
+from .streams import batches, input_dim, make_stream, mix_seed
 from .wandb_log import WandbLogger, run_summary, task_metrics
 
 
@@ -56,7 +56,7 @@ class Learner:
 
     def __init__(self, cfg: dict, device: torch.device, init_seed: int):
         torch.manual_seed(init_seed)
-        self.model = build_model(cfg["model"]).to(device)
+        self.model = build_model(cfg["model"], input_dim(cfg["stream"])).to(device)
         o = cfg["optim"]
         self.optimizer = torch.optim.Adam(
             param_groups(self.model, o["lr"], adam_weight_decay(cfg["regularizer"])),
