@@ -79,6 +79,13 @@ def test_the_authors_stream_equals_single_runs(tmp_path, mnist_root):
     assert all(t["steps"] == 2 * 3 for rec in batch for t in rec["tasks"])
 
 
+def test_pooled_inputs_equal_single_runs(tmp_path, mnist_root):
+    """The `pooled` scale's 7x7 inputs (stream.pool 4): a 49-input first layer in both engines."""
+    d = {"data": {"root": mnist_root}, "stream": {"pool": 4}}
+    batch = _check_equal([tiny("l2-vanilla", **d), tiny("l2-scheduled", **d)], tmp_path)
+    assert batch[0]["config"]["stream"]["pool"] == 4
+
+
 def test_the_authors_bound_equals_single_runs(tmp_path, mnist_root):
     """The `*-authors` settings [code]: the authors' alpha_agg form and per-method statistics."""
     d = {"data": {"root": mnist_root}, "scheduler": {"code_alpha_agg": True, "beta": 20.0}}

@@ -148,7 +148,7 @@ def test_build_model_defaults_and_errors():
     m = build_model({})
     assert m.activation == "relu" and len(m.bns) == 0
     assert [(l.in_features, l.out_features) for l in m.linears] == [(784, 256), (256, 256), (256, 10)]
-    m = build_model({"widths": [8], "input_dim": 5, "n_classes": 3, "activation": "crelu"})
+    m = build_model({"widths": [8], "n_classes": 3, "activation": "crelu"}, input_dim=5)
     assert [(l.in_features, l.out_features) for l in m.linears] == [(5, 8), (16, 3)]
     assert m(torch.randn(2, 5)).shape == (2, 3)
     with pytest.raises(ValueError):
