@@ -35,7 +35,10 @@ include: "workflow/rules/runs.smk"
 include: "workflow/rules/figures.smk"
 
 
+# The summaries live under results/ (not committed): in a fresh clone, whose figures/ holds the committed
+# figures, they are missing, so the whole replication runs instead of "nothing to be done".
 rule all:
     input:
+        [P.summary_path(config, SCALE, e) for e in experiment_names(config, SCALE)],
         [f for e in experiment_names(config, SCALE) for f in P.figure_paths(SCALE, e)],
         P.table_paths(SCALE),
