@@ -8,7 +8,7 @@ import torch
 
 from trainability import config as C
 from trainability.batched import batched_lanczos, check_batchable, run_batched
-from trainability.measure import _lanczos
+from trainability.eigen import _lanczos
 from trainability.train import run
 
 from test_train import strip, tiny

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from . import config as C
 from .data import DataError, load_mnist
-from .measure import DecisionProbe, compute_indicators
+from .indicators import compute_indicators
+from .measure import DecisionProbe
 from .models import build_model, param_groups
 from .optim import ramped_betas
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
