@@ -616,7 +616,9 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                 x, y = xs[sidx[m]], ys[sidx[m]]
                 model = net.extract(m, c["model"])
                 reg = wass.for_model(m, model) if wass is not None and lam_w[m] > 0 else None
-                indicators[m] = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], reg, float(wd[m]))
+                indicators[m] = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], reg, float(wd[m]),
+                                                   eig_tol=c["measure"]["eig_tol"],
+                                                   eig_max_iter=c["measure"]["eig_max_iter"])
         gens = [torch.Generator(device=device).manual_seed(_sub_seed(c["seed"], t, 1)) for c in cfgs]
         correct = torch.zeros(M, device=device)           # over full minibatches
         correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)
