@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from . import bounds as Bd
+from . import bounds
 
 ROW_FIELDS = ("lr", "alpha", "alpha_g", "alpha_vol", "tau", "alpha_tilde", "bound", "lam_max", "lam_bar",
               "vol", "mu", "sigma2_win", "sigma2_ps", "grad_sq", "eig_iters", "rule")
@@ -45,7 +45,7 @@ class NoiseCurvatureScheduler:
             raise ValueError(f"scheduler.variant: unknown {variant!r}")
         if bound not in ("combined", "noise", "curvature"):
             raise ValueError(f"scheduler.bound: unknown {bound!r}")
-        if statistic not in Bd.STATISTICS:
+        if statistic not in bounds.STATISTICS:
             raise ValueError(f"scheduler.statistic: unknown {statistic!r}")   # fail at build, not mid-run
         self.optimizer, self.B = optimizer, batch_size
         self.variant, self.bound = variant, bound
@@ -56,7 +56,7 @@ class NoiseCurvatureScheduler:
         self.code_alpha_agg = code_alpha_agg   # consumed by the probe; kept here for the record
         # one window per layer and one for the whole network: per-layer bounds are logged in both variants
         keys = [g["layer"] for g in optimizer.param_groups] + ["global"]
-        self.windows = {k: Bd.VolatilityWindow(window) for k in keys}
+        self.windows = {k: bounds.VolatilityWindow(window) for k in keys}
         # how often each rule fired (would have fired, if act=False) per decision key (SPEC 6)
         self.rule_counts = {k: {"cool": 0, "warm": 0, "none": 0} for k in keys}
 
@@ -71,11 +71,11 @@ class NoiseCurvatureScheduler:
         noise_nan = _isnan(m["grad_sq"]) or _isnan(m["sigma2_ps"])
         curv_nan = _isnan(lam_bar)
         B = m.get("batch_size", self.B)   # the measured minibatch's size (an epoch's last may be partial)
-        a_g = math.nan if noise_nan else Bd.alpha_g(m["grad_sq"], m["sigma2_ps"], B)
-        a_vol = math.nan if curv_nan else Bd.alpha_vol(stats["vol"], self.kappa)
-        t = math.nan if curv_nan else Bd.tau(stats["mu"], stats["sigma2"])
-        a_tilde = math.nan if noise_nan or curv_nan else Bd.alpha_tilde(
-            m["grad_sq"], m["sigma2_ps"], B, Bd.curvature_statistic(self.statistic, lam_bar, stats),
+        a_g = math.nan if noise_nan else bounds.alpha_g(m["grad_sq"], m["sigma2_ps"], B)
+        a_vol = math.nan if curv_nan else bounds.alpha_vol(stats["vol"], self.kappa)
+        t = math.nan if curv_nan else bounds.tau(stats["mu"], stats["sigma2"])
+        a_tilde = math.nan if noise_nan or curv_nan else bounds.alpha_tilde(
+            m["grad_sq"], m["sigma2_ps"], B, bounds.curvature_statistic(self.statistic, lam_bar, stats),
             self.beta)
         bound = {"combined": a_tilde, "noise": a_g, "curvature": t}[self.bound]
         alpha = m["alpha"]

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import config as C
+from .config import (ConfigError, config_hash, params_and_scale, params_parser, resolve_with_sets,
+                     validate_run)
 from .data import DataError, load_mnist
 from .indicators import compute_indicators
 from .measure import DecisionProbe
@@ -43,7 +44,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError("device: 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')")
+        raise ConfigError("device: 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')")
     return torch.device(name)
 
 
@@ -115,7 +116,7 @@ def steps_per_task(cfg: dict) -> tuple[int, int, int]:
     n, B = cfg["stream"]["n_images"], cfg["batch_size"]
     per_epoch = n // B if cfg["stream"]["drop_last"] else -(-n // B)
     if per_epoch < 1:
-        raise C.ConfigError(f"stream.n_images ({cfg['stream']['n_images']}) must be >= batch_size "
+        raise ConfigError(f"stream.n_images ({cfg['stream']['n_images']}) must be >= batch_size "
                             f"({cfg['batch_size']})")
     return epochs, per_epoch, epochs * per_epoch
 
@@ -145,12 +146,12 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
 
     `stop_after_task` simulates an interruption (used by the resume test).
     """
-    cfg = C.validate_run(cfg)
+    cfg = validate_run(cfg)
     meta = meta or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record_path, ckpt_path = out_dir / RECORD_NAME, out_dir / CHECKPOINT_NAME
-    chash = C.config_hash(cfg)
+    chash = config_hash(cfg)
     if resume and record_path.exists():
         try:
             done = load_record(record_path)
@@ -197,7 +198,9 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
         if cfg["indicators"]["enabled"]:
             nf = cfg["indicators"]["n_fixed"]
             indicators = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], learner.regularizer,
-                                            adam_weight_decay(cfg["regularizer"]))
+                                            adam_weight_decay(cfg["regularizer"]),
+                                            eig_tol=cfg["measure"]["eig_tol"],
+                                            eig_max_iter=cfg["measure"]["eig_max_iter"])
         gen = torch.Generator(device=device).manual_seed(_sub_seed(seed, t, 1))
         correct = torch.zeros((), device=device)          # over full minibatches
         correct_partial = torch.zeros((), device=device)  # over last partial ones (drop_last false)
@@ -322,13 +325,11 @@ def _alive(pid: int) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = params_parser(
         prog="trainability-run",
         description="Run one continual-learning stream (one run config x one seed) and write its record.json. "
                     "The config is run_defaults <- scales[SCALE].run <- runs[RUN] from params.yaml, then --set.",
         epilog="example: trainability-run --run crelu-scheduled --scale smoke --seed 0 --out /tmp/crelu")
-    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    p.add_argument("--scale", default=None, help="entry of `scales` (default: params.yaml's `scale`)")
     p.add_argument("--run", required=True, help="entry of `runs` in params.yaml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: <results_dir>/<scale>/runs/<run>/seed<seed>)")
@@ -343,9 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params, scale = C.params_and_scale(args.params, args.scale)
-        cfg = C.resolve_with_sets(params, scale, args.run, args.seed, args.set)
-    except C.ConfigError as e:
+        params, scale = params_and_scale(args.params, args.scale)
+        cfg = resolve_with_sets(params, scale, args.run, args.seed, args.set)
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
