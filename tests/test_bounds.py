@@ -1,4 +1,4 @@
-"""The bounds of SPEC 5 (Eqs. 1-3, A.3, A.5) on hand-made numbers, the volatility window against numpy,
+"""The bounds of the paper's Sec. 4 (Eqs. 1-3, A.3, A.5) on hand-made numbers, the volatility window against numpy,
 the curvature statistics, and zero-denominator safety."""
 import math
 

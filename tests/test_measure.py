@@ -1,4 +1,4 @@
-"""Measurements (SPEC 4, 5) against brute force on small float64 networks: per-example variance vs a
+"""Measurements (paper Sec. 3-4) against brute force on small float64 networks: per-example variance vs a
 loop of per-example backward passes, layer-block eigenvalues vs eigvalsh of the exact Hessian block,
 the warm-started solver vs the authors' 100-iteration cold power iteration, Adam's effective step vs
 a hand computation, the probe's bookkeeping, and the indicators on constructed cases."""
@@ -157,7 +157,7 @@ def test_power_iteration_cold_runs_exactly_max_iter_and_tolerance_stops_early():
 
 def test_warm_started_solver_tracks_the_cold_100_iteration_estimate_during_training():
     """The probe's warm-started Lanczos (tol 1e-3) vs the authors' 100 cold power iterations, at
-    decisions spaced by Adam steps: within 2% (SPEC 6 [choice]), with far fewer products."""
+    decisions spaced by Adam steps: within 2% (docs/METHOD.md §6 [choice]), with far fewer products."""
     model = small(widths=(16, 16), d_in=12, n_classes=5)
     x, y = data(n=64, d_in=12, n_classes=5)
     opt = torch.optim.Adam(M_groups(model), lr=1e-2)

@@ -135,7 +135,7 @@ def layer_top_eigenvalues(loss: torch.Tensor, params_by_layer: dict[int, list[to
                           min_iter: int = 2, generator: torch.Generator | None = None,
                           method: str = "lanczos", weight_decay: float = 0.0):
     """Top (largest-magnitude, signed) eigenvalue lambda_max of each diagonal Hessian block H_ll of
-    `loss` (SPEC 5): returns (eig {l: float}, vecs {l: Tensor}, iters {l: Hessian-vector products}).
+    `loss` (paper Sec. 4): returns (eig {l: float}, vecs {l: Tensor}, iters {l: Hessian-vector products}).
 
     One create_graph gradient serves every block and every iteration. Starts from v0[l] (warm start:
     the previous decision's eigenvector) when given, else a Gaussian from `generator`; stops when the
@@ -153,8 +153,8 @@ def full_top_eigenvalue(loss: torch.Tensor, params: list[torch.Tensor], v0: torc
                         tol: float = 1e-3, max_iter: int = 100, min_iter: int = 2,
                         generator: torch.Generator | None = None, method: str = "lanczos",
                         weight_decay: float = 0.0):
-    """Top eigenvalue of the whole Hessian of `loss` w.r.t. `params` (sharpness, SPEC 4; the global
-    scheduler variant, SPEC 6): (eig, vec, iters)."""
+    """Top eigenvalue of the whole Hessian of `loss` w.r.t. `params` (sharpness, paper Fig. 1c; the global
+    variant of Algorithm 1): (eig, vec, iters)."""
     e, v, it = layer_top_eigenvalues(loss, {0: list(params)}, None if v0 is None else {0: v0}, tol,
                                      max_iter, min_iter, generator, method, weight_decay)
     return e[0], v[0], it[0]

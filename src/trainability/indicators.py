@@ -17,7 +17,7 @@ from .measure import buffers_kept
 
 
 def hessian_rank(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mass: float = 0.99) -> float:
-    """Empirical-Fisher rank proxy (SPEC 4): per-example gradients G (n x P) of n fixed examples; the
+    """Empirical-Fisher rank proxy (paper Fig. 1a): per-example gradients G (n x P) of n fixed examples; the
     smallest j whose leading eigenvalues of G G^T reach `mass` of their sum, reported as j / n [code].
     Per-example gradients via torch.func (vmap of grad); the model runs in eval mode (BatchNorm on one
     example needs running statistics)."""
@@ -45,7 +45,7 @@ def hessian_rank(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mass: float
 
 
 def unit_sign_entropy(pre: torch.Tensor) -> float:
-    """Mean over units of the binary entropy (nats) of p_j = fraction of examples with h_j > 0 (SPEC 4);
+    """Mean over units of the binary entropy (nats) of p_j = fraction of examples with h_j > 0 (paper Fig. 1b);
     `pre` = layer-1 pre-activations [B, units]."""
     p = (pre > 0).double().mean(0)
     h = -(p * torch.log(p.clamp_min(1e-300)) + (1 - p) * torch.log((1 - p).clamp_min(1e-300)))
@@ -83,7 +83,7 @@ def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, regularizer=No
 
 def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, regularizer=None,
               weight_decay: float = 0.0, tol: float = 1e-4, max_iter: int = 100, seed: int = 0) -> float:
-    """Top eigenvalue of the minibatch objective's Hessian, regulariser included (SPEC 4). BatchNorm
+    """Top eigenvalue of the minibatch objective's Hessian, regulariser included (paper Fig. 1c). BatchNorm
     running statistics are left as they were."""
     with buffers_kept(model):
         loss = objective(model, x, y, regularizer, weight_decay)
@@ -93,13 +93,13 @@ def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, regularizer=No
 
 
 def weight_norm(model: nn.Module) -> float:
-    """Mean absolute parameter value (SPEC 4)."""
+    """Mean absolute parameter value (paper Fig. 1d)."""
     ps = list(model.parameters())
     return sum(p.detach().abs().sum().item() for p in ps) / sum(p.numel() for p in ps)
 
 
 def grad_norm(model: nn.Module, grads: list | None = None) -> float:
-    """Mean absolute gradient (SPEC 4): of `grads` (aligned with model.parameters()) or else p.grad."""
+    """Mean absolute gradient (paper Fig. 1e): of `grads` (aligned with model.parameters()) or else p.grad."""
     ps = list(model.parameters())
     grads = grads if grads is not None else [p.grad for p in ps]
     total = sum(g.detach().abs().sum().item() for g in grads if g is not None)
@@ -107,7 +107,7 @@ def grad_norm(model: nn.Module, grads: list | None = None) -> float:
 
 
 def grad_param_ratio(model: nn.Module, grads: list | None = None) -> float:
-    """Gradient norm / weight norm (SPEC 4); inf for an all-zero model."""
+    """Gradient norm / weight norm (paper Fig. 1f); inf for an all-zero model."""
     w = weight_norm(model)
     return grad_norm(model, grads) / w if w > 0 else math.inf
 
@@ -115,7 +115,7 @@ def grad_param_ratio(model: nn.Module, grads: list | None = None) -> float:
 def compute_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_fixed: torch.Tensor,
                        y_fixed: torch.Tensor, regularizer=None, weight_decay: float = 0.0,
                        eig_tol: float = 1e-4, eig_max_iter: int = 100) -> dict[str, float]:
-    """All indicators of SPEC 4 (and two beyond it) at the current parameters, on a batch (x, y) and the
+    """All indicators of the paper's Sec. 3 / Fig. 1 (and two beyond it) at the current parameters, on a batch (x, y) and the
     n fixed examples (x_fixed, y_fixed) of the Hessian rank. Leaves the model's .grad and BatchNorm
     statistics untouched (gradients via autograd.grad)."""
     params = list(model.parameters())

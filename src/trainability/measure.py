@@ -69,13 +69,13 @@ class LayerProbe:
                 h.remove()
 
     def per_example_stats(self, B: int) -> dict[int, tuple[float, float]]:
-        """{l: (sigma2_ps, ||gbar||^2)} of the CE loss (a batch mean), weight and bias together (SPEC 5).
+        """{l: (sigma2_ps, ||gbar||^2)} of the CE loss (a batch mean), weight and bias together (paper Sec. 4).
 
         delta = captured gradient of the *mean* loss, so example i's own gradient is B delta_i a_i^T
         (bias: B delta_i). With ||delta_i a_i^T||^2 = ||delta_i||^2 ||a_i||^2:
             (1/B) sum_i ||g_i||^2 = B sum_i ||delta_i||^2 (||a_i||^2 + 1),   gbar = delta^T a (bias: sum_i delta_i),
             sigma2_ps = (1/B) sum_i ||g_i - gbar||^2 = (1/B) sum_i ||g_i||^2 - ||gbar||^2.
-        The regulariser does not pass through z, so it is excluded, as SPEC 5 asks. float64: the last
+        The regulariser does not pass through z, so it is excluded, as the authors' definition asks [code]. float64: the last
         line subtracts two nearly equal numbers when the examples agree. Exact for losses that are a
         mean of per-example terms; with BatchNorm in training mode the examples are coupled, and this is
         example i's contribution to the batch gradient (Linear weight and bias only, BN's affine
@@ -111,7 +111,7 @@ def _weights_v_hat(optimizer: torch.optim.Optimizer, group: dict):
 
 def adam_effective_step(optimizer: torch.optim.Optimizer, group: dict) -> float:
     """alpha = eta_l / ((1 - beta1^k) (sqrt(mean v_hat) + eps)) over the layer's weights (biases skipped),
-    v_hat bias-corrected, k = Adam's step count (SPEC 5, paper App. C.1). NaN before the first step."""
+    v_hat bias-corrected, k = Adam's step count (paper App. C.1). NaN before the first step."""
     total, count, k = _weights_v_hat(optimizer, group)
     if count == 0 or k == 0:
         return math.nan
@@ -128,7 +128,7 @@ def _rms_alpha_agg(optimizer: torch.optim.Optimizer, groups: list, lr: float, ep
 
 
 def adam_alpha_agg(optimizer: torch.optim.Optimizer, group: dict, code_form: bool = False) -> float:
-    """alpha_agg = eta / (RMS(sqrt(v_hat)) + eps) (SPEC 5): the layer's LR and the RMS over its weights,
+    """alpha_agg = eta / (RMS(sqrt(v_hat)) + eps) (paper Sec. 4): the layer's LR and the RMS over its weights,
     v_hat bias-corrected [choice]. code_form is the authors' normalised sharpness [code]: Adam's raw
     second moment v (no bias correction) over every parameter of the network, biases included, and the
     first group's LR for every layer. NaN before the first step."""
@@ -148,7 +148,7 @@ def adam_alpha_agg(optimizer: torch.optim.Optimizer, group: dict, code_form: boo
 
 
 def _global_effective_step(optimizer) -> tuple[float, float]:
-    """(alpha, alpha_agg) of the whole network (global variant, SPEC 6): RMS over every weight tensor
+    """(alpha, alpha_agg) of the whole network (global variant of Algorithm 1): RMS over every weight tensor
     (v_hat bias-corrected), the first group's LR."""
     g0 = optimizer.param_groups[0]
     agg = _rms_alpha_agg(optimizer, optimizer.param_groups, g0["lr"], g0["eps"])
@@ -174,7 +174,7 @@ def buffers_kept(model: nn.Module):
 
 
 class DecisionProbe:
-    """Everything the scheduler needs at a decision step (SPEC 5, 6), per layer and for the network.
+    """Everything the scheduler needs at a decision step (paper Sec. 4, Algorithm 1), per layer and for the network.
 
     Call `capture()` around the step's forward+backward, then `measure(closure)` BEFORE optimizer.step(),
     so every quantity refers to the parameters the gradient was taken at. Keeps the eigenvectors for

@@ -1,4 +1,4 @@
-"""The per-layer learning-rate scheduler (SPEC 6; paper Algorithm 1, Table 1).
+"""The per-layer learning-rate scheduler (paper Algorithm 1, Table 1; docs/METHOD.md §6).
 
 Like `torch.optim.lr_scheduler`, it holds the optimiser and changes `group["lr"]`; unlike them it is
 driven by a measurement (measure.DecisionProbe) every K steps:
@@ -30,7 +30,7 @@ def _isnan(x) -> bool:
 
 
 class NoiseCurvatureScheduler:
-    """Algorithm 1 with Table 1's defaults (SPEC 6); bound Eqs. 1-3 / A.3 from bounds.py (SPEC 5).
+    """Algorithm 1 with Table 1's defaults; bound Eqs. 1-3 / A.3 from bounds.py (docs/METHOD.md §5-6).
 
     safety = gamma; kappa: alpha*_vol = 1 / (kappa Vol); beta, statistic: Eq. 2's
     sigma2_tilde = sigma2_ps + beta ||g||^2 S (paper: S = Vol; authors: e.g. statistic="lam_bar", beta=20).
@@ -57,12 +57,12 @@ class NoiseCurvatureScheduler:
         # one window per layer and one for the whole network: per-layer bounds are logged in both variants
         keys = [g["layer"] for g in optimizer.param_groups] + ["global"]
         self.windows = {k: bounds.VolatilityWindow(window) for k in keys}
-        # how often each rule fired (would have fired, if act=False) per decision key (SPEC 6)
+        # how often each rule fired (would have fired, if act=False) per decision key (docs/METHOD.md §6)
         self.rule_counts = {k: {"cool": 0, "warm": 0, "none": 0} for k in keys}
 
     # -- the decision for one layer (or the whole network); pushes the window, counts nothing
     def _decide(self, key, m: dict, task_frac: float) -> dict:
-        lam_bar = m["alpha_agg"] * m["lam_max"]   # normalised sharpness (SPEC 5)
+        lam_bar = m["alpha_agg"] * m["lam_max"]   # normalised sharpness (paper Sec. 4)
         # a NaN would poison the window for W decisions: skip it
         stats = self.windows[key].push(lam_bar) if not _isnan(lam_bar) else \
             {"mu": math.nan, "sigma2": math.nan, "vol": math.nan, "sq_dev": math.nan}
@@ -98,7 +98,7 @@ class NoiseCurvatureScheduler:
             g["lr"] *= factor
 
     def step(self, measurement: dict, task_frac: float) -> dict:
-        """One decision step (SPEC 6, Algorithm 1): decide (and, if act, apply) for every layer.
+        """One decision step (paper Algorithm 1): decide (and, if act, apply) for every layer.
 
         measurement: {l: {grad_sq, sigma2_ps, lam_max, alpha, alpha_agg}, ..., "global": {...}} with l the
         groups' "layer" keys; task_frac: progress through the current task in [0, 1) (the warm window).

@@ -34,7 +34,7 @@ TAGS = {
     "indicators.enabled": "paper", "indicators.n_fixed": "paper",
     "data.root": "choice",
 }
-# per-method settings of the runs (SPEC 2-3)
+# per-method settings of the runs (docs/METHOD.md §2-3)
 RUN_TAGS = {"crelu": "CReLU, LR 1e-2: code (camera-ready runs)", "l2": "coupled L2 1e-3: paper; coupling: code",
             "wass": "Wasserstein-to-init 1e-3: code", "relu": "plain ReLU: paper",
             "bn": "BatchNorm MLP: paper Fig. 1 / code", "leaky": "LeakyReLU: paper Fig. 1",

@@ -1,7 +1,7 @@
-"""The continual-training engine (SPEC 2-3, 6) and the `trainability-run` command.
+"""The continual-training engine (paper Sec. 5, Algorithm 1; docs/METHOD.md §1-3, 6) and the `trainability-run` command.
 
 One run = one stream of tasks, one model, one Adam with a parameter group per layer, one arm
-(vanilla / reset / scheduled). Every `measure.every` steps the per-layer quantities of SPEC 5 are
+(vanilla / reset / scheduled). Every `measure.every` steps the per-layer quantities of the paper's Sec. 4 are
 measured on the current minibatch, before the optimiser step, and handed to the scheduler (which only
 records them unless the arm is `scheduled`). Checkpoints are written at task boundaries; a restarted
 run resumes from the last one and gives the same record as an uninterrupted run.
@@ -123,7 +123,7 @@ def steps_per_task(cfg: dict) -> tuple[int, int, int]:
 
 def task_online_acc(correct_full: float, correct_partial: float, steps: int, n: int, B: int,
                     drop_last: bool) -> float:
-    """"Task accuracy" (SPEC 2): the mean over the task's minibatches of each one's pre-update accuracy,
+    """"Task accuracy" (docs/METHOD.md §1): the mean over the task's minibatches of each one's pre-update accuracy,
     a partial minibatch weighing as much as a full one (the authors' mean of per-batch means [code])."""
     last = n % B
     if drop_last or last == 0:
@@ -221,7 +221,7 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
                 else:
                     logits, ce, total = learner.loss(xb, yb)
                     total.backward()
-                hits = (logits.argmax(1) == yb).sum()      # pre-update: online accuracy (SPEC 2)
+                hits = (logits.argmax(1) == yb).sum()      # pre-update: online accuracy (docs/METHOD.md §1)
                 if len(idx) == B:
                     correct += hits
                 else:
