@@ -146,7 +146,7 @@ def fig5_rows(params: dict, summaries: dict, paper_scale: bool) -> list[list[str
         else:
             v = (REP if ok else NOT) + " (qualitative)"
         rows.append([claim, text, ours, v])
-    for method in methods_in(params["experiments"]["fig5"]["runs"]):
+    for method in methods_in(experiment_runs(params, "fig5")):
         sched, van, res = (run_stats(summaries, "fig5", f"{method}-{a}") for a in ("scheduled", "vanilla", "reset"))
         g = lambda s: (s or {}).get("final_acc")  # noqa: E731
         rows.append([f"Fig. 5 {METHOD_NAMES[method]}: scheduler beats vanilla", "yes",
@@ -276,6 +276,11 @@ def _arrow(i: dict) -> str:
 
 
 
+def experiment_runs(params: dict, experiment: str) -> list[str]:
+    """The experiment's runs in params.yaml order; none if params.yaml has no such experiment."""
+    return (params["experiments"].get(experiment) or {}).get("runs", [])
+
+
 def _summary_runs(summaries: dict, experiment: str) -> dict:
     return (summaries.get(experiment) or {}).get("runs") or {}
 
@@ -284,7 +289,7 @@ def fig2_rows(params: dict, summaries: dict, paper_scale: bool) -> list[list[str
     """Fig. 2: volatility growth precedes the accuracy collapse, per run of the experiment."""
     runs = _summary_runs(summaries, "fig2")
     res, txt = [], []
-    for run in params["experiments"]["fig2"]["runs"]:
+    for run in experiment_runs(params, "fig2"):
         v = (runs.get(run) or {}).get("volatility", {}).get("lag_spearman", {}).get("mean")
         res.append(v < 0 if finite(v) else None)
         txt.append(f"{run} {v:+.2f}" if finite(v) else f"{run} n/a")
@@ -297,7 +302,7 @@ def fig3_rows(params: dict, summaries: dict, paper_scale: bool) -> list[list[str
     """Fig. 3: layer-1 alpha spikes at each task start and decays; later it sits above the bound longer."""
     runs = _summary_runs(summaries, "fig3")
     dec, above, t1, t2 = [], [], [], []
-    for run in params["experiments"]["fig3"]["runs"]:
+    for run in experiment_runs(params, "fig3"):
         e = (runs.get(run) or {}).get("effective_step") or {}
         d = (e.get("spike_decay_frac") or {}).get("mean")
         f, l = ((e.get(k) or {}).get("mean") for k in ("above_tilde_first_task", "above_tilde_last_task"))
@@ -319,7 +324,7 @@ def fig4_rows(params: dict, summaries: dict, paper_scale: bool) -> list[list[str
     volatility-only fails for CReLU."""
     runs = _summary_runs(summaries, "fig4")
     best, over, txt, crelu_vol = [], [], {}, None
-    for run in params["experiments"]["fig4"]["runs"]:
+    for run in experiment_runs(params, "fig4"):
         p = (runs.get(run) or {}).get("prediction") or {}
         rho = {k: ((p.get(k) or {}).get("spearman") or {}).get("mean") for k in ("combined", "noise", "vol")}
         bias = {k: ((p.get(k) or {}).get("bias") or {}).get("mean") for k in ("combined", "noise")}
@@ -343,7 +348,7 @@ def fig4_rows(params: dict, summaries: dict, paper_scale: bool) -> list[list[str
 def fig9_rows(params: dict, summaries: dict, paper_scale: bool) -> list[list[str]]:
     """Fig. 9: the scheduler preserves the Hessian rank."""
     res, txt = [], []
-    for m in methods_in(params["experiments"]["fig9"]["runs"]):
+    for m in methods_in(experiment_runs(params, "fig9")):
         a, b = (run_stats(summaries, "fig9", f"{m}-{arm}") for arm in ("scheduled", "vanilla"))
         ra, rb = (((s or {}).get("indicators", {}).get("hessian_rank") or {}).get("last", {}).get("mean")
                   for s in (a, b))
@@ -366,7 +371,7 @@ def appendix_rows(params: dict, summaries: dict, paper_scale: bool) -> list[list
     rows = []
     for exp, best_arm, others, claim in APPENDIX_CLAIMS:
         res, txt = [], []
-        for m in methods_in(params["experiments"][exp]["runs"]):
+        for m in methods_in(experiment_runs(params, exp)):
             vals = {a: ((run_stats(summaries, exp, f"{m}-{a}") or {}).get("final_acc") or {}).get("mean")
                     for a in (best_arm, *others)}
             if finite(vals[best_arm]) and all(finite(v) for v in vals.values()):
