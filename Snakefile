@@ -12,7 +12,7 @@ min_version("9.0")
 configfile: "params.yaml"
 
 from trainability.config import ConfigError, validate_params, resolve_run, config_hash, experiment_names
-from trainability import pipeline as P
+from trainability import pipeline
 
 # params.schema.yaml plus cross-references (trainability.config): the message names the key
 try:
@@ -22,7 +22,7 @@ except ConfigError as e:
                         "params.yaml, or use trainability-run --set for one run)") from None
 # Jobs read this file, not params.yaml: it is the config Snakemake planned with, `--config` overrides
 # included, so a job trains exactly what the plan (and its record.json) says. Named by its content.
-PARAMS = P.write_effective_params(config)
+PARAMS = pipeline.write_effective_params(config)
 SCALE = config["scale"]
 SEEDS = config["scales"][SCALE]["seeds"]
 PY = sys.executable  # jobs use the interpreter that runs Snakemake (the project's venv)
@@ -39,6 +39,6 @@ include: "workflow/rules/figures.smk"
 # figures, they are missing, so the whole replication runs instead of "nothing to be done".
 rule all:
     input:
-        [P.summary_path(config, SCALE, e) for e in experiment_names(config, SCALE)],
-        [f for e in experiment_names(config, SCALE) for f in P.figure_paths(SCALE, e)],
-        P.table_paths(SCALE),
+        [pipeline.summary_path(config, SCALE, e) for e in experiment_names(config, SCALE)],
+        [f for e in experiment_names(config, SCALE) for f in pipeline.figure_paths(SCALE, e)],
+        pipeline.table_paths(SCALE),

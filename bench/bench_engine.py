@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from trainability import config as C
+from trainability import config
 from trainability.data import load_mnist, prepare_mnist
 from trainability.models import build_model, param_groups
 from trainability.streams import batches, make_stream
@@ -29,8 +29,8 @@ from trainability.train import run, steps_per_task
 
 def engine_cfg(args, measure: bool, arm: str = "vanilla") -> dict:
     params = yaml.safe_load(open(args.params))
-    cfg = C.resolve_run(params, "paper", args.run, seed=0)
-    return C.deep_merge(cfg, {"arm": arm,
+    cfg = config.resolve_run(params, "paper", args.run, seed=0)
+    return config.deep_merge(cfg, {"arm": arm,
         "device": "cpu", "threads": args.threads, "n_tasks": args.tasks, "epochs_per_task": args.epochs,
         "stream": {"n_images": args.images}, "measure": {"enabled": measure, "every": args.K},
         "indicators": {"enabled": False}, "wandb": {"mode": "disabled"}, "data": {"root": args.data}})

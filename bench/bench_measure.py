@@ -1,4 +1,4 @@
-"""Cost and accuracy of one decision-step measurement (SPEC 5, 8): ours vs the authors' method.
+"""Cost and accuracy of one decision-step measurement (docs/METHOD.md §5, §8): ours vs the authors' method.
 
     .venv/bin/python bench/bench_measure.py            # paper MLP 784-256-256-10, batch 256, 2 threads
     .venv/bin/python bench/bench_measure.py --help
@@ -11,7 +11,7 @@ in steady state) each of `--decisions` decisions is measured twice, on the same 
            eigenvectors (tolerance `--tol`), one shared create_graph gradient;
   authors  a faithful reimplementation of the authors' code [code]: per layer, a create_graph gradient and
            100 cold power iterations plus one product for the Rayleigh quotient; per-example gradients
-           by B separate autograd.grad calls through the batch graph (SPEC 8 counts 2 x B per decision:
+           by B separate autograd.grad calls through the batch graph (docs/METHOD.md §8 counts 2 x B per decision:
            one pass of B here, so the authors' time is a lower bound).
 Reports medians over decisions: time per decision, the ratio authors / ours, the implied overhead at K
 (measure time / (K x plain step time)), and the relative error of our eigenvalue against the authors'
@@ -31,7 +31,7 @@ from trainability.models import build_model, param_groups
 
 
 def load_data(args) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Random-label MNIST (SPEC 2) when the project's data module can provide it, else Gaussian inputs."""
+    """Random-label MNIST (docs/METHOD.md §1) when the project's data module can provide it, else Gaussian inputs."""
     try:
         from trainability.data import load_mnist
         from trainability.streams import make_stream

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainability import config as C
+from trainability import config
 from trainability.batched import run_batched
 
 
@@ -50,10 +50,10 @@ def main() -> int:
     p.add_argument("--out", default="bench/out/probe")
     a = p.parse_args()
     t_start = time.perf_counter()
-    params = C.load_params(a.params)
+    params = config.load_params(a.params)
     sets = [f"n_tasks={a.tasks}", "wandb.mode=disabled", *a.set]
     jobs = [(r, s) for r in a.runs for s in a.seeds]
-    cfgs = [C.resolve_with_sets(params, "paper", r, s, sets) for r, s in jobs]
+    cfgs = [config.resolve_with_sets(params, "paper", r, s, sets) for r, s in jobs]
     out = Path(a.out)
     dirs = [out / "runs" / r / f"seed{s}" for r, s in jobs]
     metas = [{"run": r, "scale": "paper"} for r, _ in jobs]

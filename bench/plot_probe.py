@@ -5,7 +5,7 @@
 
 One panel per method: our per-task online accuracy, one point per seed (red vanilla, blue per-layer
 scheduler), and as dashed lines the paper's Fig. 5 values for the first tasks as read off the figure
-(SPEC section 7; not our numbers).
+(not our numbers).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Paper, Fig. 5, first tasks (SPEC 7, read off the figure): (vanilla, per-layer scheduler)
+# Paper, Fig. 5, first tasks (read off the figure): (vanilla, per-layer scheduler)
 PAPER_FIG5_EARLY = {"crelu": (0.10, 0.10), "l2": (0.18, 0.38), "wass": (0.60, 0.64)}
 TITLES = {"crelu": "CReLU (LR 1e-2)", "l2": "L2 (1e-3)", "wass": "Wasserstein (1e-3)"}
 COLORS = {"vanilla": "tab:red", "scheduled": "tab:blue"}

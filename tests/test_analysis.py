@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trainability import analysis as A
-from trainability import tables as T
+from trainability import analysis, tables, verdicts
 
 LAYERS = ("1", "2", "3")
 
@@ -46,33 +45,33 @@ def make_record(seed=0, accs=(0.5, 0.4, 0.3), n_tasks=None, status="completed", 
 
 # ---------------------------------------------------------------- basic math
 def test_final_window():
-    assert [A.final_window(n) for n in (1, 3, 10, 11, 40)] == [1, 1, 1, 2, 4]
+    assert [analysis.final_window(n) for n in (1, 3, 10, 11, 40)] == [1, 1, 1, 2, 4]
 
 
 def test_final_acc_uses_last_tenth_of_planned_tasks():
     rec = make_record(accs=[0.1 * i for i in range(20)])           # window = last 2 tasks
-    assert A.final_acc(rec) == pytest.approx((1.8 + 1.9) / 2)
+    assert analysis.final_acc(rec) == pytest.approx((1.8 + 1.9) / 2)
     short = make_record(accs=[0.5, 0.4], n_tasks=20, status="diverged")
-    assert math.isnan(A.final_acc(short))                           # never reached the window
-    assert A.final_acc(make_record(accs=[0.5, 0.4, float("nan")])) != A.final_acc(make_record())
+    assert math.isnan(analysis.final_acc(short))                           # never reached the window
+    assert analysis.final_acc(make_record(accs=[0.5, 0.4, float("nan")])) != analysis.final_acc(make_record())
 
 
 def test_mean_std_over_seeds_ignores_nan_and_pads():
-    m = A.stack([[1.0, 2.0, 3.0], [3.0, 4.0]])
+    m = analysis.stack([[1.0, 2.0, 3.0], [3.0, 4.0]])
     assert m.shape == (2, 3) and math.isnan(m[1, 2])
-    mu, sd = A.mean_std(m)
+    mu, sd = analysis.mean_std(m)
     np.testing.assert_allclose(mu, [2.0, 3.0, 3.0])
     np.testing.assert_allclose(sd, [1.0, 1.0, 0.0])                 # ddof = 0
-    s = A.stat([0.1, 0.3, float("nan"), None])
+    s = analysis.stat([0.1, 0.3, float("nan"), None])
     assert s["mean"] == pytest.approx(0.2) and s["std"] == pytest.approx(0.1)
     assert s["n"] == 2 and s["min"] == 0.1 and s["max"] == 0.3 and len(s["per_seed"]) == 4
-    assert math.isnan(A.stat([]).get("mean"))
+    assert math.isnan(analysis.stat([]).get("mean"))
 
 
 def test_run_summary_counts_divergence():
     recs = [make_record(0, accs=[0.5, 0.4, 0.3]), make_record(1, accs=[0.5, 0.2, 0.1]),
             make_record(2, accs=[0.5, float("nan")], n_tasks=3, status="diverged")]
-    s = A.run_summary(recs)
+    s = analysis.run_summary(recs)
     assert s["n_seeds"] == 3 and s["diverged"] == 1 and s["n_tasks"] == 3
     assert s["final_acc"]["mean"] == pytest.approx(0.2) and s["final_acc"]["n"] == 2
     assert s["mean_acc"]["per_seed"][2] == pytest.approx(0.5)
@@ -82,32 +81,32 @@ def test_run_summary_counts_divergence():
 
 
 def test_rankdata_averages_ties():
-    np.testing.assert_allclose(A.rankdata([10, 20, 20, 30]), [1, 2.5, 2.5, 4])
-    np.testing.assert_allclose(A.rankdata([3, 1, 3, 3]), [3, 1, 3, 3])
+    np.testing.assert_allclose(analysis.rankdata([10, 20, 20, 30]), [1, 2.5, 2.5, 4])
+    np.testing.assert_allclose(analysis.rankdata([3, 1, 3, 3]), [3, 1, 3, 3])
 
 
 def test_spearman_hand_computed():
     # ranks x = 1..5, ranks y = [1, 2, 3.5, 5, 3.5]: rho = 8 / sqrt(10 * 9.5)
-    assert A.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
-    assert A.spearman([1, 2, 3, 4], [10, 100, 1000, 1e4]) == pytest.approx(1.0)
-    assert A.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert A.spearman([1, 2, float("nan"), 3, 4], [1, 2, 9, 3, 4]) == pytest.approx(1.0)   # NaN pair dropped
-    assert math.isnan(A.spearman([1, 2, 3], [5, 5, 5]))             # constant
-    assert math.isnan(A.spearman([1, 2], [1, 2]))                   # too few pairs
+    assert analysis.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
+    assert analysis.spearman([1, 2, 3, 4], [10, 100, 1000, 1e4]) == pytest.approx(1.0)
+    assert analysis.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert analysis.spearman([1, 2, float("nan"), 3, 4], [1, 2, 9, 3, 4]) == pytest.approx(1.0)   # NaN pair dropped
+    assert math.isnan(analysis.spearman([1, 2, 3], [5, 5, 5]))             # constant
+    assert math.isnan(analysis.spearman([1, 2], [1, 2]))                   # too few pairs
 
 
 def test_affine_rescale():
-    np.testing.assert_allclose(A.affine_rescale([0, 0.5, 1], [0.4, 0.2, 0.3]), [0.2, 0.3, 0.4])
-    np.testing.assert_allclose(A.affine_rescale([0.9, 0.6, 0.75], [0.1, 0.2, 0.3]), [0.3, 0.1, 0.2])
-    np.testing.assert_allclose(A.affine_rescale([1.0, 1.0], [0.1, 0.3]), [0.3, 0.3])   # constant: clipped raw
-    np.testing.assert_allclose(A.affine_rescale([0.2, 0.2], [0.1, 0.3]), [0.2, 0.2])
-    out = A.affine_rescale([0.0, float("nan"), 1.0], [0.1, 0.2, 0.5])
+    np.testing.assert_allclose(analysis.affine_rescale([0, 0.5, 1], [0.4, 0.2, 0.3]), [0.2, 0.3, 0.4])
+    np.testing.assert_allclose(analysis.affine_rescale([0.9, 0.6, 0.75], [0.1, 0.2, 0.3]), [0.3, 0.1, 0.2])
+    np.testing.assert_allclose(analysis.affine_rescale([1.0, 1.0], [0.1, 0.3]), [0.3, 0.3])   # constant: clipped raw
+    np.testing.assert_allclose(analysis.affine_rescale([0.2, 0.2], [0.1, 0.3]), [0.2, 0.2])
+    out = analysis.affine_rescale([0.0, float("nan"), 1.0], [0.1, 0.2, 0.5])
     assert out[0] == pytest.approx(0.1) and math.isnan(out[1]) and out[2] == pytest.approx(0.5)
 
 
 def test_ema_skips_nan():
-    np.testing.assert_allclose(A.ema([1.0, 3.0, float("nan"), 5.0], 0.5), [1.0, 2.0, np.nan, 3.5])
-    np.testing.assert_allclose(A.ema([1.0, 3.0], 0.0), [1.0, 3.0])
+    np.testing.assert_allclose(analysis.ema([1.0, 3.0, float("nan"), 5.0], 0.5), [1.0, 2.0, np.nan, 3.5])
+    np.testing.assert_allclose(analysis.ema([1.0, 3.0], 0.0), [1.0, 3.0])
 
 
 # ---------------------------------------------------------------- Fig. 4 prediction
@@ -116,23 +115,23 @@ def test_crossing_based_prediction_and_spearman():
     cross = [{"combined": c, "noise": 0.0, "vol": v} for c, v in ((0.1, 0.5), (0.3, 0.2), (0.4, 0.9), (0.8, 0.1))]
     cross[2]["noise"] = 0.5
     rec = make_record(accs=accs, crossings=cross)
-    np.testing.assert_allclose(A.predicted_acc(rec, "combined"), [0.9, 0.7, 0.6, 0.2])
-    p = A.prediction_summary([rec, make_record(seed=1, accs=accs, crossings=cross)])
+    np.testing.assert_allclose(analysis.predicted_acc(rec, "combined"), [0.9, 0.7, 0.6, 0.2])
+    p = analysis.prediction_summary([rec, make_record(seed=1, accs=accs, crossings=cross)])
     assert p["combined"]["spearman"]["mean"] == pytest.approx(1.0)
     assert p["combined"]["mae"]["mean"] < p["vol"]["mae"]["mean"]
     # noise: prediction [1, 1, 0.5, 1] -> rescaled [0.6, 0.6, 0.3, 0.6]; bias = mean(resc - actual) > 0
     assert p["noise"]["bias"]["mean"] == pytest.approx(np.mean([0, 0.1, -0.15, 0.3]))
     none = make_record(accs=accs)                                   # no crossings (measure disabled)
-    assert np.isnan(A.predicted_acc(none, "combined")).all()
-    assert math.isnan(A.prediction_summary([none])["combined"]["spearman"]["mean"])
+    assert np.isnan(analysis.predicted_acc(none, "combined")).all()
+    assert math.isnan(analysis.prediction_summary([none])["combined"]["spearman"]["mean"])
 
 
 def test_fig2_fig3_extras():
     rec = make_record(accs=[0.5, 0.48, 0.40, 0.25])                 # vol grows, accuracy falls faster
-    v = A.volatility_summary([rec])
+    v = analysis.volatility_summary([rec])
     assert v["vol_first_task"]["mean"] == pytest.approx(0.1)
     assert v["lag_spearman"]["mean"] == pytest.approx(-1.0)
-    e = A.effective_step_summary([rec])
+    e = analysis.effective_step_summary([rec])
     assert e["spike_decay_frac"]["mean"] == 1.0                    # alpha = 2, 1, 0.67, 0.5 within each task
     assert e["above_tilde_first_task"]["mean"] == pytest.approx(0.5)
 
@@ -145,7 +144,7 @@ def _no_nan(s):
 def test_strict_json_nan_to_null(tmp_path):
     obj = {"a": float("nan"), "b": [1.0, float("inf"), np.float32(2.5)], "c": {"d": np.int64(3)}, "e": None}
     p = tmp_path / "s.json"
-    A.write_strict_json(obj, p)
+    analysis.write_strict_json(obj, p)
     back = json.loads(p.read_text(), parse_constant=_no_nan)
     assert back == {"a": None, "b": [1.0, None, 2.5], "c": {"d": 3}, "e": None}
 
@@ -161,7 +160,7 @@ def test_aggregate_end_to_end(tmp_path):
         p.write_text(json.dumps(rec))                               # Python's json writes NaN tokens
         assert "NaN" in p.read_text()
     logs = []
-    summary = A.aggregate(params, "s", "fig4", log=logs.append)
+    summary = analysis.aggregate(params, "s", "fig4", log=logs.append)
     assert any("missing record" in m for m in logs)                 # seed 2 and relu-vanilla are missing
     text = (tmp_path / "results/s/experiments/fig4/summary.json").read_text()
     s = json.loads(text, parse_constant=_no_nan)
@@ -173,22 +172,22 @@ def test_aggregate_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "results/s/experiments/fig4/metrics.json").read_text())
     assert metrics["l2-vanilla"] == {"final_acc": None, "mean_acc": pytest.approx(0.45)}   # dvc metrics show
     rows = list(csv.DictReader(open(tmp_path / "results/s/experiments/fig4/curves.csv")))
-    assert len(rows) == 6 and list(rows[0]) == list(A.CURVE_COLUMNS)
+    assert len(rows) == 6 and list(rows[0]) == list(analysis.CURVE_COLUMNS)
     assert rows[2]["online_acc"] == "" and float(rows[0]["online_acc"]) == 0.5
 
 
 # ---------------------------------------------------------------- tables' rules
 def test_verdict_rules():
-    hi = A.stat([0.5, 0.52, 0.51])
-    lo = A.stat([0.2, 0.3, 0.25])
-    mid = A.stat([0.1, 0.6, 0.4])
-    assert T.beats(hi, lo) == T.REP and T.beats(hi, mid) == T.PART and T.beats(lo, hi) == T.NOT
-    assert T.beats(hi, None) == T.NODATA
-    assert T.across([True, True]) == T.REP and T.across([True, False, None]) == T.PART
-    assert T.across([False]) == T.NOT and T.across([None]) == T.NODATA
-    assert T.shape_holds("chance", 0.1, 0.11) and not T.shape_holds("rising", 0.3, 0.305)
-    assert T.shape_holds("falling", 0.18, 0.11) and T.shape_holds("flat", 0.60, 0.615)
-    assert T._direction(1.0, 1.2) == "up" and T._direction(1.0, 1.01) == "flat" and T._direction(None, 1) is None
+    hi = analysis.stat([0.5, 0.52, 0.51])
+    lo = analysis.stat([0.2, 0.3, 0.25])
+    mid = analysis.stat([0.1, 0.6, 0.4])
+    assert verdicts.beats(hi, lo) == verdicts.REP and verdicts.beats(hi, mid) == verdicts.PART and verdicts.beats(lo, hi) == verdicts.NOT
+    assert verdicts.beats(hi, None) == verdicts.NODATA
+    assert verdicts.across([True, True]) == verdicts.REP and verdicts.across([True, False, None]) == verdicts.PART
+    assert verdicts.across([False]) == verdicts.NOT and verdicts.across([None]) == verdicts.NODATA
+    assert verdicts.shape_holds("chance", 0.1, 0.11) and not verdicts.shape_holds("rising", 0.3, 0.305)
+    assert verdicts.shape_holds("falling", 0.18, 0.11) and verdicts.shape_holds("flat", 0.60, 0.615)
+    assert verdicts._direction(1.0, 1.2) == "up" and verdicts._direction(1.0, 1.01) == "flat" and verdicts._direction(None, 1) is None
 
 
 def test_tables_without_summaries(tmp_path, monkeypatch):
@@ -196,7 +195,7 @@ def test_tables_without_summaries(tmp_path, monkeypatch):
     params = load_params("params.yaml")
     params["results_dir"] = str(tmp_path / "results")
     monkeypatch.chdir(tmp_path)
-    paths = T.write_tables(params, "smoke", log=lambda m: None)
+    paths = tables.write_tables(params, "smoke", log=lambda m: None)
     text = open(paths[-1]).read()
     assert "Tally: 0 reproduced, 0 partly, 0 not reproduced" in text and "| no data |" in text
     t1 = open(paths[0]).read()
@@ -205,7 +204,7 @@ def test_tables_without_summaries(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- figures never crash on missing data
 def test_all_figures_draw_from_partial_records(tmp_path, monkeypatch):
-    from trainability import figures as F
+    from trainability import figures
     from trainability.config import load_params
     params = load_params("params.yaml")
     params["results_dir"] = str(tmp_path / "results")
@@ -213,7 +212,7 @@ def test_all_figures_draw_from_partial_records(tmp_path, monkeypatch):
             "weight_norm": 0.1, "grad_norm": float("nan"), "grad_param_ratio": 0.01} for t in range(3)]
     cross = [{"combined": 0.2, "noise": 0.1, "vol": 0.3}] * 3
     written = set()
-    for exp in F.FIGURES:
+    for exp in figures.FIGURES:
         for i, run in enumerate(params["experiments"][exp]["runs"]):
             if i % 3 == 2 or run in written:                        # leave some runs without records
                 continue
@@ -227,8 +226,8 @@ def test_all_figures_draw_from_partial_records(tmp_path, monkeypatch):
                 p.write_text(json.dumps(rec))
             written.add(run)
     monkeypatch.chdir(tmp_path)
-    for exp in F.FIGURES:
-        paths = F.make_figure(params, "smoke", exp, ema=0.3, log=lambda m: None)
+    for exp in figures.FIGURES:
+        paths = figures.make_figure(params, "smoke", exp, ema=0.3, log=lambda m: None)
         assert all((tmp_path / p).stat().st_size > 1000 for p in paths)
 
 
@@ -236,13 +235,13 @@ def test_stream_rows_judge_only_the_authors_stream_against_the_paper():
     """ablation-stream: task-1 numbers on the authors' stream get verdicts against Fig. 5's task-1 level;
     the ablation streams are reported without one."""
     def summ(*accs):
-        return A.run_summary([make_record(s, accs=(a,)) for s, a in enumerate(accs)])
+        return analysis.run_summary([make_record(s, accs=(a,)) for s, a in enumerate(accs)])
     runs = {"l2-vanilla": summ(0.17, 0.20), "l2-scheduled": summ(0.40, 0.42),
             "l2-vanilla-appendix": summ(0.86, 0.87), "l2-scheduled-appendix": summ(0.86, 0.88)}
-    rows = {r[0]: r for r in T.stream_rows({"ablation-stream": {"runs": runs}})}
-    assert rows["Fig. 5 task 1, L2 vanilla, authors' stream (60,000 images, beta ramp)"][3] == T.REP
-    assert rows["Fig. 5 task 1, L2 scheduled, authors' stream (60,000 images, beta ramp)"][3] == T.REP
-    assert rows["Task 1, L2: scheduler beats vanilla, authors' stream (60,000 images, beta ramp)"][3] == T.REP
+    rows = {r[0]: r for r in verdicts.stream_rows({"ablation-stream": {"runs": runs}})}
+    assert rows["Fig. 5 task 1, L2 vanilla, authors' stream (60,000 images, beta ramp)"][3] == verdicts.REP
+    assert rows["Fig. 5 task 1, L2 scheduled, authors' stream (60,000 images, beta ramp)"][3] == verdicts.REP
+    assert rows["Task 1, L2: scheduler beats vanilla, authors' stream (60,000 images, beta ramp)"][3] == verdicts.REP
     assert rows["Fig. 5 task 1, L2 vanilla, App. D.1: 21,000 images, no ramp"][3].startswith("ablation")
-    assert rows["Task 1, L2: scheduler beats vanilla, App. D.1: 21,000 images, no ramp"][3] == T.PART
+    assert rows["Task 1, L2: scheduler beats vanilla, App. D.1: 21,000 images, no ramp"][3] == verdicts.PART
     assert not any("CReLU" in k for k in rows)   # no records, no rows

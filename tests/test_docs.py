@@ -1,5 +1,7 @@
-"""Every code name the docs cite exists: `module.name` and `module.Class.method` in backticks in
-docs/LEDGER.md, docs/DESIGN.md and docs/PAPER_STREAM.md, with module a file of src/trainability."""
+"""The docs match the code: every code name the docs cite exists (`module.name` and
+`module.Class.method` in backticks in docs/LEDGER.md, DESIGN.md, PAPER_STREAM.md and METHOD.md, with
+module a file of src/trainability), every module has a row in DESIGN.md, DESIGN.md's record layout
+names every field a record has, and nothing cites a file outside the repository."""
 import importlib
 import re
 from pathlib import Path
@@ -8,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem for p in (ROOT / "src" / "trainability").glob("*.py")} - {"__init__", "__main__"}
-DOCS = ["docs/LEDGER.md", "docs/DESIGN.md", "docs/PAPER_STREAM.md"]
+DOCS = ["docs/LEDGER.md", "docs/DESIGN.md", "docs/PAPER_STREAM.md", "docs/METHOD.md"]
 
 
 def _config_keys() -> set[str]:
@@ -65,3 +67,42 @@ def test_design_table_api_names_exist():
                     continue   # a method, e.g. DecisionProbe.measure(
                 missing.append(f"{cells[1]}: {name}")
     assert not missing, missing
+
+
+def test_every_module_has_a_design_row():
+    text = (ROOT / "docs" / "DESIGN.md").read_text()
+    rows = {m for line in text.splitlines() if line.startswith("| `") for m in re.findall(r"`(\w+)\.py`", line.split("|")[1])}
+    assert MODULES <= rows, f"modules without a row in docs/DESIGN.md: {sorted(MODULES - rows)}"
+
+
+def test_design_record_layout_names_every_record_field():
+    """Every key of a record (record.new_record, the engine's task entries and additions, a decision
+    row's fields, provenance) is spelled out in DESIGN.md's `record.json` block."""
+    import torch
+
+    from trainability.config import load_params, resolve_run
+    from trainability.record import new_record
+    from trainability.scheduler import ROW_FIELDS
+    text = (ROOT / "docs" / "DESIGN.md").read_text()
+    block = text[text.index("## Run record"):]
+    block = block[block.index("```") + 3:]
+    block = block[:block.index("```")]
+    documented = set(re.findall(r'"(\w+)"', block))
+    rec = new_record(resolve_run(load_params(ROOT / "params.yaml"), "smoke", "l2-scheduled", 0),
+                     torch.device("cpu"), ["1"])
+    train = (ROOT / "src" / "trainability" / "train.py").read_text()
+    task_entry = train[train.index("task_rec = {"):]
+    task_entry = task_entry[:task_entry.index("}\n")]
+    keys = (set(rec) | set(rec["decisions"]) | set(rec["provenance"]) | {"finished"} | set(ROW_FIELDS)
+            | set(re.findall(r'"(\w+)":', task_entry))
+            | set(re.findall(r"record\.update\((\w+)=", train)) | set(re.findall(r'record\["(\w+)"\] =', train)))
+    assert keys - documented == set(), f"record fields missing from docs/DESIGN.md: {sorted(keys - documented)}"
+
+
+def test_nothing_cites_the_spec_outside_the_repository():
+    """The project stands on its own: src/ and docs/ cite the paper (section, equation, figure) or
+    docs/METHOD.md, never the notes file SPEC.md that lives outside the repository."""
+    hits = [f"{p.relative_to(ROOT)}:{i}" for folder in ("src", "docs") for p in sorted((ROOT / folder).rglob("*"))
+            if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".txt", ".rst")
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if "SPEC" in line]
+    assert not hits, f"cites SPEC: {hits}"

@@ -1,4 +1,4 @@
-"""Measurements (SPEC 4, 5) against brute force on small float64 networks: per-example variance vs a
+"""Measurements (paper Sec. 3-4) against brute force on small float64 networks: per-example variance vs a
 loop of per-example backward passes, layer-block eigenvalues vs eigvalsh of the exact Hessian block,
 the warm-started solver vs the authors' 100-iteration cold power iteration, Adam's effective step vs
 a hand computation, the probe's bookkeeping, and the indicators on constructed cases."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainability import measure as M
+from trainability import eigen, indicators, measure
 from trainability.models import MLP
 from trainability.regularizers import WassersteinPenalty
 
@@ -56,7 +56,7 @@ def test_per_example_variance_matches_a_loop_of_backward_passes(activation):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))      # make the regulariser's gradient non-zero
-    probe = M.LayerProbe(model)
+    probe = measure.LayerProbe(model)
     with probe.capture():
         loss = F.cross_entropy(model(x), y) + reg(model)   # the regulariser must be excluded
         loss.backward()
@@ -74,13 +74,13 @@ def test_per_example_variance_matches_a_loop_of_backward_passes(activation):
 def test_probe_hooks_exist_only_inside_capture():
     model = small()
     x, y = data()
-    probe = M.LayerProbe(model)
+    probe = measure.LayerProbe(model)
     with probe.capture():
         assert all(len(lin._forward_hooks) == 1 for lin in model.linears)
         F.cross_entropy(model(x), y).backward()
     assert all(len(lin._forward_hooks) == 0 for lin in model.linears)
     with pytest.raises(RuntimeError):
-        M.LayerProbe(model).per_example_variance(len(x))
+        measure.LayerProbe(model).per_example_variance(len(x))
 
 
 # ----------------------------------------------------------------------------- eigenvalues
@@ -104,10 +104,10 @@ def test_layer_block_eigenvalue_matches_exact_hessian_block():
     exact = {l: max_mag(torch.linalg.eigvalsh(H[l])) for l in P}
     gen = torch.Generator().manual_seed(0)
     # Lanczos over the whole block dimension spans the space: exact
-    full, vecs, _ = M.layer_top_eigenvalues(loss, P, tol=0.0, max_iter=100, generator=gen)
+    full, vecs, _ = eigen.layer_top_eigenvalues(loss, P, tol=0.0, max_iter=100, generator=gen)
     # default tolerance, and the authors' 100 cold power iterations
-    fast, _, iters = M.layer_top_eigenvalues(loss, P, generator=gen)
-    power, _, _ = M.layer_top_eigenvalues(loss, P, tol=0.0, max_iter=100, generator=gen, method="power")
+    fast, _, iters = eigen.layer_top_eigenvalues(loss, P, generator=gen)
+    power, _, _ = eigen.layer_top_eigenvalues(loss, P, tol=0.0, max_iter=100, generator=gen, method="power")
     for l in P:
         assert full[l] == pytest.approx(exact[l], rel=1e-8)
         assert fast[l] == pytest.approx(exact[l], rel=1e-2) and iters[l] < 100
@@ -115,7 +115,7 @@ def test_layer_block_eigenvalue_matches_exact_hessian_block():
         assert vecs[l].norm().item() == pytest.approx(1.0)
         assert (H[l] @ vecs[l]).sub(exact[l] * vecs[l]).norm().item() < 1e-6   # an eigenvector
     # Adam's coupled L2 adds wd I to every block
-    shifted, _, _ = M.layer_top_eigenvalues(F.cross_entropy(model(x), y), P, tol=0.0, max_iter=100,
+    shifted, _, _ = eigen.layer_top_eigenvalues(F.cross_entropy(model(x), y), P, tol=0.0, max_iter=100,
                                             weight_decay=0.1)
     for l in P:
         want = max_mag(torch.linalg.eigvalsh(H[l] + 0.1 * torch.eye(len(H[l]), dtype=H[l].dtype)))
@@ -129,12 +129,12 @@ def test_solvers_return_the_signed_largest_magnitude_eigenvalue(method):
     evals = torch.cat([torch.tensor([-3.0, 2.0]), torch.linspace(-1, 1, 28)]).double()
     A = Q @ torch.diag(evals) @ Q.t()
     v = torch.randn(30, generator=g, dtype=torch.float64)
-    e, vec, it = M.SOLVERS[method](lambda u: A @ u, v / v.norm(), 1e-10, 300)
+    e, vec, it = eigen.SOLVERS[method](lambda u: A @ u, v / v.norm(), 1e-10, 300)
     assert e == pytest.approx(-3.0, rel=1e-6) and abs(torch.dot(vec, Q[:, 0]).item()) == pytest.approx(1, rel=1e-5)
     # a zero block and a NaN block (diverged run) neither raise nor loop forever
-    e0, _, _ = M.SOLVERS[method](lambda u: 0 * u, v / v.norm(), 1e-3, 100)
+    e0, _, _ = eigen.SOLVERS[method](lambda u: 0 * u, v / v.norm(), 1e-3, 100)
     assert e0 == 0.0
-    en, _, itn = M.SOLVERS[method](lambda u: u * math.nan, v / v.norm(), 1e-3, 100)
+    en, _, itn = eigen.SOLVERS[method](lambda u: u * math.nan, v / v.norm(), 1e-3, 100)
     assert math.isnan(en) and itn == 1
 
 
@@ -142,7 +142,7 @@ def test_full_top_eigenvalue_matches_exact_hessian():
     model, x, y = trained_small()
     params = list(model.parameters())
     exact = max_mag(torch.linalg.eigvalsh(block_hessian(model, x, y, params)))
-    e, v, it = M.full_top_eigenvalue(F.cross_entropy(model(x), y), params, tol=0.0, max_iter=300)
+    e, v, it = eigen.full_top_eigenvalue(F.cross_entropy(model(x), y), params, tol=0.0, max_iter=300)
     assert e == pytest.approx(exact, rel=1e-8) and v.numel() == sum(p.numel() for p in params)
 
 
@@ -150,18 +150,18 @@ def test_power_iteration_cold_runs_exactly_max_iter_and_tolerance_stops_early():
     model, x, y = trained_small()
     P = layers(model)
     loss = F.cross_entropy(model(x), y)
-    _, _, cold = M.layer_top_eigenvalues(loss, P, tol=0.0, max_iter=100, method="power")
-    _, _, tol = M.layer_top_eigenvalues(loss, P, tol=1e-3, max_iter=100, method="power")
+    _, _, cold = eigen.layer_top_eigenvalues(loss, P, tol=0.0, max_iter=100, method="power")
+    _, _, tol = eigen.layer_top_eigenvalues(loss, P, tol=1e-3, max_iter=100, method="power")
     assert all(cold[l] == 100 for l in P) and all(2 <= tol[l] < 100 for l in P)
 
 
 def test_warm_started_solver_tracks_the_cold_100_iteration_estimate_during_training():
     """The probe's warm-started Lanczos (tol 1e-3) vs the authors' 100 cold power iterations, at
-    decisions spaced by Adam steps: within 2% (SPEC 6 [choice]), with far fewer products."""
+    decisions spaced by Adam steps: within 2% (docs/METHOD.md §6 [choice]), with far fewer products."""
     model = small(widths=(16, 16), d_in=12, n_classes=5)
     x, y = data(n=64, d_in=12, n_classes=5)
     opt = torch.optim.Adam(M_groups(model), lr=1e-2)
-    probe = M.DecisionProbe(model, opt, len(x))
+    probe = measure.DecisionProbe(model, opt, len(x))
     P = layers(model)
     for decision in range(6):
         for _ in range(10):
@@ -172,7 +172,7 @@ def test_warm_started_solver_tracks_the_cold_100_iteration_estimate_during_train
         with probe.capture():
             F.cross_entropy(model(x), y).backward()
         m = probe.measure(lambda: F.cross_entropy(model(x), y))
-        cold, _, _ = M.layer_top_eigenvalues(F.cross_entropy(model(x), y), P, tol=0.0, max_iter=100,
+        cold, _, _ = eigen.layer_top_eigenvalues(F.cross_entropy(model(x), y), P, tol=0.0, max_iter=100,
                                              generator=torch.Generator().manual_seed(decision),
                                              method="power")
         for l in P:
@@ -192,8 +192,8 @@ def test_adam_effective_step_by_hand_after_three_steps():
     x, y = data()
     b1, b2, eps = 0.8, 0.9, 1e-8
     opt = torch.optim.Adam(M_groups(model), betas=(b1, b2), eps=eps)
-    assert math.isnan(M.adam_effective_step(opt, opt.param_groups[0]))
-    assert math.isnan(M.adam_alpha_agg(opt, opt.param_groups[0]))
+    assert math.isnan(measure.adam_effective_step(opt, opt.param_groups[0]))
+    assert math.isnan(measure.adam_alpha_agg(opt, opt.param_groups[0]))
     v = {id(p): torch.zeros_like(p) for p in model.parameters()}
     for _ in range(3):
         opt.zero_grad()
@@ -208,15 +208,15 @@ def test_adam_effective_step_by_hand_after_three_steps():
         v_hat = v[id(W)] / (1 - b2 ** k)
         rms = v_hat.mean().sqrt().item()
         total_all, n_all = total_all + v_hat.sum().item(), n_all + W.numel()
-        assert M.adam_effective_step(opt, g) == pytest.approx(g["lr"] / ((1 - b1 ** k) * (rms + eps)), rel=1e-9)
-        assert M.adam_alpha_agg(opt, g) == pytest.approx(g["lr"] / (rms + eps), rel=1e-9)
+        assert measure.adam_effective_step(opt, g) == pytest.approx(g["lr"] / ((1 - b1 ** k) * (rms + eps)), rel=1e-9)
+        assert measure.adam_alpha_agg(opt, g) == pytest.approx(g["lr"] / (rms + eps), rel=1e-9)
     lr0 = opt.param_groups[0]["lr"]
     raw = sum(t.sum().item() for t in v.values())            # no bias correction, biases included [code]
     n_params = sum(p.numel() for p in model.parameters())
     for g in opt.param_groups:   # the authors' form: global RMS of raw v, first group's LR, every layer
-        assert M.adam_alpha_agg(opt, g, code_form=True) == pytest.approx(
+        assert measure.adam_alpha_agg(opt, g, code_form=True) == pytest.approx(
             lr0 / (math.sqrt(raw / n_params) + eps), rel=1e-9)
-    glob_alpha, glob_agg = M._global_effective_step(opt)     # the global variant keeps v_hat over weights
+    glob_alpha, glob_agg = measure._global_effective_step(opt)     # the global variant keeps v_hat over weights
     assert glob_agg == pytest.approx(lr0 / (math.sqrt(total_all / n_all) + eps), rel=1e-9)
 
 
@@ -237,7 +237,7 @@ def test_decision_probe_reports_every_quantity_at_the_gradient_parameters():
     reg = WassersteinPenalty(model, 0.1)
     wd = 0.01
     opt = torch.optim.Adam(M_groups(model, wd=wd))
-    probe = M.DecisionProbe(model, opt, len(x), global_too=True)
+    probe = measure.DecisionProbe(model, opt, len(x), global_too=True)
     for _ in range(2):
         decision(model, opt, probe, x, y, reg)
         opt.step()
@@ -246,7 +246,7 @@ def test_decision_probe_reports_every_quantity_at_the_gradient_parameters():
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))   # measure never steps
     loss = F.cross_entropy(model(x), y) + reg(model)
     P = layers(model)
-    eig, _, _ = M.layer_top_eigenvalues(loss, P, tol=0.0, max_iter=200, weight_decay=wd)
+    eig, _, _ = eigen.layer_top_eigenvalues(loss, P, tol=0.0, max_iter=200, weight_decay=wd)
     var = probe.layer_probe.per_example_variance(len(x))
     for g in opt.param_groups:
         l = g["layer"]
@@ -254,14 +254,14 @@ def test_decision_probe_reports_every_quantity_at_the_gradient_parameters():
         assert m[l]["grad_sq"] == pytest.approx(want, rel=1e-12)
         assert m[l]["sigma2_ps"] == var[l]
         assert m[l]["lam_max"] == pytest.approx(eig[l], rel=1e-3)
-        assert m[l]["alpha"] == M.adam_effective_step(opt, g)
-        assert m[l]["alpha_agg"] == M.adam_alpha_agg(opt, g)
+        assert m[l]["alpha"] == measure.adam_effective_step(opt, g)
+        assert m[l]["alpha_agg"] == measure.adam_alpha_agg(opt, g)
         assert m[l]["eig_iters"] >= 2
     glob = m["global"]
     assert {m[l]["batch_size"] for l in m} == {len(x)}
     assert glob["grad_sq"] == pytest.approx(sum(m[l]["grad_sq"] for l in P))
     assert glob["sigma2_ps"] == pytest.approx(sum(m[l]["sigma2_ps"] for l in P))
-    full, _, _ = M.full_top_eigenvalue(F.cross_entropy(model(x), y) + reg(model), list(model.parameters()),
+    full, _, _ = eigen.full_top_eigenvalue(F.cross_entropy(model(x), y) + reg(model), list(model.parameters()),
                                        tol=0.0, max_iter=300, weight_decay=wd)
     assert glob["lam_max"] == pytest.approx(full, rel=1e-3)
     assert math.isfinite(glob["alpha"]) and math.isfinite(glob["alpha_agg"])
@@ -273,13 +273,13 @@ def test_decision_probe_state_round_trip_resumes_exactly():
         return model, torch.optim.Adam(M_groups(model))
     x, y = data()
     m1, o1 = setup()
-    p1 = M.DecisionProbe(m1, o1, len(x), seed=3)
+    p1 = measure.DecisionProbe(m1, o1, len(x), seed=3)
     decision(m1, o1, p1, x, y)
     o1.step()
     m2, o2 = setup()
     m2.load_state_dict(m1.state_dict())
     o2.load_state_dict(o1.state_dict())
-    p2 = M.DecisionProbe(m2, o2, len(x), seed=99)
+    p2 = measure.DecisionProbe(m2, o2, len(x), seed=99)
     p2.load_state_dict(p1.state_dict())
     a, b = decision(m1, o1, p1, x, y), decision(m2, o2, p2, x, y)
     assert a == b
@@ -289,7 +289,7 @@ def test_decision_probe_leaves_batchnorm_statistics_as_one_step_would():
     model = small(batchnorm=True)
     x, y = data()
     opt = torch.optim.Adam(M_groups(model))
-    probe = M.DecisionProbe(model, opt, len(x))
+    probe = measure.DecisionProbe(model, opt, len(x))
     opt.zero_grad()
     with probe.capture():
         F.cross_entropy(model(x), y).backward()
@@ -314,15 +314,15 @@ def rank_of(G, mass=0.99):
 def test_hessian_rank_matches_brute_force_and_constructed_cases():
     model, _, _ = trained_small()
     x, y = data(n=20, seed=5)
-    assert M.hessian_rank(model, x, y) == pytest.approx(rank_of(per_example_grads_loop(model, x, y)))
+    assert indicators.hessian_rank(model, x, y) == pytest.approx(rank_of(per_example_grads_loop(model, x, y)))
     # 20 copies of one example: rank 1 -> 1/20
-    assert M.hessian_rank(model, x[:1].repeat(20, 1), y[:1].repeat(20)) == pytest.approx(1 / 20)
+    assert indicators.hessian_rank(model, x[:1].repeat(20, 1), y[:1].repeat(20)) == pytest.approx(1 / 20)
     # 3 distinct examples, repeated: at most 3 of 12
     idx = torch.arange(12) % 3
-    assert M.hessian_rank(model, x[idx], y[idx]) <= 3 / 12
+    assert indicators.hessian_rank(model, x[idx], y[idx]) <= 3 / 12
     # BatchNorm: evaluated in eval mode, training mode restored
     bn = small(batchnorm=True)
-    r = M.hessian_rank(bn, x, y)
+    r = indicators.hessian_rank(bn, x, y)
     assert 0 < r <= 1 and bn.training
 
 
@@ -330,7 +330,7 @@ def test_unit_sign_entropy_on_hand_numbers():
     pre = torch.tensor([[1.0, -1.0, 0.0], [2.0, -3.0, 1.0], [-1.0, -2.0, 0.5], [3.0, -1.0, -2.0]])
     h1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))   # 3 of 4 positive
     h3 = math.log(2)                                         # 2 of 4 positive (0 is not > 0)
-    assert M.unit_sign_entropy(pre) == pytest.approx((h1 + 0.0 + h3) / 3)
+    assert indicators.unit_sign_entropy(pre) == pytest.approx((h1 + 0.0 + h3) / 3)
 
 
 def test_effective_rank_of_rank_k_matrices():
@@ -339,24 +339,24 @@ def test_effective_rank_of_rank_k_matrices():
     V, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
     for k in (1, 3, 7):
         A = U[:, :k] @ V[:, :k].t() * 2.5          # k equal singular values
-        assert M.effective_rank(A) == pytest.approx(k, rel=1e-9)
+        assert indicators.effective_rank(A) == pytest.approx(k, rel=1e-9)
     s = torch.tensor([3.0, 1.0], dtype=torch.float64)
     A = U[:, :2] @ torch.diag(s) @ V[:, :2].t()
     p = s / s.sum()
-    assert M.effective_rank(A) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
-    assert M.effective_rank(torch.zeros(4, 3)) == 0.0
+    assert indicators.effective_rank(A) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    assert indicators.effective_rank(torch.zeros(4, 3)) == 0.0
 
 
 def test_dead_fraction_and_norms_on_hand_numbers():
     post = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
-    assert M.dead_fraction(post) == 0.5
+    assert indicators.dead_fraction(post) == 0.5
     model = small()
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(-2.0)
-    assert M.weight_norm(model) == 2.0
+    assert indicators.weight_norm(model) == 2.0
     grads = [torch.full_like(p, 0.5) for p in model.parameters()]
-    assert M.grad_norm(model, grads) == 0.5 and M.grad_param_ratio(model, grads) == 0.25
+    assert indicators.grad_norm(model, grads) == 0.5 and indicators.grad_param_ratio(model, grads) == 0.25
 
 
 def test_compute_indicators_leaves_gradients_and_statistics_untouched():
@@ -366,17 +366,17 @@ def test_compute_indicators_leaves_gradients_and_statistics_untouched():
     F.cross_entropy(model(x), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     bufs = [b.clone() for b in model.buffers()]
-    ind = M.compute_indicators(model, x, y, x[:10], y[:10], reg, weight_decay=0.01)
+    ind = indicators.compute_indicators(model, x, y, x[:10], y[:10], reg, weight_decay=0.01)
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(bufs, model.buffers()))
     assert set(ind) >= {"hessian_rank", "unit_sign_entropy", "sharpness", "weight_norm", "grad_norm",
                         "grad_param_ratio", "effective_rank", "dead_fraction"}
     assert all(math.isfinite(v) for v in ind.values())
-    with M.buffers_kept(model):
-        want, _, _ = M.full_top_eigenvalue(M.objective(model, x, y, reg, 0.01), list(model.parameters()),
+    with measure.buffers_kept(model):
+        want, _, _ = eigen.full_top_eigenvalue(indicators.objective(model, x, y, reg, 0.01), list(model.parameters()),
                                            tol=0.0, max_iter=300)
     assert ind["sharpness"] == pytest.approx(want, rel=1e-2)
-    assert M.sharpness(model, x, y, reg, 0.01) == ind["sharpness"]
+    assert indicators.sharpness(model, x, y, reg, 0.01) == ind["sharpness"]
     assert all(torch.equal(a, b) for a, b in zip(bufs, model.buffers()))
 
 
@@ -387,7 +387,7 @@ def test_a_partial_minibatch_is_measured_at_its_own_size():
     x, y = data()
     b = len(x) - 3
     opt = torch.optim.Adam(M_groups(model))
-    probe = M.DecisionProbe(model, opt, batch_size=len(x))      # configured B
+    probe = measure.DecisionProbe(model, opt, batch_size=len(x))      # configured B
     decision(model, opt, probe, x, y, None)
     opt.step()
     m = decision(model, opt, probe, x[:b], y[:b], None)

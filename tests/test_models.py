@@ -1,4 +1,4 @@
-"""SPEC 2 model: architecture, CReLU widths, activations, init, BatchNorm, per-layer Adam groups."""
+"""The paper's model (docs/METHOD.md §2): architecture, CReLU widths, activations, init, BatchNorm, per-layer Adam groups."""
 import math
 import pickle
 

@@ -185,8 +185,8 @@ def test_snakemake_config_overrides_reach_the_jobs():
              "run_defaults={wandb: {mode: disabled, group: mine}}", "--", target)
     cmd = next(line for line in out.stdout.splitlines() if "trainability.train" in line)
     params_file = cmd.split("--params ")[1].split()[0]
-    from trainability import config as C
-    cfg = C.resolve_run(C.load_params(ROOT / params_file), "smoke", "l2-vanilla", 0)
+    from trainability import config
+    cfg = config.resolve_run(config.load_params(ROOT / params_file), "smoke", "l2-vanilla", 0)
     assert cfg["wandb"]["mode"] == "disabled" and cfg["wandb"]["group"] == "mine"
     bad = sh(str(BIN / "snakemake"), "-n", "--config", "scale=smoke",
              "runs={l2-vanilla: {extends: l2, optim: {lr: 0.0003}}}", check=False)

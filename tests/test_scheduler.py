@@ -1,4 +1,4 @@
-"""Algorithm 1 (SPEC 6) on constructed measurements: the rules, their thresholds, the variants,
+"""Algorithm 1 on constructed measurements: the rules, their thresholds, the variants,
 measure-only mode, NaN handling, state round-trip, Fig. 4's crossings and the beta-ramp quirk."""
 import copy
 import json

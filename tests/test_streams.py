@@ -1,4 +1,4 @@
-"""Task streams (SPEC 2): random-label and permuted MNIST, epoch batching."""
+"""Task streams (docs/METHOD.md §1): random-label and permuted MNIST, epoch batching."""
 import pytest
 import torch
 

@@ -7,20 +7,20 @@ import pytest
 import torch
 import yaml
 
-from trainability import config as C
+from trainability import config
 from trainability.train import main, run
 
 PARAMS = yaml.safe_load(open("params.yaml"))
 
 
 def tiny(run_name="crelu-scheduled", **over):
-    cfg = C.resolve_run(PARAMS, "smoke", run_name, seed=0)
-    cfg = C.deep_merge(cfg, {"n_tasks": 3, "epochs_per_task": 2, "stream": {"n_images": 512},
+    cfg = config.resolve_run(PARAMS, "smoke", run_name, seed=0)
+    cfg = config.deep_merge(cfg, {"n_tasks": 3, "epochs_per_task": 2, "stream": {"n_images": 512},
                              "measure": {"every": 2}, "indicators": {"n_fixed": 16},
                              "wandb": {"mode": "disabled"},
                              # CI is CPU-only; `TRAINABILITY_TEST_DEVICE=cuda pytest` runs these on a GPU
                              "device": os.environ.get("TRAINABILITY_TEST_DEVICE", "cpu")})
-    return C.deep_merge(cfg, over)
+    return config.deep_merge(cfg, over)
 
 
 def strip(rec):
@@ -95,7 +95,7 @@ def test_cli_dry_run(capsys):
 def test_checkpoint_of_another_config_is_ignored(tmp_path, mnist_root):
     cfg = tiny("l2-vanilla", data={"root": mnist_root})
     run(cfg, tmp_path, progress=False, stop_after_task=0)
-    other = C.deep_merge(cfg, {"optim": {"lr": 3e-4}})
+    other = config.deep_merge(cfg, {"optim": {"lr": 3e-4}})
     rec = run(other, tmp_path, progress=False)
     fresh = run(other, tmp_path / "fresh", progress=False)
     assert strip(rec) == strip(fresh)

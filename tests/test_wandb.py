@@ -3,15 +3,15 @@ import glob
 
 import yaml
 
-from trainability import config as C
+from trainability import config
 from trainability.train import run
 
 PARAMS = yaml.safe_load(open("params.yaml"))
 
 
 def _cfg(tmp_path, mnist_root, mode):
-    cfg = C.resolve_run(PARAMS, "smoke", "l2-scheduled", seed=0)
-    return C.deep_merge(cfg, {"n_tasks": 2, "epochs_per_task": 1, "stream": {"n_images": 512},
+    cfg = config.resolve_run(PARAMS, "smoke", "l2-scheduled", seed=0)
+    return config.deep_merge(cfg, {"n_tasks": 2, "epochs_per_task": 1, "stream": {"n_images": 512},
                               "measure": {"every": 1}, "indicators": {"enabled": False},
                               "data": {"root": mnist_root},
                               "wandb": {"mode": mode, "dir": str(tmp_path / "wb")}})

@@ -23,7 +23,7 @@ FINAL_FRAC = 0.1          # "final accuracy" = mean over the last 10% of the pla
 PREDICTORS = ("combined", "noise", "vol")   # keys of record["tasks"][t]["crossings"] (Fig. 4)
 CURVE_COLUMNS = ("run", "seed", "task", "online_acc", "end_acc", "end_loss")
 
-# Fig. 1 panels (SPEC 4): (letter, title, indicator, run A, run B, log y)
+# Fig. 1 panels (paper Sec. 3): (letter, title, indicator, run A, run B, log y)
 FIG1_PANELS = (
     ("a", "Hessian rank", "hessian_rank", "l2-lr1e-4", "wass-vanilla", False),
     ("b", "Unit-sign entropy", "unit_sign_entropy", "bn-l2", "leaky-rho03", False),

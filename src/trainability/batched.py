@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 from . import config as C
 from . import bounds as Bd
 from .data import load_mnist
-from .measure import compute_indicators, linear_gradient_stats, mixed_start
+from .eigen import mixed_start
+from .indicators import compute_indicators
+from .measure import linear_gradient_stats
 from .models import activation_fn, build_model
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
                      save_checkpoint, write_json_atomic)
@@ -272,7 +274,7 @@ class StackedWasserstein:
 
 
 def batched_lanczos(hvp, v: torch.Tensor, tol: float, max_iter: int, min_iter: int = 2):
-    """measure._lanczos for M independent problems at once: v (M, n) unit rows, hvp (M, n) -> (M, n).
+    """eigen._lanczos for M independent problems at once: v (M, n) unit rows, hvp (M, n) -> (M, n).
     Each model stops by the same rule as the one-model solver and its result is frozen there; the loop
     ends when every model has stopped. Returns (theta (M,) float64, Ritz vectors (M, n), products (M,))."""
     M, n = v.shape
@@ -350,7 +352,7 @@ class StackedProbe:
         self.has_vec[m] = False
 
     def _starts(self, l: int) -> torch.Tensor:
-        """measure._start for every model: a seeded Gaussian, plus the previous eigenvector if any."""
+        """eigen._start for every model: a seeded Gaussian, plus the previous eigenvector if any."""
         n = self.vecs[l].shape[1]
         r = torch.stack([torch.randn(n, generator=g) for g in self.generators]).to(self.vecs[l])
         return torch.where(self.has_vec.unsqueeze(1), mixed_start(r, self.vecs[l]), mixed_start(r))
@@ -614,7 +616,9 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                 x, y = xs[sidx[m]], ys[sidx[m]]
                 model = net.extract(m, c["model"])
                 reg = wass.for_model(m, model) if wass is not None and lam_w[m] > 0 else None
-                indicators[m] = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], reg, float(wd[m]))
+                indicators[m] = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], reg, float(wd[m]),
+                                                   eig_tol=c["measure"]["eig_tol"],
+                                                   eig_max_iter=c["measure"]["eig_max_iter"])
         gens = [torch.Generator(device=device).manual_seed(_sub_seed(c["seed"], t, 1)) for c in cfgs]
         correct = torch.zeros(M, device=device)           # over full minibatches
         correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)

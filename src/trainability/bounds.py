@@ -1,4 +1,4 @@
-"""The noise bound, the volatility bound and their combination (SPEC 5; paper Eqs. 1-3, A.3, A.5).
+"""The noise bound, the volatility bound and their combination (paper Sec. 4, Eqs. 1-3, A.3, A.5; docs/METHOD.md §5).
 
 Pure functions of floats (they also work elementwise on tensors). A zero, negative or NaN denominator
 gives +inf, "no constraint", and nothing raises: a bound must never stop a run.

@@ -6,6 +6,7 @@ resolved run config, so a bad value fails before any compute with a message nami
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import hashlib
@@ -177,6 +178,15 @@ def set_dotted(cfg: dict, assignment: str) -> dict:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
     return deep_merge(cfg, override)
+
+
+def params_parser(**kwargs) -> argparse.ArgumentParser:
+    """A command's argument parser with the two options every command shares: --params and --scale
+    (read them with params_and_scale). kwargs go to argparse.ArgumentParser."""
+    p = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--scale", default=None, help="entry of `scales` (default: params.yaml's `scale`)")
+    return p
 
 
 def params_and_scale(path: str | Path, scale: str | None = None) -> tuple[dict, str]:

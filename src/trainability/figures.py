@@ -16,13 +16,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import analysis as A  # noqa: E402
+from . import analysis  # noqa: E402
+from .methods import METHOD_NAMES, METHODS, arm_of, method_of, methods_in  # noqa: E402
 from .pipeline import figure_paths  # noqa: E402
+from .verdicts import PAPER_FIG5_EARLY, STREAMS  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8,
                      "figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3})
 
-METHODS = {"crelu": "CReLU", "l2": "L2", "wass": "Wasserstein"}
 ARM_COLORS = {"vanilla": "0.25", "reset": "tab:orange", "scheduled": "tab:blue", "global": "tab:green",
               "noise": "tab:purple", "curvature": "tab:brown", "authors": "tab:red"}
 ARM_LABELS = {"vanilla": "vanilla", "reset": "reset", "scheduled": "per-layer scheduler",
@@ -38,6 +39,7 @@ FIG4_LABELS = {"actual": "actual", "combined": r"combined $\tilde\alpha^\star$",
                "vol": r"volatility $\alpha^\star_{vol}$"}
 LAYER_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 PAIR_COLORS = ("tab:blue", "tab:orange")
+FIG4_NAMES = dict(METHOD_NAMES, relu="ReLU")   # panel titles of the vanilla runs
 FIG2_TASKS = 20   # the paper's Fig. 2 shows the first 20 tasks
 PAPER_FIG = {"fig1": "Fig. 1", "fig2": "Fig. 2", "fig3": "Fig. 3 (and 10-12)", "fig4": "Fig. 4",
              "fig5": "Fig. 5", "fig6": "Fig. 6", "fig7": "Figs. 7-8", "fig9": "Fig. 9",
@@ -45,14 +47,6 @@ PAPER_FIG = {"fig1": "Fig. 1", "fig2": "Fig. 2", "fig3": "Fig. 3 (and 10-12)", "
 
 
 # ---------------------------------------------------------------- helpers
-def method_of(run: str) -> str:
-    return run.split("-")[0]
-
-
-def arm_of(run: str) -> str:
-    return run.split("-", 1)[1] if "-" in run else run
-
-
 def runs_by_method(runs: dict) -> dict[str, dict[str, str]]:
     """{method: {arm: run}} in params.yaml order."""
     out: dict = {}
@@ -63,7 +57,7 @@ def runs_by_method(runs: dict) -> dict[str, dict[str, str]]:
 
 def method_title(method: str, records: list[dict]) -> str:
     cfg = records[0]["config"] if records else {}
-    name = METHODS.get(method, method)
+    name = METHOD_NAMES.get(method, method)
     lam = (cfg.get("regularizer") or {}).get("lam")
     if method in ("l2", "wass") and lam:
         return f"{name} ($\\lambda$={lam:g})"
@@ -87,10 +81,10 @@ def band(ax, x, matrix, color, label=None, ls="-", log=False, ema=0.0, lw=1.6, *
     if m.size == 0 or not np.isfinite(m).any():
         return None
     if ema:
-        m = np.array([A.ema(row, ema) for row in m])
+        m = np.array([analysis.ema(row, ema) for row in m])
     if log:
         m = np.where(m > 0, np.log10(np.where(m > 0, m, 1.0)), np.nan)
-    mu, sd = A.mean_std(m)
+    mu, sd = analysis.mean_std(m)
     lo, hi = mu - sd, mu + sd
     if log:
         mu, lo, hi = 10 ** mu, 10 ** lo, 10 ** hi
@@ -102,12 +96,12 @@ def band(ax, x, matrix, color, label=None, ls="-", log=False, ema=0.0, lw=1.6, *
 
 
 def task_matrix(records: list[dict], fn) -> np.ndarray:
-    return A.stack([fn(r) for r in records])
+    return analysis.stack([fn(r) for r in records])
 
 
 def acc_label(label: str, records: list[dict]) -> str:
     """Legend label with the run's final task accuracy (mean +- std over seeds) and divergences."""
-    s = A.run_summary(records)
+    s = analysis.run_summary(records)
     f = s["final_acc"]
     out = f"{label}: final {f['mean']:.2f}" + (f"±{f['std']:.2f}" if f["n"] > 1 else "") \
         if math.isfinite(f["mean"]) else f"{label}: final n/a"
@@ -145,9 +139,9 @@ def decision_matrix(records: list[dict], key: str, layer: str = "1", task_filter
     """Seeds x decisions matrix of a layer's decision series, with x = optimiser step (or task + fraction)."""
     xs, ys = [], []
     for r in records:
-        y = A.layer_series(r, layer, key) if layer != "mean" else A.layer_mean_series(r, key)
-        tasks = A.decision_array(r, "task")
-        xv = A.decision_array(r, "step") if x == "step" else tasks + 1 + A.decision_array(r, "task_frac")
+        y = analysis.layer_series(r, layer, key) if layer != "mean" else analysis.layer_mean_series(r, key)
+        tasks = analysis.decision_array(r, "task")
+        xv = analysis.decision_array(r, "step") if x == "step" else tasks + 1 + analysis.decision_array(r, "task_frac")
         n = min(y.size, tasks.size, xv.size)
         if n == 0:
             continue
@@ -166,7 +160,7 @@ def finish(fig, experiment: str, title: str, scale: str, runs: dict) -> None:
 
 def value_label(label: str, records: list[dict], fn, name: str, fmt: str = ".2f") -> str:
     """Legend label with the final-window mean of fn(record) (e.g. the final Hessian rank)."""
-    s = A.stat([A.final_window_mean(fn(r), A.planned_tasks(r)) for r in records])
+    s = analysis.stat([analysis.final_window_mean(fn(r), analysis.planned_tasks(r)) for r in records])
     return f"{label}: final {name} {s['mean']:{fmt}}" if math.isfinite(s["mean"]) else f"{label}: {name} n/a"
 
 
@@ -175,7 +169,7 @@ def arm_panels(axes, runs: dict, arms: tuple, fn=None, ylabel="Task accuracy (on
     """One panel per method (CReLU, L2, Wasserstein), one curve per arm; fn(record) = per-task values
     (default: online accuracy; then the legend gives the final accuracy, else final `value_name`)."""
     by = runs_by_method(runs)
-    for ax, method in zip(axes, ("crelu", "l2", "wass")):
+    for ax, method in zip(axes, METHODS):
         arms_here = by.get(method, {})
         recs0 = next((runs[r] for r in arms_here.values() if runs[r]), [])
         ax.set_title(method_title(method, recs0))
@@ -187,7 +181,7 @@ def arm_panels(axes, runs: dict, arms: tuple, fn=None, ylabel="Task accuracy (on
             recs = runs[run]
             label = (acc_label(labels.get(arm, arm), recs) if fn is None
                      else value_label(labels.get(arm, arm), recs, fn, value_name, value_fmt))
-            task_curve(ax, recs, fn or (lambda r: A.task_values(r, "online_acc")), colors[arm], label,
+            task_curve(ax, recs, fn or (lambda r: analysis.task_values(r, "online_acc")), colors[arm], label,
                        ls=ARM_STYLES.get(arm, "-"), ema=ema, log=log)
             drawn = True
         if not drawn:
@@ -205,7 +199,7 @@ def fig1(runs, ctx):
     """Paper Fig. 1: six counterexamples; each panel shows an indicator (dashed, right axis) and the task
     accuracy (solid, left axis) of two runs; the legend gives each run's final accuracy."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 9))
-    for ax, (letter, title, ind, ra, rb, log) in zip(axes.flat, A.FIG1_PANELS):
+    for ax, (letter, title, ind, ra, rb, log) in zip(axes.flat, analysis.FIG1_PANELS):
         ax2 = ax.twinx()
         ax2.grid(False)
         handles = []
@@ -213,13 +207,13 @@ def fig1(runs, ctx):
             recs = runs.get(run) or []
             if not recs:
                 continue
-            h = task_curve(ax, recs, lambda r: A.task_values(r, "online_acc"), color, acc_label(run, recs),
+            h = task_curve(ax, recs, lambda r: analysis.task_values(r, "online_acc"), color, acc_label(run, recs),
                            ema=ctx["ema"])
-            task_curve(ax2, recs, lambda r, i=ind: A.indicator_values(r, i), color, None, ls="--",
+            task_curve(ax2, recs, lambda r, i=ind: analysis.indicator_values(r, i), color, None, ls="--",
                        log=log, ema=ctx["ema"])
             if h is not None:
                 handles.append(h)
-            if all(A.indicator_key(r, ind) is None for r in recs):
+            if all(analysis.indicator_key(r, ind) is None for r in recs):
                 ax2.text(0.02, 0.02, f"{run}: no '{ind}' in record", transform=ax2.transAxes, fontsize=8)
         if not handles:
             note(ax, f"no records for {ra}, {rb}")
@@ -238,7 +232,7 @@ def fig1(runs, ctx):
 def fig2(runs, ctx):
     """Paper Fig. 2: volatility of normalised sharpness (mean over layers, dashed, log, per decision step)
     against task accuracy (solid, per task as a step over the task's span) for L2 at three LRs."""
-    order = [r for r in ("l2-lr1e-5", "l2-lr1e-4", "l2-vanilla") if r in runs] or list(runs)
+    order = list(runs)   # params.yaml experiments.fig2.runs
     colors = ("tab:red", "tab:orange", "tab:purple")
     fig, axes = plt.subplots(1, len(order), figsize=(5 * len(order), 4.2), squeeze=False)
     for ax, run, color in zip(axes[0], order, colors):
@@ -250,9 +244,9 @@ def fig2(runs, ctx):
         if not recs:
             note(ax, "no records")
             continue
-        m = task_matrix(recs, lambda r: A.task_values(r, "online_acc"))[:, :FIG2_TASKS]
+        m = task_matrix(recs, lambda r: analysis.task_values(r, "online_acc"))[:, :FIG2_TASKS]
         x = np.arange(m.shape[1] + 1) + 1.0
-        mu, sd = A.mean_std(m)
+        mu, sd = analysis.mean_std(m)
         ax.stairs(mu, x, baseline=None, color=color, lw=1.8, label=acc_label("task accuracy", recs))
         if len(recs) > 1:
             ax.stairs(mu + sd, x, baseline=mu - sd, fill=True, color=color, alpha=0.18)
@@ -277,7 +271,7 @@ def fig2(runs, ctx):
 def fig3(runs, ctx):
     """Paper Fig. 3 (and 10-12): layer-1 effective step alpha vs alpha*_g, alpha*_vol and alpha_tilde*
     over optimiser steps (log y); rows = method, columns = first task, first 10 tasks, last task."""
-    order = [r for r in ("l2-vanilla", "crelu-vanilla", "wass-vanilla") if r in runs] or list(runs)
+    order = list(runs)   # params.yaml experiments.fig3.runs
     fig, axes = plt.subplots(len(order), 3, figsize=(15, 3.4 * len(order) + 0.6), squeeze=False)
     handles = None
     for row, run in zip(axes, order):
@@ -313,9 +307,9 @@ def fig4(runs, ctx):
     """Paper Fig. 4: per task, predicted accuracy = 1 - crossing fraction (per seed, affinely rescaled to
     that seed's actual range) for each bound, against the actual online accuracy; titles give the
     Spearman rank correlation (mean over seeds) of each predictor with the actual accuracy (ours)."""
-    order = [r for r in ("wass-vanilla", "l2-vanilla", "crelu-vanilla", "relu-vanilla") if r in runs] or list(runs)
+    order = list(runs)   # params.yaml experiments.fig4.runs
     fig, axes = plt.subplots(1, len(order), figsize=(4.4 * len(order), 4.4), squeeze=False)
-    names = {"wass-vanilla": "Wasserstein", "l2-vanilla": "L2", "crelu-vanilla": "CReLU", "relu-vanilla": "ReLU"}
+    names = {r: FIG4_NAMES.get(method_of(r), r) if arm_of(r) == "vanilla" else r for r in order}
     for ax, run in zip(axes[0], order):
         recs = runs.get(run) or []
         ax.set_xlabel("Task ID")
@@ -323,18 +317,18 @@ def fig4(runs, ctx):
             ax.set_title(names.get(run, run))
             note(ax, "no records")
             continue
-        acts = [A.task_values(r, "online_acc") for r in recs]
-        band(ax, np.arange(1, max(map(len, acts)) + 1), A.stack(acts), FIG4_COLORS["actual"],
+        acts = [analysis.task_values(r, "online_acc") for r in recs]
+        band(ax, np.arange(1, max(map(len, acts)) + 1), analysis.stack(acts), FIG4_COLORS["actual"],
              FIG4_LABELS["actual"], lw=2.2)
-        pred = A.prediction_summary(recs)
+        pred = analysis.prediction_summary(recs)
         rhos = []
-        for p in A.PREDICTORS:
-            resc = [A.affine_rescale(A.predicted_acc(r, p), a) for r, a in zip(recs, acts)]
-            band(ax, np.arange(1, max(map(len, resc)) + 1), A.stack(resc), FIG4_COLORS[p], FIG4_LABELS[p],
+        for p in analysis.PREDICTORS:
+            resc = [analysis.affine_rescale(analysis.predicted_acc(r, p), a) for r, a in zip(recs, acts)]
+            band(ax, np.arange(1, max(map(len, resc)) + 1), analysis.stack(resc), FIG4_COLORS[p], FIG4_LABELS[p],
                  ls="--")
             rho = pred[p]["spearman"]["mean"]
-            raw = A.stack([A.predicted_acc(r, p) for r in recs])
-            const = np.isfinite(raw).any() and A.nanstd(raw, 1).max() == 0
+            raw = analysis.stack([analysis.predicted_acc(r, p) for r in recs])
+            const = np.isfinite(raw).any() and analysis.nanstd(raw, 1).max() == 0
             rhos.append(f"{p} {rho:+.2f}" if math.isfinite(rho) else f"{p} const" if const else f"{p} n/a")
         mark_divergence(ax, recs, acts, FIG4_COLORS["actual"])
         ax.set_title(f"{names.get(run, run)}\nSpearman $\\rho$: " + ", ".join(rhos), fontsize=10)
@@ -357,12 +351,12 @@ def fig6(runs, ctx):
     vertical lines are task boundaries."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     by = runs_by_method(runs)
-    for ax, method in zip(axes, ("crelu", "l2", "wass")):
+    for ax, method in zip(axes, METHODS):
         run = by.get(method, {}).get("scheduled")
         recs = runs.get(run) or []
         ax.set_title(method_title(method, recs))
         ax.set_xlabel("Step")
-        layers = A.decision_layers(recs[0]) if recs else []
+        layers = analysis.decision_layers(recs[0]) if recs else []
         drawn = False
         for i, l in enumerate(layers):
             xv, m = decision_matrix(recs, "lr", layer=l)
@@ -370,8 +364,8 @@ def fig6(runs, ctx):
                                 ema=0.0) is not None:
                 drawn = True
         if drawn:
-            steps = A.decision_array(recs[0], "step")
-            tasks = A.decision_array(recs[0], "task")
+            steps = analysis.decision_array(recs[0], "step")
+            tasks = analysis.decision_array(recs[0], "task")
             for b in steps[1:][np.diff(tasks) > 0]:
                 ax.axvline(b, color="0.6", ls=":", lw=0.8)
             init = recs[0]["config"]["optim"]["lr"]
@@ -395,7 +389,7 @@ def fig7(runs, ctx):
         if recs:
             c = recs[0]["config"]
             labels[id(recs)] = f"{max(1, round(c['epochs_per_task'] * c['epochs_factor']))} epochs/task"
-    for col, method in enumerate(("crelu", "l2", "wass")):
+    for col, method in enumerate(METHODS):
         ax, axl = axes[0][col], axes[1][col]
         arms = by.get(method, {})
         recs0 = next((runs[r] for r in arms.values() if runs[r]), [])
@@ -405,9 +399,9 @@ def fig7(runs, ctx):
             recs = runs.get(arms.get(arm)) or []
             if not recs:
                 continue
-            task_curve(ax, recs, lambda r: A.task_values(r, "online_acc"), LENGTH_COLORS[arm],
+            task_curve(ax, recs, lambda r: analysis.task_values(r, "online_acc"), LENGTH_COLORS[arm],
                        acc_label(labels[id(recs)], recs), ema=ctx["ema"])
-            task_curve(axl, recs, lambda r: np.array([A.geomean(row) for row in A.task_lrs(r)]),
+            task_curve(axl, recs, lambda r: np.array([analysis.geomean(row) for row in analysis.task_lrs(r)]),
                        LENGTH_COLORS[arm], labels[id(recs)], log=True)
             drawn = True
         if not drawn:
@@ -428,7 +422,7 @@ def fig7(runs, ctx):
 def fig9(runs, ctx):
     """Paper Fig. 9: "Hessian rank" (empirical-Fisher rank proxy at each task start), vanilla vs scheduled."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    arm_panels(axes, runs, ("vanilla", "scheduled"), fn=lambda r: A.indicator_values(r, "hessian_rank"),
+    arm_panels(axes, runs, ("vanilla", "scheduled"), fn=lambda r: analysis.indicator_values(r, "hessian_rank"),
                ylabel="Hessian rank (fraction)", ema=ctx["ema"], value_name="rank")
     for ax in axes:   # legend shows final accuracy; this figure is about rank
         ax.set_xlabel("Task ID (rank measured at task start)")
@@ -460,7 +454,7 @@ def ablation_authors(runs, ctx):
     arms = ("vanilla", "scheduled", "authors")
     labels = dict(ARM_LABELS, scheduled="scheduler, paper's Eq. 2")
     arm_panels(axes[0], runs, arms, ema=ctx["ema"], labels=labels)
-    arm_panels(axes[1], runs, arms, fn=lambda r: np.array([A.geomean(row) for row in A.task_lrs(r)]),
+    arm_panels(axes[1], runs, arms, fn=lambda r: np.array([analysis.geomean(row) for row in analysis.task_lrs(r)]),
                ylabel="LR at task end (geo. mean over layers)", labels=labels, log=True, value_name="LR",
                value_fmt=".2e")
     finish(fig, "ablation-authors", ctx["title"], ctx["scale"], runs)
@@ -476,8 +470,7 @@ def ablation_stream(runs, ctx):
     first-layer beta ramp) vs the same without the ramp vs App. D.1's 21,000 images. Left panels: task-1
     online accuracy per run (one dot per seed, bar = mean) against the paper's Fig. 5 level at task 1;
     right: the scheduled runs' per-layer LR through task 1 on the authors' stream."""
-    from .tables import PAPER_FIG5_EARLY, STREAMS
-    methods = [m for m in ("l2", "crelu", "wass") if any(runs.get(f"{m}-{a}") for a in ("vanilla", "scheduled"))]
+    methods = [m for m in methods_in(runs) if any(runs.get(f"{m}-{a}") for a in ("vanilla", "scheduled"))]
     fig, axes = plt.subplots(1, len(methods) + 1, figsize=(5.2 * (len(methods) + 1), 4.6), squeeze=False)
     axes = axes[0]
     for ax, method in zip(axes, methods):
@@ -488,7 +481,7 @@ def ablation_stream(runs, ctx):
             for j, arm in enumerate(("vanilla", "scheduled")):
                 recs = runs.get(f"{method}-{arm}{suffix}") or []
                 x = i * 3 + j
-                vals = [A.task_values(r, "online_acc")[0] for r in recs if A.task_values(r, "online_acc").size]
+                vals = [analysis.task_values(r, "online_acc")[0] for r in recs if analysis.task_values(r, "online_acc").size]
                 if vals:
                     ax.bar(x, np.mean(vals), color=ARM_COLORS[arm], alpha=0.55, width=0.8,
                            label=f"ours, {arm} (dots: seeds)" if i == 0 else None)
@@ -513,7 +506,7 @@ def ablation_stream(runs, ctx):
         for layer, ls in zip(("1", "2", "3"), ("-", "--", ":")):
             x, m = decision_matrix(recs, "lr", layer, task_filter=lambda t: t == 0, x="task")
             if m.size:
-                band(ax, x - 1, m, color, label=f"{METHODS[method]} layer {layer}", ls=ls, log=True)
+                band(ax, x - 1, m, color, label=f"{METHOD_NAMES[method]} layer {layer}", ls=ls, log=True)
     ax.set_yscale("log")
     ax.set_xlabel("fraction of task 1")
     ax.set_ylabel("learning rate (scheduled, authors' stream)")
@@ -536,7 +529,7 @@ def make_figure(params: dict, scale: str, experiment: str, ema: float = 0.0, ema
     """Draw `experiment`'s figure from its records and write figures/<scale>/<experiment>.png and .pdf."""
     if experiment not in FIGURES:
         raise KeyError(f"no figure for experiment {experiment!r}; known: {sorted(FIGURES)}")
-    runs = A.load_experiment(params, scale, experiment, log=log)
+    runs = analysis.load_experiment(params, scale, experiment, log=log)
     ctx = {"scale": scale, "title": params["experiments"][experiment].get("title", experiment),
            "ema": ema, "ema_steps": ema_steps}
     fig = FIGURES[experiment](runs, ctx)

@@ -1,6 +1,6 @@
-"""The MLPs of the paper (SPEC 2): 784 -> 256 -> 256 -> 10 with ReLU, CReLU, LeakyReLU(rho), identity,
+"""The MLPs of the paper (Sec. 5, Fig. 1; docs/METHOD.md §2): 784 -> 256 -> 256 -> 10 with ReLU, CReLU, LeakyReLU(rho), identity,
 or Linear -> BatchNorm1d -> activation. Layers are numbered 1..L; the output layer is L (the paper's
-layer 3). Each layer gets its own Adam parameter group (`param_groups`) so the scheduler of SPEC 6 can
+layer 3). Each layer gets its own Adam parameter group (`param_groups`) so the scheduler of Algorithm 1 can
 give it its own learning rate.
 
 Init [code]: `nn.init.kaiming_uniform_(w, nonlinearity="relu")`, i.e. U(-b, b) with
@@ -105,7 +105,7 @@ def build_model(cfg: dict, input_dim: int = 784) -> MLP:
 
 
 def param_groups(model: MLP, lr: float, weight_decay: float = 0.0) -> list[dict]:
-    """One Adam parameter group per layer (SPEC 2), tagged `"layer": l` (1-indexed). `weight_decay` is
-    Adam's coupled L2 (SPEC 3; see regularizers.adam_weight_decay)."""
+    """One Adam parameter group per layer (docs/METHOD.md §2), tagged `"layer": l` (1-indexed). `weight_decay` is
+    Adam's coupled L2 (docs/METHOD.md §3; see regularizers.adam_weight_decay)."""
     return [{"params": model.layer_params(l), "lr": lr, "weight_decay": weight_decay, "layer": l}
             for l in range(1, model.n_layers + 1)]

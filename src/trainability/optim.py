@@ -1,4 +1,4 @@
-"""The authors' first-layer Adam-beta ramp (paper Sec. 5 setup as run by the authors' code; SPEC 2).
+"""The authors' first-layer Adam-beta ramp (paper Sec. 5 setup as run by the authors' code; docs/METHOD.md §2).
 
 Not in the paper's text, but in every run behind its figures [code]: after every optimiser step the
 training loop overwrites the *first* layer's Adam betas with a ramp that is linear in the epoch index e

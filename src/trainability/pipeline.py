@@ -56,11 +56,6 @@ def experiment_records(params: dict, scale: str, experiment: str) -> list[str]:
     return [record_path(params, scale, r, s) for r in params["experiments"][experiment]["runs"] for s in seeds]
 
 
-def all_records(params: dict, scale: str) -> list[str]:
-    seeds = params["scales"][scale]["seeds"]
-    return [record_path(params, scale, r, s) for r in run_names(params, scale) for s in seeds]
-
-
 def run_jobs(params: dict, scale: str) -> tuple[dict[str, list[str]], list[str]]:
     """How a scale's runs become jobs, for the Snakefile and dvc.yaml alike: ({batch group: [runs]},
     [runs with one job per seed]). Groups exist only at a scale with `batched: true`."""

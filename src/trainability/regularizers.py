@@ -1,4 +1,4 @@
-"""Regularisers of the baselines (SPEC 3).
+"""Regularisers of the baselines (paper Sec. 5; docs/METHOD.md §3).
 
 - Coupled L2 [code]: lambda * theta is added to the gradient *before* Adam's moment estimates, which is
   exactly `torch.optim.Adam(weight_decay=lambda)` (not AdamW, whose decay is decoupled). Nothing is
@@ -20,7 +20,7 @@ def adam_weight_decay(cfg: dict) -> float:
 
 
 class WassersteinPenalty:
-    """R(model) = lam * sum_p ||sort(vec p) - sort(vec p0)||^2 over `model.parameters()` (SPEC 3).
+    """R(model) = lam * sum_p ||sort(vec p) - sort(vec p0)||^2 over `model.parameters()` (docs/METHOD.md §3).
 
     For two equal-size empirical distributions, the sorted (quantile) matching is the optimal transport
     plan, so each term is n times the squared 2-Wasserstein distance between the tensor's current and

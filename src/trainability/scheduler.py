@@ -1,4 +1,4 @@
-"""The per-layer learning-rate scheduler (SPEC 6; paper Algorithm 1, Table 1).
+"""The per-layer learning-rate scheduler (paper Algorithm 1, Table 1; docs/METHOD.md §6).
 
 Like `torch.optim.lr_scheduler`, it holds the optimiser and changes `group["lr"]`; unlike them it is
 driven by a measurement (measure.DecisionProbe) every K steps:
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from . import bounds as Bd
+from . import bounds
 
 ROW_FIELDS = ("lr", "alpha", "alpha_g", "alpha_vol", "tau", "alpha_tilde", "bound", "lam_max", "lam_bar",
               "vol", "mu", "sigma2_win", "sigma2_ps", "grad_sq", "eig_iters", "rule")
@@ -30,7 +30,7 @@ def _isnan(x) -> bool:
 
 
 class NoiseCurvatureScheduler:
-    """Algorithm 1 with Table 1's defaults (SPEC 6); bound Eqs. 1-3 / A.3 from bounds.py (SPEC 5).
+    """Algorithm 1 with Table 1's defaults; bound Eqs. 1-3 / A.3 from bounds.py (docs/METHOD.md §5-6).
 
     safety = gamma; kappa: alpha*_vol = 1 / (kappa Vol); beta, statistic: Eq. 2's
     sigma2_tilde = sigma2_ps + beta ||g||^2 S (paper: S = Vol; authors: e.g. statistic="lam_bar", beta=20).
@@ -45,7 +45,7 @@ class NoiseCurvatureScheduler:
             raise ValueError(f"scheduler.variant: unknown {variant!r}")
         if bound not in ("combined", "noise", "curvature"):
             raise ValueError(f"scheduler.bound: unknown {bound!r}")
-        if statistic not in Bd.STATISTICS:
+        if statistic not in bounds.STATISTICS:
             raise ValueError(f"scheduler.statistic: unknown {statistic!r}")   # fail at build, not mid-run
         self.optimizer, self.B = optimizer, batch_size
         self.variant, self.bound = variant, bound
@@ -56,13 +56,13 @@ class NoiseCurvatureScheduler:
         self.code_alpha_agg = code_alpha_agg   # consumed by the probe; kept here for the record
         # one window per layer and one for the whole network: per-layer bounds are logged in both variants
         keys = [g["layer"] for g in optimizer.param_groups] + ["global"]
-        self.windows = {k: Bd.VolatilityWindow(window) for k in keys}
-        # how often each rule fired (would have fired, if act=False) per decision key (SPEC 6)
+        self.windows = {k: bounds.VolatilityWindow(window) for k in keys}
+        # how often each rule fired (would have fired, if act=False) per decision key (docs/METHOD.md §6)
         self.rule_counts = {k: {"cool": 0, "warm": 0, "none": 0} for k in keys}
 
     # -- the decision for one layer (or the whole network); pushes the window, counts nothing
     def _decide(self, key, m: dict, task_frac: float) -> dict:
-        lam_bar = m["alpha_agg"] * m["lam_max"]   # normalised sharpness (SPEC 5)
+        lam_bar = m["alpha_agg"] * m["lam_max"]   # normalised sharpness (paper Sec. 4)
         # a NaN would poison the window for W decisions: skip it
         stats = self.windows[key].push(lam_bar) if not _isnan(lam_bar) else \
             {"mu": math.nan, "sigma2": math.nan, "vol": math.nan, "sq_dev": math.nan}
@@ -71,11 +71,11 @@ class NoiseCurvatureScheduler:
         noise_nan = _isnan(m["grad_sq"]) or _isnan(m["sigma2_ps"])
         curv_nan = _isnan(lam_bar)
         B = m.get("batch_size", self.B)   # the measured minibatch's size (an epoch's last may be partial)
-        a_g = math.nan if noise_nan else Bd.alpha_g(m["grad_sq"], m["sigma2_ps"], B)
-        a_vol = math.nan if curv_nan else Bd.alpha_vol(stats["vol"], self.kappa)
-        t = math.nan if curv_nan else Bd.tau(stats["mu"], stats["sigma2"])
-        a_tilde = math.nan if noise_nan or curv_nan else Bd.alpha_tilde(
-            m["grad_sq"], m["sigma2_ps"], B, Bd.curvature_statistic(self.statistic, lam_bar, stats),
+        a_g = math.nan if noise_nan else bounds.alpha_g(m["grad_sq"], m["sigma2_ps"], B)
+        a_vol = math.nan if curv_nan else bounds.alpha_vol(stats["vol"], self.kappa)
+        t = math.nan if curv_nan else bounds.tau(stats["mu"], stats["sigma2"])
+        a_tilde = math.nan if noise_nan or curv_nan else bounds.alpha_tilde(
+            m["grad_sq"], m["sigma2_ps"], B, bounds.curvature_statistic(self.statistic, lam_bar, stats),
             self.beta)
         bound = {"combined": a_tilde, "noise": a_g, "curvature": t}[self.bound]
         alpha = m["alpha"]
@@ -98,7 +98,7 @@ class NoiseCurvatureScheduler:
             g["lr"] *= factor
 
     def step(self, measurement: dict, task_frac: float) -> dict:
-        """One decision step (SPEC 6, Algorithm 1): decide (and, if act, apply) for every layer.
+        """One decision step (paper Algorithm 1): decide (and, if act, apply) for every layer.
 
         measurement: {l: {grad_sq, sigma2_ps, lam_max, alpha, alpha_agg}, ..., "global": {...}} with l the
         groups' "layer" keys; task_frac: progress through the current task in [0, 1) (the warm window).

@@ -1,4 +1,4 @@
-"""Task streams (SPEC 2): random-label MNIST (the paper) and permuted-pixel MNIST (beyond it).
+"""Task streams (paper Sec. 5, App. D.1; docs/METHOD.md §1): random-label MNIST (the paper) and permuted-pixel MNIST (beyond it).
 
 Data live on the device as tensors; every random draw is a function of (seed, task) alone, so a task
 can be regenerated after a restart without any saved random state.
@@ -44,7 +44,7 @@ def _subsample(x_uint8: torch.Tensor, seed: int, n_images: int, device,
 
 
 class RandomLabelStream:
-    """Random-label MNIST (SPEC 2): fixed images; at each task the labels of a fraction `label_fraction`
+    """Random-label MNIST (docs/METHOD.md §1): fixed images; at each task the labels of a fraction `label_fraction`
     of the examples (1.0, every example, in the paper) are redrawn uniformly from {0..n_classes-1}
     (`torch.randint(0, n_classes)`, i.e. all ten classes); the others keep their true label. With
     fraction < 1 exactly round(fraction * n) examples, chosen afresh at each task, get a random label

@@ -1,7 +1,7 @@
-"""The continual-training engine (SPEC 2-3, 6) and the `trainability-run` command.
+"""The continual-training engine (paper Sec. 5, Algorithm 1; docs/METHOD.md §1-3, 6) and the `trainability-run` command.
 
 One run = one stream of tasks, one model, one Adam with a parameter group per layer, one arm
-(vanilla / reset / scheduled). Every `measure.every` steps the per-layer quantities of SPEC 5 are
+(vanilla / reset / scheduled). Every `measure.every` steps the per-layer quantities of the paper's Sec. 4 are
 measured on the current minibatch, before the optimiser step, and handed to the scheduler (which only
 records them unless the arm is `scheduled`). Checkpoints are written at task boundaries; a restarted
 run resumes from the last one and gives the same record as an uninterrupted run.
@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import config as C
+from .config import (ConfigError, config_hash, params_and_scale, params_parser, resolve_with_sets,
+                     validate_run)
 from .data import DataError, load_mnist
-from .measure import DecisionProbe, compute_indicators
+from .indicators import compute_indicators
+from .measure import DecisionProbe
 from .models import build_model, param_groups
 from .optim import ramped_betas
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
@@ -42,7 +44,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError("device: 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')")
+        raise ConfigError("device: 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')")
     return torch.device(name)
 
 
@@ -114,14 +116,14 @@ def steps_per_task(cfg: dict) -> tuple[int, int, int]:
     n, B = cfg["stream"]["n_images"], cfg["batch_size"]
     per_epoch = n // B if cfg["stream"]["drop_last"] else -(-n // B)
     if per_epoch < 1:
-        raise C.ConfigError(f"stream.n_images ({cfg['stream']['n_images']}) must be >= batch_size "
+        raise ConfigError(f"stream.n_images ({cfg['stream']['n_images']}) must be >= batch_size "
                             f"({cfg['batch_size']})")
     return epochs, per_epoch, epochs * per_epoch
 
 
 def task_online_acc(correct_full: float, correct_partial: float, steps: int, n: int, B: int,
                     drop_last: bool) -> float:
-    """"Task accuracy" (SPEC 2): the mean over the task's minibatches of each one's pre-update accuracy,
+    """"Task accuracy" (docs/METHOD.md §1): the mean over the task's minibatches of each one's pre-update accuracy,
     a partial minibatch weighing as much as a full one (the authors' mean of per-batch means [code])."""
     last = n % B
     if drop_last or last == 0:
@@ -144,12 +146,12 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
 
     `stop_after_task` simulates an interruption (used by the resume test).
     """
-    cfg = C.validate_run(cfg)
+    cfg = validate_run(cfg)
     meta = meta or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record_path, ckpt_path = out_dir / RECORD_NAME, out_dir / CHECKPOINT_NAME
-    chash = C.config_hash(cfg)
+    chash = config_hash(cfg)
     if resume and record_path.exists():
         try:
             done = load_record(record_path)
@@ -196,7 +198,9 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
         if cfg["indicators"]["enabled"]:
             nf = cfg["indicators"]["n_fixed"]
             indicators = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], learner.regularizer,
-                                            adam_weight_decay(cfg["regularizer"]))
+                                            adam_weight_decay(cfg["regularizer"]),
+                                            eig_tol=cfg["measure"]["eig_tol"],
+                                            eig_max_iter=cfg["measure"]["eig_max_iter"])
         gen = torch.Generator(device=device).manual_seed(_sub_seed(seed, t, 1))
         correct = torch.zeros((), device=device)          # over full minibatches
         correct_partial = torch.zeros((), device=device)  # over last partial ones (drop_last false)
@@ -217,7 +221,7 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
                 else:
                     logits, ce, total = learner.loss(xb, yb)
                     total.backward()
-                hits = (logits.argmax(1) == yb).sum()      # pre-update: online accuracy (SPEC 2)
+                hits = (logits.argmax(1) == yb).sum()      # pre-update: online accuracy (docs/METHOD.md §1)
                 if len(idx) == B:
                     correct += hits
                 else:
@@ -321,13 +325,11 @@ def _alive(pid: int) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = params_parser(
         prog="trainability-run",
         description="Run one continual-learning stream (one run config x one seed) and write its record.json. "
                     "The config is run_defaults <- scales[SCALE].run <- runs[RUN] from params.yaml, then --set.",
         epilog="example: trainability-run --run crelu-scheduled --scale smoke --seed 0 --out /tmp/crelu")
-    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    p.add_argument("--scale", default=None, help="entry of `scales` (default: params.yaml's `scale`)")
     p.add_argument("--run", required=True, help="entry of `runs` in params.yaml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: <results_dir>/<scale>/runs/<run>/seed<seed>)")
@@ -342,9 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params, scale = C.params_and_scale(args.params, args.scale)
-        cfg = C.resolve_with_sets(params, scale, args.run, args.seed, args.set)
-    except C.ConfigError as e:
+        params, scale = params_and_scale(args.params, args.scale)
+        cfg = resolve_with_sets(params, scale, args.run, args.seed, args.set)
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:

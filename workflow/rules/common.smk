@@ -9,4 +9,4 @@ def run_config_hash(wildcards):
 def run_resource(name):
     """A resource of one (run, seed) job from its config (pipeline.job_resources): `gpu` (1 when the run's
     device is cuda/auto, whatever the submitting host has) or `runtime` (minutes)."""
-    return lambda wildcards: P.job_resources([resolve_run(config, SCALE, wildcards.run, int(wildcards.seed))])[name]
+    return lambda wildcards: pipeline.job_resources([resolve_run(config, SCALE, wildcards.run, int(wildcards.seed))])[name]

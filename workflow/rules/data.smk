@@ -3,7 +3,7 @@ rule prepare_data:
     output:
         directory(f"{config['run_defaults']['data']['root']}/MNIST/raw"),
     log:
-        f"{P.results_dir(config)}/logs/prepare_data.log",
+        f"{pipeline.results_dir(config)}/logs/prepare_data.log",
     resources:
         runtime=10,
     shell:

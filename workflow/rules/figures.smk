@@ -1,15 +1,15 @@
 rule experiment:
     """Aggregate an experiment's runs over seeds, then draw its figure (the paper's layout)."""
     input:
-        records=lambda w: P.experiment_records(config, SCALE, w.experiment),
+        records=lambda w: pipeline.experiment_records(config, SCALE, w.experiment),
     output:
-        summary=P.summary_path(config, SCALE, "{experiment}"),
-        metrics=P.metrics_path(config, SCALE, "{experiment}"),
-        curves=P.curves_path(config, SCALE, "{experiment}"),
+        summary=pipeline.summary_path(config, SCALE, "{experiment}"),
+        metrics=pipeline.metrics_path(config, SCALE, "{experiment}"),
+        curves=pipeline.curves_path(config, SCALE, "{experiment}"),
         png=report(f"figures/{SCALE}/{{experiment}}.png", category="Figures"),
         pdf=f"figures/{SCALE}/{{experiment}}.pdf",
     log:
-        f"{P.results_dir(config)}/{SCALE}/logs/experiment-{{experiment}}.log",
+        f"{pipeline.results_dir(config)}/{SCALE}/logs/experiment-{{experiment}}.log",
     resources:
         runtime=10,
     shell:
@@ -20,11 +20,11 @@ rule experiment:
 rule tables:
     """Table 1 (from params.yaml), the results table, and the paper-vs-ours table."""
     input:
-        [P.summary_path(config, SCALE, e) for e in experiment_names(config, SCALE)],
+        [pipeline.summary_path(config, SCALE, e) for e in experiment_names(config, SCALE)],
     output:
-        [report(p, category="Tables") for p in P.table_paths(SCALE)],
+        [report(p, category="Tables") for p in pipeline.table_paths(SCALE)],
     log:
-        f"{P.results_dir(config)}/{SCALE}/logs/tables.log",
+        f"{pipeline.results_dir(config)}/{SCALE}/logs/tables.log",
     resources:
         runtime=10,
     shell:

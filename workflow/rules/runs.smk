@@ -2,7 +2,7 @@
 # per batch group: every run sharing a model shape and task length, all seeds, trained as one batched
 # model (trainability.batched). Both write the same record.json files.
 
-GROUPS, SINGLE_RUNS = P.run_jobs(config, SCALE)
+GROUPS, SINGLE_RUNS = pipeline.run_jobs(config, SCALE)
 
 
 rule run:
@@ -10,12 +10,12 @@ rule run:
     input:
         rules.prepare_data.output,
     output:
-        f"{P.results_dir(config)}/{SCALE}/runs/{{run}}/seed{{seed}}/record.json",
+        pipeline.record_path(config, SCALE, "{run}", "{seed}"),
     params:
         config_hash=run_config_hash,
-        out=lambda w: P.run_dir(config, SCALE, w.run, int(w.seed)),
+        out=lambda w: pipeline.run_dir(config, SCALE, w.run, int(w.seed)),
     log:
-        f"{P.results_dir(config)}/{SCALE}/logs/{{run}}-seed{{seed}}.log",
+        f"{pipeline.results_dir(config)}/{SCALE}/logs/{{run}}-seed{{seed}}.log",
     threads: config["run_defaults"]["threads"] or 1
     resources:
         gpu=run_resource("gpu"),
@@ -37,15 +37,15 @@ for group, members in GROUPS.items():
         input:
             rules.prepare_data.output,
         output:
-            [P.record_path(config, SCALE, r, s) for r in members for s in SEEDS],
+            [pipeline.record_path(config, SCALE, r, s) for r in members for s in SEEDS],
         params:
             config_hash=config_hash({r: resolve_run(config, SCALE, r, s) for r in members for s in SEEDS}),
             runs=" ".join(members),
         log:
-            f"{P.results_dir(config)}/{SCALE}/logs/{group}.log",
+            f"{pipeline.results_dir(config)}/{SCALE}/logs/{group}.log",
         threads: config["run_defaults"]["threads"] or 1
         resources:
-            **P.job_resources([resolve_run(config, SCALE, r, s) for r in members for s in SEEDS]),
+            **pipeline.job_resources([resolve_run(config, SCALE, r, s) for r in members for s in SEEDS]),
             mem_mb=8000,
         shell:
             "{PY} -m trainability.batched --params {PARAMS} --scale {SCALE} --runs {params.runs} --no-progress > {log} 2>&1"

@@ -5,21 +5,17 @@ Writes results/<scale>/experiments/<experiment>/summary.json (strict JSON, DVC m
 
     python workflow/scripts/aggregate.py --scale smoke --experiment fig5
 """
-import argparse
 import sys
 
 from trainability.analysis import aggregate
-from trainability.config import load_params
+from trainability.config import params_and_scale, params_parser
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    p.add_argument("--scale", default=None, help="entry of `scales` (default: params.yaml's `scale`)")
+    p = params_parser(description=__doc__)
     p.add_argument("--experiment", required=True, help="entry of `experiments` in params.yaml")
     args = p.parse_args(argv)
-    params = load_params(args.params)
-    scale = args.scale or params["scale"]
+    params, scale = params_and_scale(args.params, args.scale)
     if args.experiment not in params["experiments"]:
         p.error(f"unknown experiment {args.experiment!r}; known: {sorted(params['experiments'])}")
     aggregate(params, scale, args.experiment)

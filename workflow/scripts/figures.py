@@ -4,25 +4,22 @@ Writes figures/<scale>/<experiment>.png and .pdf. All logic lives in trainabilit
 
     python workflow/scripts/figures.py --scale smoke --experiment fig5
 """
-import argparse
 import sys
 
-from trainability.config import load_params
+from trainability.config import params_and_scale, params_parser
 from trainability.figures import FIGURES, make_figure
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    p.add_argument("--scale", default=None, help="entry of `scales` (default: params.yaml's `scale`)")
+    p = params_parser(description=__doc__)
     p.add_argument("--experiment", required=True, choices=sorted(FIGURES), help="experiment to draw")
     p.add_argument("--ema", type=float, default=0.0,
                    help="per-seed EMA weight for per-task curves, 0 = off (default: %(default)s)")
     p.add_argument("--ema-steps", type=float, default=0.6,
                    help="per-seed EMA weight for decision-step curves (Figs. 2-3), 0 = off (default: %(default)s)")
     args = p.parse_args(argv)
-    params = load_params(args.params)
-    make_figure(params, args.scale or params["scale"], args.experiment, ema=args.ema, ema_steps=args.ema_steps)
+    params, scale = params_and_scale(args.params, args.scale)
+    make_figure(params, scale, args.experiment, ema=args.ema, ema_steps=args.ema_steps)
     return 0
 
 

@@ -5,20 +5,17 @@ Writes figures/<scale>/tables/. All logic lives in trainability.tables.
 
     python workflow/scripts/tables.py --scale smoke
 """
-import argparse
 import sys
 
-from trainability.config import load_params
+from trainability.config import params_and_scale, params_parser
 from trainability.tables import write_tables
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    p.add_argument("--scale", default=None, help="entry of `scales` (default: params.yaml's `scale`)")
+    p = params_parser(description=__doc__)
     args = p.parse_args(argv)
-    params = load_params(args.params)
-    write_tables(params, args.scale or params["scale"])
+    params, scale = params_and_scale(args.params, args.scale)
+    write_tables(params, scale)
     return 0
 
 

@@ -6,22 +6,18 @@
 The run (job type `report`, group `<scale>/report`) holds every figure as an image and every table as
 text; in the W&B UI, "Create report" from it (or from the project's run groups) gives a shareable page.
 """
-import argparse
 import glob
 import os
 import sys
 
-import yaml
+from trainability.config import params_and_scale, params_parser
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--scale", default=None)
+    p = params_parser(description=__doc__)
     p.add_argument("--mode", default=None, choices=["offline", "online", "disabled"])
     args = p.parse_args()
-    params = yaml.safe_load(open(args.params))
-    scale = args.scale or params["scale"]
+    params, scale = params_and_scale(args.params, args.scale)
     w = params["run_defaults"]["wandb"]
     figs = sorted(glob.glob(f"figures/{scale}/*.png"))
     tables = sorted(glob.glob(f"figures/{scale}/tables/*.md"))
