@@ -17,8 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Paper, Fig. 5, first tasks (read off the figure): (vanilla, per-layer scheduler)
-PAPER_FIG5_EARLY = {"crelu": (0.10, 0.10), "l2": (0.18, 0.38), "wass": (0.60, 0.64)}
+from trainability.methods import METHODS  # noqa: E402
+from trainability.verdicts import PAPER_FIG5_EARLY  # noqa: E402   the paper's Fig. 5 at tasks 1 and 2
+
 TITLES = {"crelu": "CReLU (LR 1e-2)", "l2": "L2 (1e-3)", "wass": "Wasserstein (1e-3)"}
 COLORS = {"vanilla": "tab:red", "scheduled": "tab:blue"}
 
@@ -35,17 +36,17 @@ def main() -> int:
         s = json.load(open(f))
         device.add(s["device"])
         runs.update(s["runs"])
-    methods = [m for m in PAPER_FIG5_EARLY if any(k.startswith(f"{m}-") for k in runs)]
+    methods = [m for m in METHODS if any(k.startswith(f"{m}-") for k in runs)]
     fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.6), squeeze=False)
     for ax, m in zip(axes[0], methods):
-        for i, arm in enumerate(("vanilla", "scheduled")):
+        for i, arm in enumerate(("vanilla", "scheduled")):   # i: the two arms' offsets on the x axis
             for key, r in sorted(runs.items()):
                 if key.split("/")[0] != f"{m}-{arm}":
                     continue
                 tasks = [t + 1 + (i - 0.5) * 0.12 for t in range(len(r["online_acc"]))]
                 ax.plot(tasks, r["online_acc"], "o", color=COLORS[arm], ms=5, alpha=0.8,
                         label=f"ours, {arm}" if key.endswith("seed0") else None)
-            ax.axhline(PAPER_FIG5_EARLY[m][i], color=COLORS[arm], ls="--", lw=1,
+            ax.axhline(PAPER_FIG5_EARLY[(m, arm)][0], color=COLORS[arm], ls="--", lw=1,
                        label=f"paper Fig. 5, {arm}")
         n_tasks = max(len(r["online_acc"]) for k, r in runs.items() if k.startswith(f"{m}-"))
         ax.set_xticks(range(1, n_tasks + 1))

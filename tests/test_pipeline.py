@@ -191,3 +191,26 @@ def test_snakemake_config_overrides_reach_the_jobs():
     bad = sh(str(BIN / "snakemake"), "-n", "--config", "scale=smoke",
              "runs={l2-vanilla: {extends: l2, optim: {lr: 0.0003}}}", check=False)
     assert bad.returncode != 0 and "runs.l2-vanilla.optim.lr" in bad.stdout + bad.stderr
+
+
+def test_dvc_stages_depend_on_the_modules_they_run():
+    """An experiment or tables stage reruns under `dvc repro` when any module its scripts import changes
+    (config, pipeline and record are covered by the params and the records themselves)."""
+    import re
+    from trainability.pipeline import EXPERIMENT_MODULES, TABLE_MODULES
+    src = ROOT / "src/trainability"
+
+    def imported(module, seen=None):
+        seen = set() if seen is None else seen
+        for m in re.findall(r"^from \.(\w+) import|^from \. import (\w+)", (src / f"{module}.py").read_text(), re.M):
+            name = m[0] or m[1]
+            if name not in seen:
+                seen.add(name)
+                imported(name, seen)
+        return seen | {module}
+
+    structural = {"config", "pipeline", "record"}
+    assert (imported("figures") | imported("analysis")) - structural <= set(EXPERIMENT_MODULES)
+    assert imported("tables") - structural <= set(TABLE_MODULES)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "src/trainability/verdicts.py" in stages["tables"]["deps"]

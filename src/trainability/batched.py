@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import config as C
-from . import bounds as Bd
+from . import bounds, config
 from .data import load_mnist
 from .eigen import mixed_start
 from .indicators import compute_indicators
@@ -66,31 +65,31 @@ def _strip(cfg: dict) -> dict:
 def check_batchable(cfgs: list[dict]) -> None:
     """Raise ConfigError (naming the key) unless the configs can share one batched model."""
     if not cfgs:
-        raise C.ConfigError("batched run: no configs")
+        raise config.ConfigError("batched run: no configs")
     ref = _strip(cfgs[0])
     steps = steps_per_task(cfgs[0])
     for i, cfg in enumerate(cfgs):
         if cfg["model"]["batchnorm"]:
-            raise C.ConfigError(f"batched run: config {i}: model.batchnorm is not batched (use train.run)")
+            raise config.ConfigError(f"batched run: config {i}: model.batchnorm is not batched (use train.run)")
         if cfg["scheduler"]["variant"] != "per_layer" or cfg["measure"]["global"]:
-            raise C.ConfigError(f"batched run: config {i}: scheduler.variant=global / measure.global "
+            raise config.ConfigError(f"batched run: config {i}: scheduler.variant=global / measure.global "
                                 "are not batched (use train.run)")
         s = _strip(cfg)
         for k in sorted(set(ref) | set(s)):
             if ref.get(k) != s.get(k):
-                raise C.ConfigError(f"batched run: config {i} differs from config 0 in {k!r}; only "
+                raise config.ConfigError(f"batched run: config {i} differs from config 0 in {k!r}; only "
                                     f"{', '.join(PER_MODEL_KEYS)} may differ within a batch")
         if steps_per_task(cfg) != steps:
-            raise C.ConfigError(f"batched run: config {i}: epochs_factor gives another task length")
+            raise config.ConfigError(f"batched run: config {i}: epochs_factor gives another task length")
     if len({measures(c) for c in cfgs}) > 1:
-        raise C.ConfigError("batched run: measure.enabled must agree (a scheduled arm always measures)")
+        raise config.ConfigError("batched run: measure.enabled must agree (a scheduled arm always measures)")
 
 
 def batch_key(cfg: dict) -> str | None:
     """Runs whose configs have the same key can share a batch; None if the config cannot be batched."""
     try:
         check_batchable([cfg])
-    except C.ConfigError:
+    except config.ConfigError:
         return None
     s = _strip(cfg)
     s["steps_per_task"] = steps_per_task(cfg)
@@ -98,7 +97,7 @@ def batch_key(cfg: dict) -> str | None:
     # the Wasserstein sort is the costliest op of a step: keep it out of batches that don't need it
     s["wasserstein"] = cfg["regularizer"]["kind"] == "wasserstein"
     s.pop("epochs_per_task")
-    return C.config_hash(s)
+    return config.config_hash(s)
 
 
 def batch_groups(params: dict, scale: str, runs: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -107,7 +106,7 @@ def batch_groups(params: dict, scale: str, runs: list[str]) -> tuple[dict[str, l
     groups: dict[str, list[str]] = {}
     single = []
     for r in runs:
-        key = batch_key(C.resolve_run(params, scale, r, params["scales"][scale]["seeds"][0]))
+        key = batch_key(config.resolve_run(params, scale, r, params["scales"][scale]["seeds"][0]))
         if key is None:
             single.append(r)
         else:
@@ -406,7 +405,7 @@ class StackedScheduler:
     """scheduler.NoiseCurvatureScheduler (per-layer variant, Algorithm 1) for every model at once: the
     windows are (M, L, W) ring buffers, the rules tensors, and only models with act=True change LRs."""
 
-    def __init__(self, adam: StackedAdam, B: int, cfg: dict, bounds: list[str], act: list[bool]):
+    def __init__(self, adam: StackedAdam, B: int, cfg: dict, bound_kinds: list[str], act: list[bool]):
         s = cfg
         self.adam, self.B = adam, B
         self.safety, self.cool, self.warm, self.floor = s["safety"], s["cool"], s["warm"], s["floor"]
@@ -414,7 +413,7 @@ class StackedScheduler:
         self.kappa, self.beta, self.statistic, self.W = s["kappa"], s["beta"], s["statistic"], s["window"]
         dev = adam.lr.device
         M, L = adam.lr.shape
-        self.bound_idx = torch.tensor([BOUNDS.index(b) for b in bounds], device=dev)
+        self.bound_idx = torch.tensor([BOUNDS.index(b) for b in bound_kinds], device=dev)
         self.act = torch.tensor(act, device=dev)
         self.values = torch.zeros(M, L, self.W, dtype=torch.float64, device=dev)
         self.count = torch.zeros(M, L, dtype=torch.long, device=dev)
@@ -436,7 +435,7 @@ class StackedScheduler:
         n = self.count.clamp_min(1).double()
         mu = torch.where(valid, self.values, 0.0).sum(2) / n
         sigma2 = torch.where(valid, (self.values - mu.unsqueeze(2)) ** 2, 0.0).sum(2) / n
-        vol = torch.where(mu + Bd.EPS != 0, sigma2 / (mu + Bd.EPS), math.inf)
+        vol = torch.where(mu + bounds.EPS != 0, sigma2 / (mu + bounds.EPS), math.inf)
         nan = torch.full_like(x, math.nan)
         return {k: torch.where(ok, v, nan) for k, v in
                 {"mu": mu, "sigma2": sigma2, "vol": vol, "sq_dev": (x - mu) ** 2}.items()}
@@ -452,11 +451,11 @@ class StackedScheduler:
         nan = torch.full_like(lam_bar, math.nan)
         g, s2, B = m["grad_sq"], m["sigma2_ps"], m.get("batch_size", self.B)
         # bounds.py's functions work elementwise on tensors; NaN inputs give NaN bounds, as in _decide
-        a_g = torch.where(noise_nan, nan, Bd.alpha_g(g, s2, B))
-        a_vol = torch.where(curv_nan, nan, Bd.alpha_vol(st["vol"], self.kappa))
-        t = torch.where(curv_nan, nan, Bd.tau(st["mu"], st["sigma2"]))
-        a_tilde = torch.where(noise_nan | curv_nan, nan, Bd.alpha_tilde(
-            g, s2, B, Bd.curvature_statistic(self.statistic, lam_bar, st), self.beta))
+        a_g = torch.where(noise_nan, nan, bounds.alpha_g(g, s2, B))
+        a_vol = torch.where(curv_nan, nan, bounds.alpha_vol(st["vol"], self.kappa))
+        t = torch.where(curv_nan, nan, bounds.tau(st["mu"], st["sigma2"]))
+        a_tilde = torch.where(noise_nan | curv_nan, nan, bounds.alpha_tilde(
+            g, s2, B, bounds.curvature_statistic(self.statistic, lam_bar, st), self.beta))
         bound = torch.stack([a_tilde, a_g, t]).gather(
             0, self.bound_idx.view(1, -1, 1).expand(1, *a_g.shape)).squeeze(0)
         alpha = m["alpha"]
@@ -510,12 +509,12 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                 progress: bool = True, stop_after_task: int | None = None) -> list[dict]:
     """Train the runs `cfgs` as one batched model; write each record to its out_dir (the layout of
     train.run) and return the records. `stop_after_task` simulates an interruption (resume test)."""
-    cfgs = [C.validate_run(c) for c in cfgs]
+    cfgs = [config.validate_run(c) for c in cfgs]
     check_batchable(cfgs)
     M = len(cfgs)
     metas = metas or [{} for _ in cfgs]
     out_dirs = [Path(d) for d in out_dirs]
-    hashes = [C.config_hash(c) for c in cfgs]
+    hashes = [config.config_hash(c) for c in cfgs]
     if resume and all((d / RECORD_NAME).exists() for d in out_dirs):
         done = [load_record(d / RECORD_NAME) for d in out_dirs]
         if all(r["status"] in ("completed", "diverged") and r["provenance"]["config_hash"] == h
@@ -761,12 +760,12 @@ def main(argv=None) -> int:
     from .pipeline import run_dir
     args = build_parser().parse_args(argv)
     try:
-        params, scale = C.params_and_scale(args.params, args.scale)
+        params, scale = config.params_and_scale(args.params, args.scale)
         seeds = args.seeds or params["scales"][scale]["seeds"]
         jobs = [(r, s) for r in args.runs for s in seeds]
-        cfgs = [C.resolve_with_sets(params, scale, r, s, args.set) for r, s in jobs]
+        cfgs = [config.resolve_with_sets(params, scale, r, s, args.set) for r, s in jobs]
         check_batchable(cfgs)
-    except C.ConfigError as e:
+    except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dirs = [run_dir(params, scale, r, s) for r, s in jobs]

@@ -101,6 +101,12 @@ def stage_name(*parts) -> str:
     return "_".join(str(p) for p in parts).replace(".", "p")
 
 
+# the modules whose code an experiment stage (aggregate + figure) and the tables stage run: a change in
+# one of them reruns the stage under `dvc repro`
+EXPERIMENT_MODULES = ("analysis", "figures", "methods", "verdicts")
+TABLE_MODULES = ("analysis", "methods", "tables", "verdicts")
+
+
 def dvc_yaml(params: dict) -> dict:
     """dvc.yaml for params['scale']: one stage per (run, seed), per experiment, and for the tables."""
     scale = params["scale"]
@@ -135,8 +141,8 @@ def dvc_yaml(params: dict) -> dict:
         stages[stage_name("experiment", exp)] = {
             "cmd": guard + f"{py} workflow/scripts/aggregate.py --scale {scale} --experiment {exp} && "
                    f"{py} workflow/scripts/figures.py --scale {scale} --experiment {exp}",
-            "deps": sorted(set(recs)) + ["workflow/scripts/aggregate.py", "workflow/scripts/figures.py",
-                                         "src/trainability/figures.py"],
+            "deps": sorted(set(recs)) + ["workflow/scripts/aggregate.py", "workflow/scripts/figures.py"]
+                    + [f"src/trainability/{m}.py" for m in EXPERIMENT_MODULES],
             "params": [f"experiments.{exp}"],
             "metrics": [{metrics_path(params, scale, exp): {"cache": False}}],
             "plots": [{curves_path(params, scale, exp): {"x": "task", "y": "online_acc", "cache": False}}],
@@ -144,7 +150,7 @@ def dvc_yaml(params: dict) -> dict:
     stages["tables"] = {
         "cmd": guard + f"{py} workflow/scripts/tables.py --scale {scale}",
         "deps": [summary_path(params, scale, e) for e in experiment_names(params, scale)]
-                + ["workflow/scripts/tables.py", "src/trainability/tables.py"],
+                + ["workflow/scripts/tables.py"] + [f"src/trainability/{m}.py" for m in TABLE_MODULES],
         "params": ["run_defaults", f"scales.{scale}"],
         "outs": [{p: {"cache": False}} for p in table_paths(scale)]}
     return {"stages": stages}
