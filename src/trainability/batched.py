@@ -37,7 +37,7 @@ from .models import activation_fn, build_model
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
                      save_checkpoint, write_json_atomic)
 from .regularizers import WassersteinPenalty
-from .scheduler import ROW_FIELDS, crossings
+from .scheduler import ROW_FIELDS, algorithm1_rule, crossings, layer_bounds
 from .streams import batches, input_dim, make_stream
 from .optim import ramped_betas
 from .train import _sub_seed, _wandb_logger, measures, pick_device, steps_per_task, task_online_acc
@@ -446,29 +446,18 @@ class StackedScheduler:
         (the last plane is the rule code: RULES index), lr after the decision."""
         lam_bar = m["alpha_agg"] * m["lam_max"]
         st = self._push(lam_bar)
-        noise_nan = torch.isnan(m["grad_sq"]) | torch.isnan(m["sigma2_ps"])
-        curv_nan = torch.isnan(lam_bar)
-        nan = torch.full_like(lam_bar, math.nan)
         g, s2, B = m["grad_sq"], m["sigma2_ps"], m.get("batch_size", self.B)
-        # bounds.py's functions work elementwise on tensors; NaN inputs give NaN bounds, as in _decide
-        a_g = torch.where(noise_nan, nan, bounds.alpha_g(g, s2, B))
-        a_vol = torch.where(curv_nan, nan, bounds.alpha_vol(st["vol"], self.kappa))
-        t = torch.where(curv_nan, nan, bounds.tau(st["mu"], st["sigma2"]))
-        a_tilde = torch.where(noise_nan | curv_nan, nan, bounds.alpha_tilde(
-            g, s2, B, bounds.curvature_statistic(self.statistic, lam_bar, st), self.beta))
-        bound = torch.stack([a_tilde, a_g, t]).gather(
-            0, self.bound_idx.view(1, -1, 1).expand(1, *a_g.shape)).squeeze(0)
+        bd = layer_bounds(m, lam_bar, st, B, self)
+        bound = torch.stack([bd["alpha_tilde"], bd["alpha_g"], bd["tau"]]).gather(   # BOUNDS' order
+            0, self.bound_idx.view(1, -1, 1).expand(1, *lam_bar.shape)).squeeze(0)
         alpha = m["alpha"]
-        known = ~(torch.isnan(alpha) | torch.isnan(bound))
-        cool = known & (alpha > self.floor) & (alpha > self.safety * bound)
-        warm = known & ~cool & (task_frac < self.warm_frac) & (alpha < self.warm_factor * self.safety * bound)
+        cool, warm = algorithm1_rule(alpha, bound, task_frac, self)
         act = self.act.unsqueeze(1)
         lr = self.adam.lr
         self.adam.lr.copy_(torch.where(act & cool, lr * self.cool, torch.where(act & warm, lr * self.warm, lr)))
         rule = torch.where(cool, 1.0, torch.where(warm, 2.0, 0.0)).double()
-        row = {"lr": self.adam.lr.clone(), "alpha": alpha, "alpha_g": a_g, "alpha_vol": a_vol, "tau": t,
-               "alpha_tilde": a_tilde, "bound": bound, "lam_max": m["lam_max"], "lam_bar": lam_bar,
-               "vol": st["vol"], "mu": st["mu"], "sigma2_win": st["sigma2"], "sigma2_ps": s2, "grad_sq": g,
+        row = {"lr": self.adam.lr.clone(), "alpha": alpha, **bd, "bound": bound, "lam_max": m["lam_max"],
+               "lam_bar": lam_bar, "vol": st["vol"], "mu": st["mu"], "sigma2_win": st["sigma2"], "sigma2_ps": s2, "grad_sq": g,
                "eig_iters": m["eig_iters"]}
         return torch.stack([row[f] for f in NUM_FIELDS] + [rule])
 

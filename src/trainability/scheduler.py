@@ -25,8 +25,52 @@ ROW_FIELDS = ("lr", "alpha", "alpha_g", "alpha_vol", "tau", "alpha_tilde", "boun
               "vol", "mu", "sigma2_win", "sigma2_ps", "grad_sq", "eig_iters", "rule")
 
 
-def _isnan(x) -> bool:
+# Algorithm 1's arithmetic is written once, below, for a float (train.run, one layer at a time) and for a
+# tensor of every (model, layer) at once (batched.StackedScheduler): the same operations in the same order,
+# so a float run and a batched run differ by rounding only.
+def _isnan(x):
     return x != x
+
+
+def _where(cond, a, b):
+    """a where cond, else b: for a Python bool (floats) or a bool tensor."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    import torch
+    return torch.where(cond, a, b)
+
+
+def _not(x):
+    return (not x) if isinstance(x, bool) else ~x
+
+
+def layer_bounds(m: dict, lam_bar, stats: dict, B: int, settings) -> dict:
+    """The bounds of one decision (Eqs. 1-3, A.3; docs/METHOD.md §5): alpha*_g, alpha*_vol, tau and
+    alpha_tilde* from the measurement m (grad_sq, sigma2_ps), lambda_bar and its window statistics.
+    `settings` has the scheduler's kappa, beta and statistic. NaN policy: bounds.py maps a zero (or NaN)
+    denominator to +inf, "no constraint"; a NaN *input* (a diverged run, a failed eigen-solve) gives a NaN
+    bound instead, i.e. no decision rather than a warm."""
+    g, s2 = m["grad_sq"], m["sigma2_ps"]
+    noise_nan = _isnan(g) | _isnan(s2)
+    curv_nan = _isnan(lam_bar)
+    S = bounds.curvature_statistic(settings.statistic, lam_bar, stats)
+    return {"alpha_g": _where(noise_nan, math.nan, bounds.alpha_g(g, s2, B)),
+            "alpha_vol": _where(curv_nan, math.nan, bounds.alpha_vol(stats["vol"], settings.kappa)),
+            "tau": _where(curv_nan, math.nan, bounds.tau(stats["mu"], stats["sigma2"])),
+            "alpha_tilde": _where(noise_nan | curv_nan, math.nan,
+                                  bounds.alpha_tilde(g, s2, B, S, settings.beta))}
+
+
+def algorithm1_rule(alpha, bound, task_frac: float, settings):
+    """Algorithm 1's decision (docs/METHOD.md §6) -> (cool, warm): cool if alpha > floor and alpha >
+    gamma * bound; else warm within the first warm_frac of the task if alpha < warm_factor * gamma * bound.
+    A NaN alpha (no Adam state yet) or bound: neither. `settings` has floor, safety (gamma), warm_frac and
+    warm_factor."""
+    known = _not(_isnan(alpha) | _isnan(bound))
+    cool = known & (alpha > settings.floor) & (alpha > settings.safety * bound)
+    warm = known & _not(cool) & (task_frac < settings.warm_frac) & \
+        (alpha < settings.warm_factor * settings.safety * bound)
+    return cool, warm
 
 
 class NoiseCurvatureScheduler:
@@ -66,28 +110,14 @@ class NoiseCurvatureScheduler:
         # a NaN would poison the window for W decisions: skip it
         stats = self.windows[key].push(lam_bar) if not _isnan(lam_bar) else \
             {"mu": math.nan, "sigma2": math.nan, "vol": math.nan, "sq_dev": math.nan}
-        # bounds.py maps a zero (or NaN) denominator to +inf, "no constraint"; a NaN *input* (diverged
-        # run, failed eigen-solve) must instead give a NaN bound, i.e. no decision rather than a warm
-        noise_nan = _isnan(m["grad_sq"]) or _isnan(m["sigma2_ps"])
-        curv_nan = _isnan(lam_bar)
         B = m.get("batch_size", self.B)   # the measured minibatch's size (an epoch's last may be partial)
-        a_g = math.nan if noise_nan else bounds.alpha_g(m["grad_sq"], m["sigma2_ps"], B)
-        a_vol = math.nan if curv_nan else bounds.alpha_vol(stats["vol"], self.kappa)
-        t = math.nan if curv_nan else bounds.tau(stats["mu"], stats["sigma2"])
-        a_tilde = math.nan if noise_nan or curv_nan else bounds.alpha_tilde(
-            m["grad_sq"], m["sigma2_ps"], B, bounds.curvature_statistic(self.statistic, lam_bar, stats),
-            self.beta)
-        bound = {"combined": a_tilde, "noise": a_g, "curvature": t}[self.bound]
+        bd = layer_bounds(m, lam_bar, stats, B, self)
+        bound = {"combined": bd["alpha_tilde"], "noise": bd["alpha_g"], "curvature": bd["tau"]}[self.bound]
         alpha = m["alpha"]
-        rule = "none"
-        if not (_isnan(alpha) or _isnan(bound)):   # NaN alpha: no Adam state yet -> no decision
-            if alpha > self.floor and alpha > self.safety * bound:
-                rule = "cool"
-            elif task_frac < self.warm_frac and alpha < self.warm_factor * self.safety * bound:
-                rule = "warm"
-        return {"alpha": alpha, "alpha_g": a_g, "alpha_vol": a_vol, "tau": t, "alpha_tilde": a_tilde,
-                "bound": bound, "lam_max": m["lam_max"], "lam_bar": lam_bar, "vol": stats["vol"],
-                "mu": stats["mu"], "sigma2_win": stats["sigma2"], "sigma2_ps": m["sigma2_ps"],
+        cool, warm = algorithm1_rule(alpha, bound, task_frac, self)
+        rule = "cool" if cool else "warm" if warm else "none"
+        return {"alpha": alpha, **bd, "bound": bound, "lam_max": m["lam_max"], "lam_bar": lam_bar,
+                "vol": stats["vol"], "mu": stats["mu"], "sigma2_win": stats["sigma2"], "sigma2_ps": m["sigma2_ps"],
                 "grad_sq": m["grad_sq"], "eig_iters": m.get("eig_iters", 0), "rule": rule}
 
     def _apply(self, groups, rule: str) -> None:
