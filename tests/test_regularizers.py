@@ -49,7 +49,7 @@ def test_wasserstein_bias_included_and_permutation_invariant():
 
 def test_wasserstein_matches_loop_on_mlp_and_scales_with_lambda():
     torch.manual_seed(0)
-    m = build_model({"activation": "relu", "widths": [16, 8], "input_dim": 12, "batchnorm": True})
+    m = build_model({"activation": "relu", "widths": [16, 8], "batchnorm": True}, input_dim=12)
     p0 = [p.detach().clone() for p in m.parameters()]
     pen1, pen3 = WassersteinPenalty(m, 1e-3), WassersteinPenalty(m, 3e-3)
     assert pen1(m).item() == 0.0
@@ -68,7 +68,7 @@ def test_wasserstein_matches_loop_on_mlp_and_scales_with_lambda():
 
 def test_wasserstein_state_dict_and_reset():
     torch.manual_seed(0)
-    m = build_model({"widths": [8], "input_dim": 4, "n_classes": 3})
+    m = build_model({"widths": [8], "n_classes": 3}, input_dim=4)
     pen = WassersteinPenalty(m, 0.5)
     with torch.no_grad():
         for p in m.parameters():
@@ -85,11 +85,11 @@ def test_wasserstein_state_dict_and_reset():
     pen.reset(m)                                      # reset arm: the current parameters are the new init
     assert pen(m).item() == 0.0
     with pytest.raises(ValueError):
-        other.load_state_dict(WassersteinPenalty(build_model({"widths": [9], "input_dim": 4}), 1.0).state_dict())
+        other.load_state_dict(WassersteinPenalty(build_model({"widths": [9]}, input_dim=4), 1.0).state_dict())
 
 
 def test_build_regularizer_and_adam_weight_decay():
-    m = build_model({"widths": [4], "input_dim": 3})
+    m = build_model({"widths": [4]}, input_dim=3)
     assert build_regularizer({"kind": "none", "lam": 0.0}, m) is None
     assert build_regularizer({"kind": "l2", "lam": 1e-3}, m) is None
     w = build_regularizer({"kind": "wasserstein", "lam": 1e-3}, m)
@@ -103,7 +103,7 @@ def test_build_regularizer_and_adam_weight_decay():
 
 def _trajectory(decay_in_adam: bool, lam: float, opt_cls=torch.optim.Adam):
     torch.manual_seed(0)
-    m = build_model({"widths": [6], "input_dim": 5, "n_classes": 3})
+    m = build_model({"widths": [6], "n_classes": 3}, input_dim=5)
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     wd = lam if decay_in_adam else 0.0
     opt = opt_cls(param_groups(m, 1e-2, weight_decay=wd), betas=(0.9, 0.999), eps=1e-8)
