@@ -153,6 +153,8 @@ def test_build_model_defaults_and_errors():
     assert m(torch.randn(2, 5)).shape == (2, 3)
     with pytest.raises(ValueError):
         build_model({"activation": "tanh"})
+    with pytest.raises(ValueError, match="input_dim"):
+        build_model({"widths": [8], "input_dim": 5})
     # picklable (no lambdas), e.g. for torch.save(model) or multiprocessing
     m2 = pickle.loads(pickle.dumps(build_model({"activation": "leaky_relu", "rho": 0.7})))
     z = torch.tensor([[-1.0, 2.0]])

@@ -96,9 +96,15 @@ class MLP(nn.Module):
         return self.linears[self._n_hidden](x), pre, post
 
 
+MODEL_KEYS = {"activation", "rho", "widths", "batchnorm", "n_classes"}
+
+
 def build_model(cfg: dict, input_dim: int = 784) -> MLP:
     """cfg = params.yaml `model` block: {activation, rho, widths, batchnorm[, n_classes]}; `input_dim` is
     the stream's (streams.input_dim)."""
+    unknown = sorted(set(cfg) - MODEL_KEYS)
+    if unknown:  # a misspelt or misplaced key would otherwise be silently ignored
+        raise ValueError(f"model: unknown key(s) {unknown}; expected some of {sorted(MODEL_KEYS)}")
     return MLP(input_dim=input_dim, widths=tuple(cfg.get("widths", (256, 256))),
                n_classes=cfg.get("n_classes", 10), activation=cfg.get("activation", "relu"),
                rho=cfg.get("rho", 0.0), batchnorm=cfg.get("batchnorm", False))
