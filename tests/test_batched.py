@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trainability import config
-from trainability.batched import batched_lanczos, check_batchable, run_batched
+from trainability.batched import batched_lanczos, run_batched
+from trainability.planning import check_batchable
 from trainability.eigen import _lanczos
 from trainability.train import run
 

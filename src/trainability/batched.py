@@ -32,7 +32,7 @@ from . import bounds, config
 from .data import load_mnist
 from .eigen import mixed_start
 from .indicators import compute_indicators
-from .measure import linear_gradient_stats
+from .measure import effective_step, linear_gradient_stats, rms_step
 from .models import activation_fn, build_model
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
                      save_checkpoint, write_json_atomic)
@@ -40,78 +40,13 @@ from .regularizers import WassersteinPenalty
 from .scheduler import ROW_FIELDS, algorithm1_rule, crossings, layer_bounds
 from .streams import batches, input_dim, make_stream
 from .optim import ramped_betas
+from .planning import check_batchable
 from .train import _sub_seed, _wandb_logger, measures, pick_device, steps_per_task, task_online_acc
 from .wandb_log import run_summary, task_metrics
 
-# keys that may differ between the runs of one batch (all others must agree)
-PER_MODEL_KEYS = ("seed", "arm", "optim.lr", "regularizer", "scheduler.bound", "epochs_factor", "wandb")
 BOUNDS = ("combined", "noise", "curvature")
 RULES = ("none", "cool", "warm")
 NUM_FIELDS = tuple(f for f in ROW_FIELDS if f != "rule")
-
-
-def _strip(cfg: dict) -> dict:
-    """The config without the keys that may differ within a batch (PER_MODEL_KEYS)."""
-    out = dict(cfg)
-    for key in PER_MODEL_KEYS:
-        top, _, sub = key.partition(".")
-        if sub:
-            out[top] = {k: v for k, v in out[top].items() if k != sub}
-        else:
-            out.pop(top, None)
-    return out
-
-
-def check_batchable(cfgs: list[dict]) -> None:
-    """Raise ConfigError (naming the key) unless the configs can share one batched model."""
-    if not cfgs:
-        raise config.ConfigError("batched run: no configs")
-    ref = _strip(cfgs[0])
-    steps = steps_per_task(cfgs[0])
-    for i, cfg in enumerate(cfgs):
-        if cfg["model"]["batchnorm"]:
-            raise config.ConfigError(f"batched run: config {i}: model.batchnorm is not batched (use train.run)")
-        if cfg["scheduler"]["variant"] != "per_layer" or cfg["measure"]["global"]:
-            raise config.ConfigError(f"batched run: config {i}: scheduler.variant=global / measure.global "
-                                "are not batched (use train.run)")
-        s = _strip(cfg)
-        for k in sorted(set(ref) | set(s)):
-            if ref.get(k) != s.get(k):
-                raise config.ConfigError(f"batched run: config {i} differs from config 0 in {k!r}; only "
-                                    f"{', '.join(PER_MODEL_KEYS)} may differ within a batch")
-        if steps_per_task(cfg) != steps:
-            raise config.ConfigError(f"batched run: config {i}: epochs_factor gives another task length")
-    if len({measures(c) for c in cfgs}) > 1:
-        raise config.ConfigError("batched run: measure.enabled must agree (a scheduled arm always measures)")
-
-
-def batch_key(cfg: dict) -> str | None:
-    """Runs whose configs have the same key can share a batch; None if the config cannot be batched."""
-    try:
-        check_batchable([cfg])
-    except config.ConfigError:
-        return None
-    s = _strip(cfg)
-    s["steps_per_task"] = steps_per_task(cfg)
-    s["measuring"] = measures(cfg)
-    # the Wasserstein sort is the costliest op of a step: keep it out of batches that don't need it
-    s["wasserstein"] = cfg["regularizer"]["kind"] == "wasserstein"
-    s.pop("epochs_per_task")
-    return config.config_hash(s)
-
-
-def batch_groups(params: dict, scale: str, runs: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """({group name: [runs]}, [runs left to train.run]) for `runs` at `scale`: runs with the same
-    batch_key form one group (named after its first run), trained with all the scale's seeds in one job."""
-    groups: dict[str, list[str]] = {}
-    single = []
-    for r in runs:
-        key = batch_key(config.resolve_run(params, scale, r, params["scales"][scale]["seeds"][0]))
-        if key is None:
-            single.append(r)
-        else:
-            groups.setdefault(key, []).append(r)
-    return {f"batch-{rs[0]}": rs for rs in groups.values()}, single
 
 
 def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -226,10 +161,10 @@ class StackedAdam:
             if code_alpha_agg:   # [code] raw v over every parameter (biases too), the first layer's LR
                 raw = sum(v.double().flatten(1).sum(1) for v in self.exp_avg_sq)
                 n_all = sum(p[0].numel() for p in self.net.params())
-                agg = (self.lr[:, :1] / ((raw / n_all).sqrt() + self.eps).unsqueeze(1)).expand(-1, L)
+                agg = rms_step(self.lr[:, :1], (raw / n_all).unsqueeze(1), self.eps).expand(-1, L)
             else:
-                agg = self.lr / ((v_hat / counts).sqrt() + self.eps)
-            alpha = self.lr / ((1 - self.beta1 ** k) * ((v_hat / counts).sqrt() + self.eps))
+                agg = rms_step(self.lr, v_hat / counts, self.eps)
+            alpha = effective_step(self.lr, self.beta1, k, v_hat / counts, self.eps)
             nan = torch.full_like(alpha, math.nan)
             return torch.where(k > 0, alpha, nan), torch.where(k > 0, agg, nan)
 

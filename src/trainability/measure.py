@@ -95,6 +95,21 @@ class LayerProbe:
 
 
 # ----------------------------------------------------------------------------- Adam effective step
+def _sqrt(x):
+    return math.sqrt(x) if isinstance(x, float) else x.sqrt()
+
+
+def effective_step(lr, beta1, k, v_hat_mean, eps):
+    """alpha = eta / ((1 - beta1^k) (sqrt(mean v_hat) + eps)) (paper App. C.1), for floats (one model) or
+    stacked tensors (trainability.batched); the operations in one order, so both engines agree bit for bit."""
+    return lr / ((1 - beta1 ** k) * (_sqrt(v_hat_mean) + eps))
+
+
+def rms_step(lr, v_mean, eps):
+    """alpha_agg = eta / (sqrt(mean v) + eps) (paper Sec. 4), for floats or stacked tensors."""
+    return lr / (_sqrt(v_mean) + eps)
+
+
 def _weights_v_hat(optimizer: torch.optim.Optimizer, group: dict):
     """(sum of bias-corrected second moments over the group's weight tensors, element count, step k)."""
     beta2 = group["betas"][1]
@@ -115,7 +130,7 @@ def adam_effective_step(optimizer: torch.optim.Optimizer, group: dict) -> float:
     total, count, k = _weights_v_hat(optimizer, group)
     if count == 0 or k == 0:
         return math.nan
-    return group["lr"] / ((1 - group["betas"][0] ** k) * (math.sqrt(total / count) + group["eps"]))
+    return effective_step(group["lr"], group["betas"][0], k, total / count, group["eps"])
 
 
 def _rms_alpha_agg(optimizer: torch.optim.Optimizer, groups: list, lr: float, eps: float) -> float:
@@ -124,7 +139,7 @@ def _rms_alpha_agg(optimizer: torch.optim.Optimizer, groups: list, lr: float, ep
     total, count = sum(s[0] for s in stats), sum(s[1] for s in stats)
     if count == 0 or max(s[2] for s in stats) == 0:
         return math.nan
-    return lr / (math.sqrt(total / count) + eps)
+    return rms_step(lr, total / count, eps)
 
 
 def adam_alpha_agg(optimizer: torch.optim.Optimizer, group: dict, code_form: bool = False) -> float:
@@ -144,7 +159,7 @@ def adam_alpha_agg(optimizer: torch.optim.Optimizer, group: dict, code_form: boo
                 stepped = stepped or int(st["step"]) > 0
     if not stepped:
         return math.nan
-    return optimizer.param_groups[0]["lr"] / (math.sqrt(total / count) + group["eps"])
+    return rms_step(optimizer.param_groups[0]["lr"], total / count, group["eps"])
 
 
 def _global_effective_step(optimizer) -> tuple[float, float]:

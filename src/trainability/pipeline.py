@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from .config import experiment_names, load_params, run_family, run_names
+from .planning import batch_groups
 
 TABLES = ("table1.md", "results.md", "results.csv", "paper_vs_ours.md")
 
@@ -62,7 +63,6 @@ def run_jobs(params: dict, scale: str) -> tuple[dict[str, list[str]], list[str]]
     runs = run_names(params, scale)
     if not params["scales"][scale].get("batched"):
         return {}, runs
-    from .batched import batch_groups
     return batch_groups(params, scale, runs)
 
 
