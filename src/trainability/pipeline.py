@@ -14,7 +14,6 @@ from pathlib import Path
 import yaml
 
 from .config import experiment_names, load_params, run_family, run_names
-from .planning import batch_groups
 
 TABLES = ("table1.md", "results.md", "results.csv", "paper_vs_ours.md")
 
@@ -63,6 +62,7 @@ def run_jobs(params: dict, scale: str) -> tuple[dict[str, list[str]], list[str]]
     runs = run_names(params, scale)
     if not params["scales"][scale].get("batched"):
         return {}, runs
+    from .planning import batch_groups   # here, not at the top: the aggregation stages need no engine code
     return batch_groups(params, scale, runs)
 
 
