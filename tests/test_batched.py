@@ -88,14 +88,29 @@ def test_pooled_inputs_equal_single_runs(tmp_path, mnist_root):
 
 
 def test_the_authors_bound_equals_single_runs(tmp_path, mnist_root):
-    """The `*-authors` settings [code]: the authors' alpha_agg form and per-method statistics."""
+    """The `*-authors` settings [code], next to the paper's in one batch: each model its own alpha_agg
+    form, Eq. 2 statistic and beta."""
     d = {"data": {"root": mnist_root}, "scheduler": {"code_alpha_agg": True, "beta": 20.0}}
-    cfgs = [tiny("l2-scheduled", **config.deep_merge(d, {"scheduler": {"statistic": "lam_bar"}})),
-            tiny("l2-scheduled", **config.deep_merge(d, {"scheduler": {"statistic": "sq_dev_over_mu"}})),
-            tiny("l2-scheduled", **config.deep_merge(d, {"scheduler": {"statistic": "x2_over_mu_sq"}}))]
-    for c in cfgs[1:]:   # the statistic is shared by a batch: check each against its single run alone
-        _check_equal([c], tmp_path / c["scheduler"]["statistic"])
-    _check_equal(cfgs[:1], tmp_path / "lam_bar")
+    cfgs = [tiny("l2-scheduled", **config.deep_merge(d, {"scheduler": {"statistic": s}}))
+            for s in ("lam_bar", "sq_dev_over_mu", "x2_over_mu_sq")]
+    _check_equal(cfgs + [tiny("l2-scheduled", data={"root": mnist_root})], tmp_path)
+
+
+def test_one_batch_per_model_shape_equals_single_runs(tmp_path, mnist_root):
+    """What planning.PER_MODEL_KEYS lets differ within a batch, all at once: relu / leaky_relu / identity
+    activations, measurement off next to on, the beta ramp on and off, Wasserstein next to L2 (the sort
+    for the Wasserstein model only), the authors' bound next to the paper's, and the arms."""
+    d = {"data": {"root": mnist_root}, "stream": {"n_images": 600, "drop_last": False},
+         "optim": {"beta_ramp": True}, "measure": {"every": 3},
+         "scheduler": {"floor": 0.0, "warm_frac": 1.0, "warm_factor": 1.0}}
+    authors = {"scheduler": {"code_alpha_agg": True, "beta": 20.0, "statistic": "x2_over_mu_sq"}}
+    cfgs = [tiny("l2-scheduled", **d), tiny("wass-scheduled", **config.deep_merge(d, authors)),
+            tiny("l2-reset", **config.deep_merge(d, {"optim": {"beta_ramp": False}})),
+            tiny("leaky-rho03", **d), tiny("linear", **d), tiny("relu-vanilla", **d)]
+    check_batchable(cfgs)
+    batch = _check_equal(cfgs, tmp_path)
+    assert batch[3]["config"]["model"]["activation"] == "leaky_relu" and batch[3]["rule_counts"] is None
+    assert batch[0]["rule_counts"] is not None
 
 
 def test_crelu_equals_single_runs(tmp_path, mnist_root):
@@ -169,15 +184,20 @@ def test_cli_dry_run_and_refusal(capsys):
 
 
 def test_paper_scale_plan_uses_batched_jobs():
-    """`snakemake -n --config scale=paper`: seeds and arms of one model shape are grouped into batched
-    jobs; only the runs that cannot be batched (BatchNorm, global scheduler) stay one job per seed."""
+    """`snakemake -n --config scale=paper`: one batched job per model shape and task length (arms,
+    regularisers, activations, measurement on/off, bounds, all seeds); only the runs that cannot be
+    batched (BatchNorm, global scheduler) stay one job per seed."""
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     plan = out.stdout + out.stderr
-    assert "run_batch_crelu_vanilla" in plan and "run_batch_l2_vanilla" in plan
+    batch_jobs = {line.split()[0] for line in plan.splitlines() if line.startswith("run_batch_")}
+    # plain and CReLU shapes at the paper's task length, x0.4 and x2, and the appendix's shorter stream
+    assert batch_jobs == {"run_batch_l2_vanilla", "run_batch_crelu_vanilla", "run_batch_l2_short",
+                          "run_batch_l2_long", "run_batch_crelu_short", "run_batch_crelu_long",
+                          "run_batch_l2_vanilla_appendix"}
     singles = {line.split("run=")[1].split(",")[0] for line in plan.splitlines() if "wildcards: run=" in line}
     assert singles == {"crelu-global", "l2-global", "wass-global", "bn-l2", "bn-l2-lr1e-5"}
     # cluster requests come from the run configs, not from this (GPU-less) host: every training job of

@@ -1,10 +1,12 @@
 """Batched training: M runs of one architecture trained together as one stacked model (issue 6).
 
 The runs of a batch share the model shape, batch size, stream size and length (tasks, epochs), the
-measurement settings and the scheduler's constants. Each keeps its own seed (images, labels, shuffles,
-init), arm (vanilla / reset / scheduled), learning rate, regulariser (none / coupled L2 / Wasserstein,
-own strength), bound (combined / noise / curvature), Adam state, per-layer learning rates, volatility
-windows and eigenvector warm starts. Weights are stacked along a leading model dimension and every
+measurement cadence and the scheduler's rule constants. Each keeps its own seed (images, labels,
+shuffles, init), arm (vanilla / reset / scheduled), activation among relu / leaky_relu / identity (one
+LeakyReLU slope per model), learning rate, beta ramp on or off, regulariser (none / coupled L2 /
+Wasserstein, own strength; the sort only for the Wasserstein models), measurement on or off, bound
+(combined / noise / curvature), Eq. 2 statistic and beta, alpha_agg form, Adam state, per-layer
+learning rates, volatility windows and eigenvector warm starts (planning.PER_MODEL_KEYS). Weights are stacked along a leading model dimension and every
 layer is one batched matmul, so M models take the kernel launches of one: on a GPU the paper's tiny MLP
 is launch-bound, and batching is how it gets near the hardware's limits.
 
@@ -19,10 +21,12 @@ Not batched (use `train.run`): BatchNorm models and the global scheduler variant
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +37,7 @@ from .data import load_mnist
 from .eigen import mixed_start
 from .indicators import compute_indicators
 from .measure import effective_step, linear_gradient_stats, rms_step
-from .models import activation_fn, build_model
+from .models import activation_fn, build_model, negative_slope
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
                      save_checkpoint, write_json_atomic)
 from .regularizers import WassersteinPenalty
@@ -54,11 +58,22 @@ def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _leaky_per_model(z: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """F.leaky_relu with a negative slope per model: z (M, B, n), slope (M, 1, 1); slope 0 is relu's
+    value and gradient, slope 1 the identity's."""
+    return torch.where(z > 0, z, z * slope)
+
+
 class StackedMLP:
     """The MLPs of models.MLP (no BatchNorm), stacked: W[l] (M, out, in), b[l] (M, out), l = 0..L-1."""
 
     def __init__(self, models, device):
-        self.act = activation_fn(models[0].activation, models[0].rho)
+        kinds = {(m.activation, m.rho) for m in models}
+        if len(kinds) == 1:
+            self.act = activation_fn(*kinds.pop())
+        else:   # relu / leaky_relu / identity mixed: each model's LeakyReLU slope (models.negative_slope)
+            slope = torch.tensor([negative_slope(m.activation, m.rho) for m in models], device=device)
+            self.act = functools.partial(_leaky_per_model, slope=slope.view(-1, 1, 1))
         self.W = [torch.stack([m.linears[l].weight.detach() for m in models]).to(device).requires_grad_()
                   for l in range(models[0].n_layers)]
         self.b = [torch.stack([m.linears[l].bias.detach() for m in models]).to(device).requires_grad_()
@@ -148,9 +163,11 @@ class StackedAdam:
         for t in self.exp_avg + self.exp_avg_sq:
             t[m].zero_()
 
-    def effective_steps(self, code_alpha_agg: bool):
+    def effective_steps(self, code_alpha_agg: bool | torch.Tensor):
         """(alpha, alpha_agg), each (M, L) float64, from the state before this step (measure.py's
-        adam_effective_step / adam_alpha_agg, weights only, biases skipped). NaN before the first step."""
+        adam_effective_step / adam_alpha_agg, weights only, biases skipped). NaN before the first step.
+        code_alpha_agg: one bool for every model, or (M,) bools when the models' forms differ."""
+        mixed = isinstance(code_alpha_agg, torch.Tensor)
         with torch.no_grad():
             L = self.net.n_layers
             sums = torch.stack([self.exp_avg_sq[2 * l].double().sum((1, 2)) for l in range(L)], 1)
@@ -158,12 +175,14 @@ class StackedAdam:
                                   device=sums.device)
             k = self.k.unsqueeze(1)
             v_hat = sums / (1 - self.beta2 ** k)
-            if code_alpha_agg:   # [code] raw v over every parameter (biases too), the first layer's LR
+            if mixed or code_alpha_agg:   # [code] raw v over every parameter (biases too), layer 1's LR
                 raw = sum(v.double().flatten(1).sum(1) for v in self.exp_avg_sq)
                 n_all = sum(p[0].numel() for p in self.net.params())
-                agg = rms_step(self.lr[:, :1], (raw / n_all).unsqueeze(1), self.eps).expand(-1, L)
-            else:
-                agg = rms_step(self.lr, v_hat / counts, self.eps)
+                code = rms_step(self.lr[:, :1], (raw / n_all).unsqueeze(1), self.eps).expand(-1, L)
+            if mixed or not code_alpha_agg:
+                paper = rms_step(self.lr, v_hat / counts, self.eps)
+            agg = torch.where(code_alpha_agg.unsqueeze(1), code, paper) if mixed else \
+                (code if code_alpha_agg else paper)
             alpha = effective_step(self.lr, self.beta1, k, v_hat / counts, self.eps)
             nan = torch.full_like(alpha, math.nan)
             return torch.where(k > 0, alpha, nan), torch.where(k > 0, agg, nan)
@@ -183,27 +202,43 @@ class StackedAdam:
 
 
 class StackedWasserstein:
-    """regularizers.WassersteinPenalty per model: lam (M,) times the sum over tensors of
-    ||sort(vec p_m) - sort(vec p0_m)||^2 (one batched sort per tensor)."""
+    """regularizers.WassersteinPenalty for the models that carry it (lam > 0): lam times the sum over
+    tensors of ||sort(vec p_m) - sort(vec p0_m)||^2, one batched sort per tensor over those models only
+    (the sort is a step's costliest op); the other models' penalty is 0."""
 
-    def __init__(self, net: StackedMLP, lam: torch.Tensor):
-        self.net, self.lam = net, lam
+    def __init__(self, net: StackedMLP, lam: list[float]):
+        self.net, self.M = net, len(lam)
+        dev = net.W[0].device
+        self.models = [m for m, x in enumerate(lam) if x > 0]
+        self.idx = torch.tensor(self.models, device=dev)
+        self.lam = torch.tensor([lam[m] for m in self.models], device=dev)
         with torch.no_grad():
-            self.sorted_init = [p.detach().flatten(1).sort(dim=1).values.clone() for p in net.params()]
+            self.sorted_init = [self._rows(p).detach().sort(dim=1).values.clone() for p in net.params()]
+
+    def _rows(self, p: torch.Tensor) -> torch.Tensor:
+        """p's carrying models, one flattened row each."""
+        return p.flatten(1) if len(self.models) == self.M else p.flatten(1)[self.idx]
 
     @torch.no_grad()
     def reset(self, m: int) -> None:
-        for s, p in zip(self.sorted_init, self.net.params()):
-            s[m] = p[m].detach().flatten().sort().values
+        if m in self.models:
+            i = self.models.index(m)
+            for s, p in zip(self.sorted_init, self.net.params()):
+                s[i] = p[m].detach().flatten().sort().values
 
     def __call__(self) -> torch.Tensor:
-        terms = [(p.flatten(1).sort(dim=1).values - p0).square().sum(1)
+        """(M,) penalties."""
+        terms = [(self._rows(p).sort(dim=1).values - p0).square().sum(1)
                  for p, p0 in zip(self.net.params(), self.sorted_init)]
-        return self.lam * torch.stack(terms, 1).sum(1)
+        pen = self.lam * torch.stack(terms, 1).sum(1)
+        if len(self.models) == self.M:
+            return pen
+        return torch.zeros(self.M, dtype=pen.dtype, device=pen.device).index_add(0, self.idx, pen)
 
     def for_model(self, m: int, model) -> WassersteinPenalty:
-        pen = WassersteinPenalty(model, float(self.lam[m]))
-        pen.sorted_init = [s[m].clone() for s in self.sorted_init]
+        i = self.models.index(m)
+        pen = WassersteinPenalty(model, float(self.lam[i]))
+        pen.sorted_init = [s[i].clone() for s in self.sorted_init]
         return pen
 
 
@@ -272,9 +307,11 @@ class StackedProbe:
     Lanczos on the Hessian of the summed loss, which is block-diagonal across models)."""
 
     def __init__(self, net: StackedMLP, adam: StackedAdam, B: int, seeds: list[int], eig_tol: float,
-                 eig_max_iter: int, code_alpha_agg: bool):
+                 eig_max_iter: int, code_alpha_agg: list[bool]):
         self.net, self.adam, self.B = net, adam, B
-        self.eig_tol, self.eig_max_iter, self.code_alpha_agg = eig_tol, eig_max_iter, code_alpha_agg
+        self.eig_tol, self.eig_max_iter = eig_tol, eig_max_iter
+        self.code_alpha_agg = code_alpha_agg[0] if len(set(code_alpha_agg)) == 1 else \
+            torch.tensor(code_alpha_agg, device=net.W[0].device)
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]   # as DecisionProbe: on the CPU
         M = len(seeds)
         dev = net.W[0].device
@@ -338,21 +375,38 @@ class StackedProbe:
 
 class StackedScheduler:
     """scheduler.NoiseCurvatureScheduler (per-layer variant, Algorithm 1) for every model at once: the
-    windows are (M, L, W) ring buffers, the rules tensors, and only models with act=True change LRs."""
+    windows are (M, L, W) ring buffers, the rules tensors, and only models with act=True change LRs.
+    Each model has its own bound, Eq. 2 statistic S and beta; the other constants are shared."""
 
-    def __init__(self, adam: StackedAdam, B: int, cfg: dict, bound_kinds: list[str], act: list[bool]):
-        s = cfg
+    def __init__(self, adam: StackedAdam, B: int, cfgs: list[dict], act: list[bool]):
+        s = cfgs[0]
         self.adam, self.B = adam, B
         self.safety, self.cool, self.warm, self.floor = s["safety"], s["cool"], s["warm"], s["floor"]
         self.warm_frac, self.warm_factor = s["warm_frac"], s["warm_factor"]
-        self.kappa, self.beta, self.statistic, self.W = s["kappa"], s["beta"], s["statistic"], s["window"]
+        self.kappa, self.W = s["kappa"], s["window"]
         dev = adam.lr.device
         M, L = adam.lr.shape
-        self.bound_idx = torch.tensor([BOUNDS.index(b) for b in bound_kinds], device=dev)
+        betas = [c["beta"] for c in cfgs]
+        self.beta = betas[0] if len(set(betas)) == 1 else \
+            torch.tensor(betas, dtype=torch.float64, device=dev).unsqueeze(1)
+        # models per statistic: layer_bounds runs once per statistic in use
+        stats = [c["statistic"] for c in cfgs]
+        self.statistics = {k: torch.tensor([x == k for x in stats], device=dev).unsqueeze(1)
+                           for k in dict.fromkeys(stats)}
+        self.bound_idx = torch.tensor([BOUNDS.index(c["bound"]) for c in cfgs], device=dev)
         self.act = torch.tensor(act, device=dev)
         self.values = torch.zeros(M, L, self.W, dtype=torch.float64, device=dev)
         self.count = torch.zeros(M, L, dtype=torch.long, device=dev)
         self.pos = torch.zeros(M, L, dtype=torch.long, device=dev)
+
+    def _bounds(self, m: dict, lam_bar, st: dict, B: int) -> dict:
+        """scheduler.layer_bounds for every model, each with its own statistic."""
+        out = None
+        for statistic, rows in self.statistics.items():
+            settings = SimpleNamespace(statistic=statistic, kappa=self.kappa, beta=self.beta)
+            bd = layer_bounds(m, lam_bar, st, B, settings)
+            out = bd if out is None else {k: torch.where(rows, bd[k], out[k]) for k in bd}
+        return out
 
     def reset(self, m: int) -> None:
         self.values[m] = 0
@@ -382,7 +436,7 @@ class StackedScheduler:
         lam_bar = m["alpha_agg"] * m["lam_max"]
         st = self._push(lam_bar)
         g, s2, B = m["grad_sq"], m["sigma2_ps"], m.get("batch_size", self.B)
-        bd = layer_bounds(m, lam_bar, st, B, self)
+        bd = self._bounds(m, lam_bar, st, B)
         bound = torch.stack([bd["alpha_tilde"], bd["alpha_g"], bd["tau"]]).gather(   # BOUNDS' order
             0, self.bound_idx.view(1, -1, 1).expand(1, *lam_bar.shape)).squeeze(0)
         alpha = m["alpha"]
@@ -452,7 +506,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     K, B, T = c0["measure"]["every"], c0["batch_size"], c0["n_tasks"]
     n_images, drop_last = c0["stream"]["n_images"], c0["stream"]["drop_last"]
     n_full = n_images // B   # full minibatches per epoch; one partial more unless drop_last
-    ramp, betas0 = c0["optim"]["beta_ramp"], tuple(c0["optim"]["betas"])
+    betas0 = tuple(c0["optim"]["betas"])
 
     # data: one stream per distinct seed, on the device; model m reads seed slot sidx[m]
     x_all, y_all = load_mnist(c0["data"]["root"], train=True)
@@ -472,15 +526,17 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     wd = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "l2" else 0.0 for c in cfgs],
                       device=device)
     adam = StackedAdam(net, lr, wd, tuple(c0["optim"]["betas"]), c0["optim"]["eps"])
-    lam_w = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0
-                          for c in cfgs], device=device)
-    wass = StackedWasserstein(net, lam_w) if any(c["regularizer"]["kind"] == "wasserstein" for c in cfgs) else None
-    measuring = measures(c0)
+    lam_w = [c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs]
+    wass = StackedWasserstein(net, lam_w) if any(x > 0 for x in lam_w) else None
+    # the probe runs for every model when any measures; only the measuring ones keep its rows
+    measuring = [measures(c) for c in cfgs]
     init_seeds = [_sub_seed(c["seed"], 0) for c in cfgs]
     probe = StackedProbe(net, adam, B, init_seeds, c0["measure"]["eig_tol"], c0["measure"]["eig_max_iter"],
-                         c0["scheduler"]["code_alpha_agg"]) if measuring else None
-    sched = StackedScheduler(adam, B, c0["scheduler"], [c["scheduler"]["bound"] for c in cfgs],
-                             [c["arm"] == "scheduled" for c in cfgs]) if measuring else None
+                         [c["scheduler"]["code_alpha_agg"] for c in cfgs]) if any(measuring) else None
+    sched = StackedScheduler(adam, B, [c["scheduler"] for c in cfgs],
+                             [c["arm"] == "scheduled" for c in cfgs]) if any(measuring) else None
+    ramp = [c["optim"]["beta_ramp"] for c in cfgs]
+    ramp_rows = None if all(ramp) else torch.tensor(ramp, device=device)
     layer_names = [str(l) for l in range(1, L + 1)]
     records = [dict(new_record(c, device, layer_names), name=mt.get("run"), scale=mt.get("scale"),
                     batched={"models": M, "position": i}) for i, (c, mt) in enumerate(zip(cfgs, metas))]
@@ -538,7 +594,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                     continue
                 x, y = xs[sidx[m]], ys[sidx[m]]
                 model = net.extract(m, c["model"])
-                reg = wass.for_model(m, model) if wass is not None and lam_w[m] > 0 else None
+                reg = wass.for_model(m, model) if lam_w[m] > 0 else None
                 indicators[m] = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], reg, float(wd[m]),
                                                    eig_tol=c["measure"]["eig_tol"],
                                                    eig_max_iter=c["measure"]["eig_max_iter"])
@@ -575,8 +631,13 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                     meas = probe.measure(inputs, outs, lambda: objective(xb, yb)[2])
                     rows_task.append((step, frac, sched.step(meas, frac)))
                 adam.step()
-                if ramp:   # every model is at the same epoch of its task
-                    adam.beta1[:, 0], adam.beta2[:, 0] = ramped_betas(betas0, epoch, epochs)
+                if any(ramp):   # every model is at the same epoch of its task
+                    b1, b2 = ramped_betas(betas0, epoch, epochs)
+                    if ramp_rows is None:
+                        adam.beta1[:, 0], adam.beta2[:, 0] = b1, b2
+                    else:
+                        adam.beta1[:, 0] = torch.where(ramp_rows, b1, adam.beta1[:, 0])
+                        adam.beta2[:, 0] = torch.where(ramp_rows, b2, adam.beta2[:, 0])
                 step += 1
                 step_in_task += 1
             bar.update(per_epoch)
@@ -601,7 +662,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                 continue
             rec = records[m]
             rows_m = []
-            for i, (s, frac, _) in enumerate(rows_task):
+            for i, (s, frac, _) in enumerate(rows_task if measuring[m] else []):
                 rows = _rows_to_dicts(host_rows[i], m)
                 rows_m.append(rows)
                 append_decision(rec, s, t, frac, rows)
@@ -633,7 +694,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     bar.close()
     for m, (c, rec) in enumerate(zip(cfgs, records)):
         rec["rule_counts"] = ({str(l): v for l, v in rule_counts[m].items()} | {"global": {r: 0 for r in RULES}}) \
-            if probe is not None else None
+            if measuring[m] else None
         if rec["status"] == "running":
             rec["status"] = "completed"
         rec["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

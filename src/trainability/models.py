@@ -40,6 +40,12 @@ def activation_fn(name: str, rho: float = 0.0):
     raise ValueError(f"model.activation: unknown {name!r}; one of {ACTIVATIONS}")
 
 
+def negative_slope(name: str, rho: float = 0.0) -> float | None:
+    """The activation as a LeakyReLU slope: relu 0, identity 1, leaky_relu rho; None for crelu (it changes
+    the layer shapes). Lets one stacked model give each of its models its own activation."""
+    return {"relu": 0.0, "identity": 1.0, "leaky_relu": float(rho)}.get(name)
+
+
 class MLP(nn.Module):
     """MLP with `linears` (layer 1..L, `nn.ModuleList`) and `bns` (one BatchNorm1d per hidden layer, or
     empty). `rho` is the LeakyReLU negative slope (ignored by the other activations)."""

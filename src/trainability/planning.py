@@ -4,10 +4,13 @@ dvc.yaml's generator (trainability.pipeline) and the batched engine all ask here
 from __future__ import annotations
 
 from . import config
-from .train import measures, steps_per_task
+from .train import steps_per_task
 
-# keys that may differ between the runs of one batch (all others must agree)
-PER_MODEL_KEYS = ("seed", "arm", "optim.lr", "regularizer", "scheduler.bound", "epochs_factor", "wandb")
+# keys that may differ between the runs of one batch (all others must agree); model.activation only
+# among relu / leaky_relu / identity (crelu changes the layer shapes)
+PER_MODEL_KEYS = ("seed", "arm", "optim.lr", "optim.beta_ramp", "regularizer", "model.activation", "model.rho",
+                  "measure.enabled", "scheduler.bound", "scheduler.statistic", "scheduler.beta",
+                  "scheduler.code_alpha_agg", "epochs_factor", "wandb")
 
 
 def _strip(cfg: dict) -> dict:
@@ -41,8 +44,14 @@ def check_batchable(cfgs: list[dict]) -> None:
                                     f"{', '.join(PER_MODEL_KEYS)} may differ within a batch")
         if steps_per_task(cfg) != steps:
             raise config.ConfigError(f"batched run: config {i}: epochs_factor gives another task length")
-    if len({measures(c) for c in cfgs}) > 1:
-        raise config.ConfigError("batched run: measure.enabled must agree (a scheduled arm always measures)")
+        if _shape(cfg) != _shape(cfgs[0]):
+            raise config.ConfigError(f"batched run: config {i}: model.activation {cfg['model']['activation']!r} "
+                                     f"gives other layer shapes than {cfgs[0]['model']['activation']!r}")
+
+
+def _shape(cfg: dict) -> str:
+    """The stacked model's shape family: crelu doubles each hidden layer's output."""
+    return "crelu" if cfg["model"]["activation"] == "crelu" else "plain"
 
 
 def batch_key(cfg: dict) -> str | None:
@@ -53,9 +62,7 @@ def batch_key(cfg: dict) -> str | None:
         return None
     s = _strip(cfg)
     s["steps_per_task"] = steps_per_task(cfg)
-    s["measuring"] = measures(cfg)
-    # the Wasserstein sort is the costliest op of a step: keep it out of batches that don't need it
-    s["wasserstein"] = cfg["regularizer"]["kind"] == "wasserstein"
+    s["shape"] = _shape(cfg)
     s.pop("epochs_per_task")
     return config.config_hash(s)
 
