@@ -17,7 +17,8 @@ synchronisation except, as in `train.run`, one divergence check per epoch; a dec
 per Lanczos product to stop when every model's estimate has converged (none at all with eig_tol = 0,
 a fixed number of products). Decision rows stay on the device until the end of the task.
 
-Not batched (use `train.run`): BatchNorm models and the global scheduler variant.
+Not batched (use `train.run`): a BatchNorm model that measures (the decision probe's extra passes
+would move the stacked running statistics).
 """
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def _leaky_per_model(z: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
 
 
 class StackedMLP:
-    """The MLPs of models.MLP (no BatchNorm), stacked: W[l] (M, out, in), b[l] (M, out), l = 0..L-1."""
+    """The MLPs of models.MLP, stacked: W[l] (M, out, in), b[l] (M, out), l = 0..L-1, and with BatchNorm
+    each hidden layer's gamma[l], beta[l] (M, out) and running statistics (per model, as nn.BatchNorm1d
+    in training mode: batch statistics over the model's own minibatch)."""
 
     def __init__(self, models, device):
         kinds = {(m.activation, m.rho) for m in models}
@@ -74,37 +77,78 @@ class StackedMLP:
         else:   # relu / leaky_relu / identity mixed: each model's LeakyReLU slope (models.negative_slope)
             slope = torch.tensor([negative_slope(m.activation, m.rho) for m in models], device=device)
             self.act = functools.partial(_leaky_per_model, slope=slope.view(-1, 1, 1))
-        self.W = [torch.stack([m.linears[l].weight.detach() for m in models]).to(device).requires_grad_()
-                  for l in range(models[0].n_layers)]
-        self.b = [torch.stack([m.linears[l].bias.detach() for m in models]).to(device).requires_grad_()
-                  for l in range(models[0].n_layers)]
+        L = models[0].n_layers
+
+        def stack(get, grad=True):
+            t = torch.stack([get(m).detach() for m in models]).to(device)
+            return t.requires_grad_() if grad else t.clone()
+        self.W = [stack(lambda m: m.linears[l].weight) for l in range(L)]
+        self.b = [stack(lambda m: m.linears[l].bias) for l in range(L)]
+        bns = [list(m.bns) for m in models]
+        self.gamma = [stack(lambda m: m.bns[l].weight) for l in range(len(bns[0]))]
+        self.beta = [stack(lambda m: m.bns[l].bias) for l in range(len(bns[0]))]
+        self.running_mean = [stack(lambda m: m.bns[l].running_mean, False) for l in range(len(bns[0]))]
+        self.running_var = [stack(lambda m: m.bns[l].running_var, False) for l in range(len(bns[0]))]
+        if bns[0]:
+            self.bn_eps, self.bn_momentum = bns[0][0].eps, bns[0][0].momentum
+        # params() order: models.MLP.layer_params, layer by layer (the Adam groups' order)
+        self.param_layer = [l for l in range(L) for _ in self._layer_params(l)]
+        self.weight_pos = [self.param_layer.index(l) for l in range(L)]   # W[l]'s place in params()
 
     @property
     def n_layers(self) -> int:
         return len(self.W)
 
+    def _layer_params(self, l: int) -> list[torch.Tensor]:
+        bn = [self.gamma[l], self.beta[l]] if l < len(self.gamma) else []
+        return [self.W[l], self.b[l]] + bn
+
     def params(self) -> list[torch.Tensor]:
-        """W1, b1, W2, b2, ...: models.MLP.parameters() order."""
-        return [t for pair in zip(self.W, self.b) for t in pair]
+        """W1, b1 (, gamma1, beta1), W2, ...: models.MLP.layer_params order, layer by layer."""
+        return [p for l in range(self.n_layers) for p in self._layer_params(l)]
+
+    def buffers(self) -> list[torch.Tensor]:
+        return self.running_mean + self.running_var
+
+    @staticmethod
+    def model_tensors(model) -> tuple[list, list]:
+        """(the MLP's tensors in params() order, its BatchNorm buffers in buffers() order)."""
+        ps = [p for l in range(1, model.n_layers + 1) for p in model.layer_params(l)]
+        return ps, [bn.running_mean for bn in model.bns] + [bn.running_var for bn in model.bns]
 
     @torch.no_grad()
     def load(self, m: int, model) -> None:
-        for l, lin in enumerate(model.linears):
-            self.W[l][m].copy_(lin.weight)
-            self.b[l][m].copy_(lin.bias)
+        ps, bufs = self.model_tensors(model)
+        for mine, theirs in zip(self.params() + self.buffers(), ps + bufs):
+            mine[m].copy_(theirs)
 
     @torch.no_grad()
     def extract(self, m: int, cfg_model: dict):
         """Model m as a models.MLP (for the indicators, which run once per task)."""
         model = build_model(cfg_model, self.W[0].shape[2]).to(self.W[0].device)
-        for l, lin in enumerate(model.linears):
-            lin.weight.copy_(self.W[l][m])
-            lin.bias.copy_(self.b[l][m])
+        ps, bufs = self.model_tensors(model)
+        for theirs, mine in zip(ps + bufs, self.params() + self.buffers()):
+            theirs.copy_(mine[m])
         return model
 
-    def forward(self, x: torch.Tensor, keep: bool = False):
+    def _batchnorm(self, l: int, z: torch.Tensor, train: bool) -> torch.Tensor:
+        """nn.BatchNorm1d per model: batch statistics over dim 1 (and the running update) when training,
+        the running statistics otherwise."""
+        if train:
+            mean, var = z.mean(1), z.var(1, unbiased=False)
+            with torch.no_grad():
+                n, mom = z.shape[1], self.bn_momentum
+                self.running_mean[l].mul_(1 - mom).add_(mom * mean)
+                self.running_var[l].mul_(1 - mom).add_(mom * var * n / (n - 1))
+        else:
+            mean, var = self.running_mean[l], self.running_var[l]
+        z_hat = (z - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.bn_eps)
+        return z_hat * self.gamma[l].unsqueeze(1) + self.beta[l].unsqueeze(1)
+
+    def forward(self, x: torch.Tensor, keep: bool = False, train: bool = True):
         """x (M, B, d) -> logits (M, B, C); with keep, also each layer's input a and output z (z keeps its
-        gradient after backward: the per-example variance needs dLoss/dz)."""
+        gradient after backward: the per-example variance needs dLoss/dz). train: BatchNorm in training
+        mode (the step) or on its running statistics (the end-of-task evaluation)."""
         inputs, outs = [], []
         L = self.n_layers
         for l in range(L):
@@ -113,6 +157,8 @@ class StackedMLP:
                 inputs.append(x.detach())
                 z.retain_grad()
                 outs.append(z)
+            if l < len(self.gamma):
+                z = self._batchnorm(l, z, train)
             x = self.act(z) if l < L - 1 else z
         return x, inputs, outs
 
@@ -144,7 +190,7 @@ class StackedAdam:
     def step(self) -> None:
         self.k += 1
         for i, p in enumerate(self.net.params()):
-            l = i // 2
+            l = self.net.param_layer[i]
             beta1, beta2 = self.beta1[:, l], self.beta2[:, l]
             bc1 = 1 - beta1 ** self.k                   # float64 like Adam's Python scalars
             bc2_sqrt = (1 - beta2 ** self.k).sqrt()
@@ -170,11 +216,8 @@ class StackedAdam:
         mixed = isinstance(code_alpha_agg, torch.Tensor)
         with torch.no_grad():
             L = self.net.n_layers
-            sums = torch.stack([self.exp_avg_sq[2 * l].double().sum((1, 2)) for l in range(L)], 1)
-            counts = torch.tensor([self.net.W[l][0].numel() for l in range(L)], dtype=torch.float64,
-                                  device=sums.device)
+            v_hat, counts = self._weights_v_hat()
             k = self.k.unsqueeze(1)
-            v_hat = sums / (1 - self.beta2 ** k)
             if mixed or code_alpha_agg:   # [code] raw v over every parameter (biases too), layer 1's LR
                 raw = sum(v.double().flatten(1).sum(1) for v in self.exp_avg_sq)
                 n_all = sum(p[0].numel() for p in self.net.params())
@@ -186,6 +229,26 @@ class StackedAdam:
             alpha = effective_step(self.lr, self.beta1, k, v_hat / counts, self.eps)
             nan = torch.full_like(alpha, math.nan)
             return torch.where(k > 0, alpha, nan), torch.where(k > 0, agg, nan)
+
+    def _weights_v_hat(self):
+        """(sum of bias-corrected v over each layer's weights (M, L), weight counts (L,)): measure.py's
+        _weights_v_hat for every model and layer."""
+        L = self.net.n_layers
+        sums = torch.stack([self.exp_avg_sq[self.net.weight_pos[l]].double().sum((1, 2)) for l in range(L)], 1)
+        counts = torch.tensor([self.net.W[l][0].numel() for l in range(L)], dtype=torch.float64,
+                              device=sums.device)
+        return sums / (1 - self.beta2 ** self.k.unsqueeze(1)), counts
+
+    @torch.no_grad()
+    def global_effective_steps(self):
+        """(alpha, alpha_agg), each (M,) float64, of the whole network (measure._global_effective_step):
+        RMS over every weight tensor, the first layer's LR and beta1. NaN before the first step."""
+        v_hat, counts = self._weights_v_hat()
+        total = sum(v_hat[:, l] for l in range(v_hat.shape[1]))   # in layer order, as the float sum
+        agg = rms_step(self.lr[:, 0], total / float(counts.sum()), self.eps)
+        alpha = agg / (1 - self.beta1[:, 0] ** self.k)
+        nan = torch.full_like(alpha, math.nan)
+        return torch.where(self.k > 0, alpha, nan), torch.where(self.k > 0, agg, nan)
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "k": self.k, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
@@ -236,9 +299,11 @@ class StackedWasserstein:
         return torch.zeros(self.M, dtype=pen.dtype, device=pen.device).index_add(0, self.idx, pen)
 
     def for_model(self, m: int, model) -> WassersteinPenalty:
+        """Model m's penalty on its extracted copy `model` (sorted_init in model.parameters() order)."""
         i = self.models.index(m)
         pen = WassersteinPenalty(model, float(self.lam[i]))
-        pen.sorted_init = [s[i].clone() for s in self.sorted_init]
+        layer_order = [id(p) for p in StackedMLP.model_tensors(model)[0]]
+        pen.sorted_init = [self.sorted_init[layer_order.index(id(p))][i].clone() for p in model.parameters()]
         return pen
 
 
@@ -304,19 +369,28 @@ def batched_lanczos(hvp, v: torch.Tensor, tol: float, max_iter: int, min_iter: i
 class StackedProbe:
     """measure.DecisionProbe for the stacked model: per (model, layer) grad_sq, sigma2_ps (from the
     step's own layer inputs and output gradients), alpha, alpha_agg and the layer-block lam_max (batched
-    Lanczos on the Hessian of the summed loss, which is block-diagonal across models)."""
+    Lanczos on the Hessian of the summed loss, which is block-diagonal across models). With
+    global_column, the whole network as one more column (the probe's "global" entry): the layers' sums,
+    measure._global_effective_step, and the full Hessian's lam_max for the models with measure.global
+    (NaN for the others, as DecisionProbe without global_too)."""
 
     def __init__(self, net: StackedMLP, adam: StackedAdam, B: int, seeds: list[int], eig_tol: float,
-                 eig_max_iter: int, code_alpha_agg: list[bool]):
+                 eig_max_iter: int, code_alpha_agg: list[bool], global_lam: list[bool],
+                 global_column: bool = False):
         self.net, self.adam, self.B = net, adam, B
         self.eig_tol, self.eig_max_iter = eig_tol, eig_max_iter
+        dev = net.W[0].device
         self.code_alpha_agg = code_alpha_agg[0] if len(set(code_alpha_agg)) == 1 else \
-            torch.tensor(code_alpha_agg, device=net.W[0].device)
+            torch.tensor(code_alpha_agg, device=dev)
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]   # as DecisionProbe: on the CPU
         M = len(seeds)
-        dev = net.W[0].device
         self.vecs = [torch.zeros(M, p[0].numel() + q[0].numel(), device=dev) for p, q in zip(net.W, net.b)]
         self.has_vec = torch.zeros(M, dtype=torch.bool, device=dev)
+        self.global_column = global_column or any(global_lam)
+        self.global_models = [m for m, g in enumerate(global_lam) if g]
+        self.global_idx = torch.tensor(self.global_models, dtype=torch.long, device=dev)
+        n_all = sum(p[0].numel() for p in net.params())
+        self.global_vecs = torch.zeros(len(self.global_models), n_all, device=dev)
 
     def reset(self, m: int, seed: int) -> None:
         self.generators[m] = torch.Generator().manual_seed(seed)
@@ -348,7 +422,9 @@ class StackedProbe:
             W, b = net.W[l], net.b[l]
             nW = W[0].numel()
 
-            def hvp(V, W=W, b=b, gl=(grads[2 * l], grads[2 * l + 1]), nW=nW):
+            i = net.weight_pos[l]
+
+            def hvp(V, W=W, b=b, gl=(grads[i], grads[i + 1]), nW=nW):
                 VW, Vb = V[:, :nW].view_as(W), V[:, nW:].view_as(b)
                 hW, hb = torch.autograd.grad(gl, (W, b), grad_outputs=(VW, Vb), retain_graph=True)
                 hv = torch.cat([hW.detach().flatten(1), hb.detach().flatten(1)], 1)
@@ -358,27 +434,62 @@ class StackedProbe:
             self.vecs[l] = vec.detach()
             lam.append(th)
             iters.append(it.double())
+        out = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
+               "alpha_agg": agg, "lam_max": torch.stack(lam, 1), "eig_iters": torch.stack(iters, 1)}
+        if self.global_column:
+            g_alpha, g_agg = self.adam.global_effective_steps()
+            g_lam, g_iters = self._global_lam(grads, flat, wd)   # its starts drawn after the layers'
+            whole = {"grad_sq": sum(grad_sq), "sigma2_ps": sum(sigma2), "alpha": g_alpha, "alpha_agg": g_agg,
+                     "lam_max": g_lam, "eig_iters": g_iters}   # sums in layer order, as DecisionProbe's
+            out = {k: torch.cat([v, whole[k].unsqueeze(1)], 1) for k, v in out.items()}
         self.has_vec[:] = True
-        return {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
-                "alpha_agg": agg, "lam_max": torch.stack(lam, 1), "eig_iters": torch.stack(iters, 1),
-                "batch_size": B}
+        return dict(out, batch_size=B)
+
+    def _global_lam(self, grads, flat, wd):
+        """(lam_max (M,), products (M,)): the whole Hessian's top eigenvalue (plus coupled L2's wd I) for
+        the models with measure.global, batched Lanczos over those models only; NaN and 0 elsewhere."""
+        M, dev = len(self.generators), flat[0].device
+        lam = torch.full((M,), math.nan, dtype=torch.float64, device=dev)
+        iters = torch.zeros(M, dtype=torch.float64, device=dev)
+        if not self.global_models:
+            return lam, iters
+        idx, n = self.global_idx, self.global_vecs.shape[1]
+        r = torch.stack([torch.randn(n, generator=self.generators[m]) for m in self.global_models])
+        r = r.to(self.global_vecs)
+        start = torch.where(self.has_vec[idx].unsqueeze(1), mixed_start(r, self.global_vecs), mixed_start(r))
+        sizes = [p[0].numel() for p in flat]
+
+        def hvp(V):
+            full = V.new_zeros(M, n).index_copy(0, idx, V)
+            pieces = [x.reshape(p.shape) for x, p in zip(full.split(sizes, 1), flat)]
+            hs = torch.autograd.grad(grads, flat, grad_outputs=pieces, retain_graph=True)
+            hv = torch.cat([h.detach().flatten(1) for h in hs], 1)[idx]
+            return hv + wd[idx].unsqueeze(1).to(hv.dtype) * V
+
+        th, vec, it = batched_lanczos(hvp, start, self.eig_tol, self.eig_max_iter)
+        self.global_vecs = vec.detach()
+        return lam.index_copy(0, idx, th), iters.index_copy(0, idx, it.double())
 
     def state_dict(self) -> dict:
-        return {"vecs": self.vecs, "has_vec": self.has_vec, "generators": [g.get_state() for g in self.generators]}
+        return {"vecs": self.vecs, "global_vecs": self.global_vecs, "has_vec": self.has_vec,
+                "generators": [g.get_state() for g in self.generators]}
 
     def load_state_dict(self, s: dict) -> None:
         self.vecs = [v.clone() for v in s["vecs"]]
+        self.global_vecs = s["global_vecs"].clone()
         self.has_vec.copy_(s["has_vec"])
         for g, st in zip(self.generators, s["generators"]):
             g.set_state(st.cpu())   # RNG states are CPU ByteTensors, whatever map_location did
 
 
 class StackedScheduler:
-    """scheduler.NoiseCurvatureScheduler (per-layer variant, Algorithm 1) for every model at once: the
-    windows are (M, L, W) ring buffers, the rules tensors, and only models with act=True change LRs.
-    Each model has its own bound, Eq. 2 statistic S and beta; the other constants are shared."""
+    """scheduler.NoiseCurvatureScheduler (Algorithm 1) for every model at once: the windows are
+    (M, C, W) ring buffers, the rules tensors, and only models with act=True change LRs. Each model has
+    its own bound, Eq. 2 statistic S, beta and variant; the other constants are shared. Columns are the
+    L layers, plus the whole network (column L) when the probe measures it: a global-variant model
+    decides there and applies that rule to every layer (its layer rows log their own bounds)."""
 
-    def __init__(self, adam: StackedAdam, B: int, cfgs: list[dict], act: list[bool]):
+    def __init__(self, adam: StackedAdam, B: int, cfgs: list[dict], act: list[bool], columns: int):
         s = cfgs[0]
         self.adam, self.B = adam, B
         self.safety, self.cool, self.warm, self.floor = s["safety"], s["cool"], s["warm"], s["floor"]
@@ -395,9 +506,10 @@ class StackedScheduler:
                            for k in dict.fromkeys(stats)}
         self.bound_idx = torch.tensor([BOUNDS.index(c["bound"]) for c in cfgs], device=dev)
         self.act = torch.tensor(act, device=dev)
-        self.values = torch.zeros(M, L, self.W, dtype=torch.float64, device=dev)
-        self.count = torch.zeros(M, L, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(M, L, dtype=torch.long, device=dev)
+        self.glob = torch.tensor([c["variant"] == "global" for c in cfgs], device=dev).unsqueeze(1)
+        self.values = torch.zeros(M, columns, self.W, dtype=torch.float64, device=dev)
+        self.count = torch.zeros(M, columns, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(M, columns, dtype=torch.long, device=dev)
 
     def _bounds(self, m: dict, lam_bar, st: dict, B: int) -> dict:
         """scheduler.layer_bounds for every model, each with its own statistic."""
@@ -431,9 +543,12 @@ class StackedScheduler:
 
     @torch.no_grad()
     def step(self, m: dict, task_frac: float) -> torch.Tensor:
-        """One decision for every (model, layer); returns the rows as (len(NUM_FIELDS) + 1, M, L) float64
+        """One decision for every (model, column); returns the rows as (len(NUM_FIELDS) + 1, M, C) float64
         (the last plane is the rule code: RULES index), lr after the decision."""
+        L = self.adam.lr.shape[1]
         lam_bar = m["alpha_agg"] * m["lam_max"]
+        if lam_bar.shape[1] > L:   # only a global-variant model pushes its whole-network window
+            lam_bar = torch.cat([lam_bar[:, :L], torch.where(self.glob, lam_bar[:, L:], math.nan)], 1)
         st = self._push(lam_bar)
         g, s2, B = m["grad_sq"], m["sigma2_ps"], m.get("batch_size", self.B)
         bd = self._bounds(m, lam_bar, st, B)
@@ -441,11 +556,18 @@ class StackedScheduler:
             0, self.bound_idx.view(1, -1, 1).expand(1, *lam_bar.shape)).squeeze(0)
         alpha = m["alpha"]
         cool, warm = algorithm1_rule(alpha, bound, task_frac, self)
+        if cool.shape[1] > L:   # a global-variant model's layers follow its whole-network rule
+            cool = torch.cat([torch.where(self.glob, cool[:, L:], cool[:, :L]), cool[:, L:]], 1)
+            warm = torch.cat([torch.where(self.glob, warm[:, L:], warm[:, :L]), warm[:, L:]], 1)
         act = self.act.unsqueeze(1)
         lr = self.adam.lr
-        self.adam.lr.copy_(torch.where(act & cool, lr * self.cool, torch.where(act & warm, lr * self.warm, lr)))
+        self.adam.lr.copy_(torch.where(act & cool[:, :L], lr * self.cool,
+                                       torch.where(act & warm[:, :L], lr * self.warm, lr)))
         rule = torch.where(cool, 1.0, torch.where(warm, 2.0, 0.0)).double()
-        row = {"lr": self.adam.lr.clone(), "alpha": alpha, **bd, "bound": bound, "lam_max": m["lam_max"],
+        lr_row = self.adam.lr.clone()
+        if cool.shape[1] > L:
+            lr_row = torch.cat([lr_row, lr_row[:, :1]], 1)   # the global row logs the first group's LR
+        row = {"lr": lr_row, "alpha": alpha, **bd, "bound": bound, "lam_max": m["lam_max"],
                "lam_bar": lam_bar, "vol": st["vol"], "mu": st["mu"], "sigma2_win": st["sigma2"], "sigma2_ps": s2, "grad_sq": g,
                "eig_iters": m["eig_iters"]}
         return torch.stack([row[f] for f in NUM_FIELDS] + [rule])
@@ -457,16 +579,22 @@ class StackedScheduler:
         self.values, self.count, self.pos = s["values"].clone(), s["count"].clone(), s["pos"].clone()
 
 
-def _rows_to_dicts(rows: torch.Tensor, m: int) -> dict:
-    """One model's decision rows (F+1, L) as the scheduler's {layer: {field: value}} dict."""
+def _rows_to_dicts(rows: torch.Tensor, m: int, keys: list) -> dict:
+    """One model's decision rows (F+1, C) as the scheduler's {key: {field: value}} dict: keys name the
+    columns to keep (layers 1..L, then "global" for a global-variant model)."""
     vals = rows[:, m, :].tolist()
     out = {}
-    for l in range(rows.shape[2]):
-        r = {f: vals[i][l] for i, f in enumerate(NUM_FIELDS)}
+    for c, key in enumerate(keys):
+        r = {f: vals[i][c] for i, f in enumerate(NUM_FIELDS)}
         r["eig_iters"] = int(r["eig_iters"])
-        r["rule"] = RULES[int(vals[-1][l])]
-        out[l + 1] = r
+        r["rule"] = RULES[int(vals[-1][c])]
+        out[key] = r
     return out
+
+
+def _no_rules(L: int) -> dict:
+    """Rule counters {layer 1..L, "global": {rule: 0}} (scheduler.NoiseCurvatureScheduler.rule_counts)."""
+    return {k: {r: 0 for r in RULES} for k in [*range(1, L + 1), "global"]}
 
 
 @torch.no_grad()
@@ -477,7 +605,7 @@ def _evaluate(net: StackedMLP, xs, ys, sidx, chunk: int = 2048):
     correct = torch.zeros(M, dtype=torch.float64, device=xs.device)
     for i in range(0, N, chunk):
         x, y = xs[sidx, i:i + chunk], ys[sidx, i:i + chunk]
-        logits, _, _ = net.forward(x)
+        logits, _, _ = net.forward(x, train=False)
         loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, -1).sum(1).double()
         correct += (logits.argmax(2) == y).sum(1).double()
     return (loss / N).tolist(), (correct / N).tolist()
@@ -531,16 +659,23 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     # the probe runs for every model when any measures; only the measuring ones keep its rows
     measuring = [measures(c) for c in cfgs]
     init_seeds = [_sub_seed(c["seed"], 0) for c in cfgs]
+    # the whole network as one more decision column: for measure.global (its lam_max) and the global variant
+    global_lam = [c["measure"]["global"] for c in cfgs]
+    global_variant = [c["scheduler"]["variant"] == "global" for c in cfgs]
+    global_column = any(global_lam) or any(global_variant)
     probe = StackedProbe(net, adam, B, init_seeds, c0["measure"]["eig_tol"], c0["measure"]["eig_max_iter"],
-                         [c["scheduler"]["code_alpha_agg"] for c in cfgs]) if any(measuring) else None
-    sched = StackedScheduler(adam, B, [c["scheduler"] for c in cfgs],
-                             [c["arm"] == "scheduled" for c in cfgs]) if any(measuring) else None
+                         [c["scheduler"]["code_alpha_agg"] for c in cfgs], global_lam,
+                         global_column) if any(measuring) else None
+    sched = StackedScheduler(adam, B, [c["scheduler"] for c in cfgs], [c["arm"] == "scheduled" for c in cfgs],
+                             L + global_column) if any(measuring) else None
+    # each model's decision rows: its layers, and "global" for the global variant (as scheduler.step)
+    row_keys = [list(range(1, L + 1)) + (["global"] if g else []) for g in global_variant]
     ramp = [c["optim"]["beta_ramp"] for c in cfgs]
     ramp_rows = None if all(ramp) else torch.tensor(ramp, device=device)
-    layer_names = [str(l) for l in range(1, L + 1)]
-    records = [dict(new_record(c, device, layer_names), name=mt.get("run"), scale=mt.get("scale"),
-                    batched={"models": M, "position": i}) for i, (c, mt) in enumerate(zip(cfgs, metas))]
-    rule_counts = [{l: {r: 0 for r in RULES} for l in range(1, L + 1)} for _ in cfgs]
+    records = [dict(new_record(c, device, [str(l) for l in range(1, L + 1)] + (["global"] if g else [])),
+                    name=mt.get("run"), scale=mt.get("scale"), batched={"models": M, "position": i})
+               for i, (c, mt, g) in enumerate(zip(cfgs, metas, global_lam))]
+    rule_counts = [_no_rules(L) for _ in cfgs]
     alive = [True] * M
     start_task, step = 0, 0
     ckpt_path = out_dirs[0] / ("batched-" + CHECKPOINT_NAME)
@@ -550,7 +685,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ck["hashes"] == hashes:
             with torch.no_grad():
-                for p, q in zip(net.params(), ck["params"]):
+                for p, q in zip(net.params() + net.buffers(), ck["params"] + ck["buffers"]):
                     p.copy_(q)
             adam.load_state_dict(ck["adam"])
             if wass is not None:
@@ -583,7 +718,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                     if probe is not None:
                         probe.reset(m, _sub_seed(c["seed"], t))
                         sched.reset(m)
-                        rule_counts[m] = {l: {r: 0 for r in RULES} for l in range(1, L + 1)}
+                        rule_counts[m] = _no_rules(L)
         ys = torch.stack([streams[s].task(t)[1] for s in seeds])
         t0 = time.perf_counter()
         indicators = [None] * M
@@ -663,11 +798,11 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
             rec = records[m]
             rows_m = []
             for i, (s, frac, _) in enumerate(rows_task if measuring[m] else []):
-                rows = _rows_to_dicts(host_rows[i], m)
+                rows = _rows_to_dicts(host_rows[i], m, row_keys[m])
                 rows_m.append(rows)
                 append_decision(rec, s, t, frac, rows)
-                for l, r in rows.items():
-                    rule_counts[m][l][r["rule"]] += 1
+                for key in (["global"] if global_variant[m] else range(1, L + 1)):   # the rules applied
+                    rule_counts[m][key][rows[key]["rule"]] += 1
             rec["tasks"].append({
                 "task": t, "online_acc": task_online_acc(*correct_h[m], steps_done[m], n_images, B, drop_last),
                 "end_loss": end_loss[m],
@@ -682,7 +817,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
             print(f"task {t}/{T}  online acc per model {accs}  {wall:.1f}s", file=sys.stderr, flush=True)
         if not any(alive):
             break
-        save_checkpoint({"hashes": hashes, "params": [p.detach() for p in net.params()],
+        save_checkpoint({"hashes": hashes, "params": [p.detach() for p in net.params()], "buffers": net.buffers(),
                          "adam": adam.state_dict(), "wass": wass.sorted_init if wass is not None else None,
                          "probe": probe.state_dict() if probe else None,
                          "sched": sched.state_dict() if sched else None, "records": records,
@@ -693,8 +828,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
             return records
     bar.close()
     for m, (c, rec) in enumerate(zip(cfgs, records)):
-        rec["rule_counts"] = ({str(l): v for l, v in rule_counts[m].items()} | {"global": {r: 0 for r in RULES}}) \
-            if measuring[m] else None
+        rec["rule_counts"] = {str(k): v for k, v in rule_counts[m].items()} if measuring[m] else None
         if rec["status"] == "running":
             rec["status"] = "completed"
         rec["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -4,13 +4,13 @@ dvc.yaml's generator (trainability.pipeline) and the batched engine all ask here
 from __future__ import annotations
 
 from . import config
-from .train import steps_per_task
+from .train import measures, steps_per_task
 
 # keys that may differ between the runs of one batch (all others must agree); model.activation only
 # among relu / leaky_relu / identity (crelu changes the layer shapes)
 PER_MODEL_KEYS = ("seed", "arm", "optim.lr", "optim.beta_ramp", "regularizer", "model.activation", "model.rho",
-                  "measure.enabled", "scheduler.bound", "scheduler.statistic", "scheduler.beta",
-                  "scheduler.code_alpha_agg", "epochs_factor", "wandb")
+                  "measure.enabled", "measure.global", "scheduler.variant", "scheduler.bound",
+                  "scheduler.statistic", "scheduler.beta", "scheduler.code_alpha_agg", "epochs_factor", "wandb")
 
 
 def _strip(cfg: dict) -> dict:
@@ -32,16 +32,17 @@ def check_batchable(cfgs: list[dict]) -> None:
     ref = _strip(cfgs[0])
     steps = steps_per_task(cfgs[0])
     for i, cfg in enumerate(cfgs):
-        if cfg["model"]["batchnorm"]:
-            raise config.ConfigError(f"batched run: config {i}: model.batchnorm is not batched (use train.run)")
-        if cfg["scheduler"]["variant"] != "per_layer" or cfg["measure"]["global"]:
-            raise config.ConfigError(f"batched run: config {i}: scheduler.variant=global / measure.global "
-                                "are not batched (use train.run)")
+        if cfg["model"]["batchnorm"] and measures(cfg):
+            raise config.ConfigError(f"batched run: config {i}: model.batchnorm with measurement "
+                                     "(measure.enabled or the scheduled arm) is not batched (use train.run)")
         s = _strip(cfg)
         for k in sorted(set(ref) | set(s)):
             if ref.get(k) != s.get(k):
+                a, b = ref.get(k), s.get(k)
+                if isinstance(a, dict) and isinstance(b, dict):   # name the nested key: model.batchnorm
+                    k += "." + next(sub for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub))
                 raise config.ConfigError(f"batched run: config {i} differs from config 0 in {k!r}; only "
-                                    f"{', '.join(PER_MODEL_KEYS)} may differ within a batch")
+                                         f"{', '.join(PER_MODEL_KEYS)} may differ within a batch")
         if steps_per_task(cfg) != steps:
             raise config.ConfigError(f"batched run: config {i}: epochs_factor gives another task length")
         if _shape(cfg) != _shape(cfgs[0]):
