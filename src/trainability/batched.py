@@ -1,14 +1,15 @@
-"""Batched training: M runs of one architecture trained together as one stacked model (issue 6).
+"""Batched training: M runs of one model shape trained together as one stacked model.
 
-The runs of a batch share the model shape, batch size, stream size and length (tasks, epochs), the
-measurement cadence and the scheduler's rule constants. Each keeps its own seed (images, labels,
-shuffles, init), arm (vanilla / reset / scheduled), activation among relu / leaky_relu / identity (one
-LeakyReLU slope per model), learning rate, beta ramp on or off, regulariser (none / coupled L2 /
-Wasserstein, own strength; the sort only for the Wasserstein models), measurement on or off, bound
-(combined / noise / curvature), Eq. 2 statistic and beta, alpha_agg form, Adam state, per-layer
-learning rates, volatility windows and eigenvector warm starts (planning.PER_MODEL_KEYS). Weights are stacked along a leading model dimension and every
-layer is one batched matmul, so M models take the kernel launches of one: on a GPU the paper's tiny MLP
-is launch-bound, and batching is how it gets near the hardware's limits.
+The runs of a batch share the model shape (plain, CReLU or BatchNorm MLP), batch size, stream size and
+length (tasks, epochs), the measurement cadence and the scheduler's rule constants. Each keeps its own
+seed (images, labels, shuffles, init), arm (vanilla / reset / scheduled), activation among relu /
+leaky_relu / identity (one LeakyReLU slope per model), learning rate, beta ramp on or off, regulariser
+(none / coupled L2 / Wasserstein, own strength; the sort only for the Wasserstein models), measurement
+on or off, scheduler variant (per-layer / global), bound (combined / noise / curvature), Eq. 2 statistic
+and beta, alpha_agg form, Adam state, per-layer learning rates, volatility windows and eigenvector warm
+starts (planning.PER_MODEL_KEYS). Weights are stacked along a leading model dimension and every layer is
+one batched matmul, so M models take the kernel launches of one: on a GPU the paper's tiny MLP is
+launch-bound, and batching is how it gets near the hardware's limits.
 
 Every model follows exactly the computation of `train.run` (same draws from the same seeds, the same
 Adam arithmetic, the same decision-step measurement and Algorithm 1), so each record equals the
