@@ -228,7 +228,8 @@ def test_paper_scale_plan_uses_batched_jobs():
     models (which do not measure) are a shape of their own, and no run is left one job per seed."""
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"],
+    # --forceall: the whole plan, whatever records this checkout already has
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--config", "scale=paper"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     plan = out.stdout + out.stderr
@@ -243,7 +244,10 @@ def test_paper_scale_plan_uses_batched_jobs():
     # the paper scale asks for one GPU, and none at the smoke scale (profiles/slurm submits these)
     jobs = [line for line in plan.splitlines() if "resources:" in line and "mem_mb=" in line]
     assert jobs and all("gpu=1" in line and "runtime=" in line for line in jobs)
-    smoke = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=smoke"],
+    # the 69-model job asks for more time than the 6-model one of the same task length
+    runtimes = sorted(int(line.split("runtime=")[1].split(",")[0]) for line in jobs)
+    assert len(set(runtimes)) > 2
+    smoke = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--config", "scale=smoke"],
                            capture_output=True, text=True, timeout=300)
     jobs = [line for line in (smoke.stdout + smoke.stderr).splitlines() if "resources:" in line and "mem_mb=" in line]
     assert jobs and all("gpu=0" in line for line in jobs)

@@ -66,20 +66,23 @@ def run_jobs(params: dict, scale: str) -> tuple[dict[str, list[str]], list[str]]
     return batch_groups(params, scale, runs)
 
 
-# seconds per optimiser step used for a job's runtime request (measured: ~8 ms per step of the paper's
-# MLP with decisions on one CPU thread; a batched GPU step ~3 ms whatever the number of models)
-SECONDS_PER_STEP = {"cpu": 0.010, "gpu": 0.004}
+def seconds_per_step(models: int, gpu: bool) -> float:
+    """A job's seconds per optimiser step, for its runtime request. GPU (H200, docs/gpu): a batched step
+    costs ~2.7 ms whatever the number of models, and a decision every 40 steps adds ~0.045 ms per model
+    and step (6.9 ms at 93 models). CPU: ~8-10 ms per model-step with decisions on one thread (batching
+    does not help there: the CPU is compute-bound)."""
+    return 0.003 + 0.00005 * models if gpu else 0.010 * models
 
 
 def job_resources(cfgs: list[dict]) -> dict:
     """Cluster requests of a job that trains `cfgs` (one run, or one batch group): a GPU exactly when a
     run's device is `cuda` or `auto` (decided from the config, never from the host that submits), and a
-    runtime in minutes from the job's optimiser steps, with 50% headroom."""
+    runtime in minutes from the job's optimiser steps and models, with 50% headroom."""
     from .train import steps_per_task
-    gpu = int(any(c["device"] in ("auto", "cuda") for c in cfgs))
+    gpu = any(c["device"] in ("auto", "cuda") for c in cfgs)
     steps = max(c["n_tasks"] * steps_per_task(c)[2] for c in cfgs)
-    minutes = steps * SECONDS_PER_STEP["gpu" if gpu else "cpu"] * 1.5 / 60
-    return {"gpu": gpu, "runtime": int(10 + minutes)}
+    minutes = steps * seconds_per_step(len(cfgs), gpu) * 1.5 / 60
+    return {"gpu": int(gpu), "runtime": int(10 + minutes)}
 
 
 def write_effective_params(params: dict, folder: str = ".snakemake/params") -> str:
