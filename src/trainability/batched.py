@@ -51,6 +51,8 @@ from .train import _sub_seed, _wandb_logger, measures, pick_device, steps_per_ta
 from .wandb_log import run_summary, task_metrics
 
 BOUNDS = ("combined", "noise", "curvature")
+# 2: BatchNorm buffers and the whole-network column (global_vecs); a checkpoint of another format is ignored
+CHECKPOINT_FORMAT = 2
 RULES = ("none", "cool", "warm")
 NUM_FIELDS = tuple(f for f in ROW_FIELDS if f != "rule")
 
@@ -684,7 +686,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
         d.mkdir(parents=True, exist_ok=True)
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck["hashes"] == hashes:
+        if ck["hashes"] == hashes and ck.get("format") == CHECKPOINT_FORMAT:
             with torch.no_grad():
                 for p, q in zip(net.params() + net.buffers(), ck["params"] + ck["buffers"]):
                     p.copy_(q)
@@ -697,7 +699,8 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
             records, rule_counts, alive = ck["records"], ck["rule_counts"], ck["alive"]
             start_task, step = ck["next_task"], ck["step"]
         else:
-            print(f"warning: ignoring {ckpt_path} (written for different configs)", file=sys.stderr)
+            print(f"warning: ignoring {ckpt_path} (written for different configs or by an older engine)",
+                  file=sys.stderr)
 
     def objective(xb, yb, keep=False):
         logits, inputs, outs = net.forward(xb, keep)
@@ -818,7 +821,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
             print(f"task {t}/{T}  online acc per model {accs}  {wall:.1f}s", file=sys.stderr, flush=True)
         if not any(alive):
             break
-        save_checkpoint({"hashes": hashes, "params": [p.detach() for p in net.params()], "buffers": net.buffers(),
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "hashes": hashes, "params": [p.detach() for p in net.params()], "buffers": net.buffers(),
                          "adam": adam.state_dict(), "wass": wass.sorted_init if wass is not None else None,
                          "probe": probe.state_dict() if probe else None,
                          "sched": sched.state_dict() if sched else None, "records": records,
