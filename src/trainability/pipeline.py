@@ -67,11 +67,11 @@ def run_jobs(params: dict, scale: str) -> tuple[dict[str, list[str]], list[str]]
 
 
 def seconds_per_step(models: int, gpu: bool) -> float:
-    """A job's seconds per optimiser step, for its runtime request. GPU (H200, docs/gpu): a batched step
-    costs ~2.7 ms whatever the number of models, and a decision every 40 steps adds ~0.045 ms per model
-    and step (6.9 ms at 93 models). CPU: ~8-10 ms per model-step with decisions on one thread (batching
-    does not help there: the CPU is compute-bound)."""
-    return 0.003 + 0.00005 * models if gpu else 0.010 * models
+    """A job's seconds per optimiser step with a decision every 40, for its runtime request. GPU (H200,
+    docs/gpu/bench_batched_h200.log): 4.4 ms for 1 model, 5.8 ms for 9, 12.0 ms for 93 (a plain batched
+    step is 2.6-2.7 ms whatever the number of models; the decisions are the rest). CPU: ~8-10 ms per
+    model-step on one thread (batching does not help there: the CPU is compute-bound)."""
+    return 0.0044 + 0.000082 * models if gpu else 0.010 * models
 
 
 def job_resources(cfgs: list[dict]) -> dict:
