@@ -53,7 +53,7 @@ def time_batched(M, steps, device, B, K, measure, warmup=5):
     net = StackedMLP(models, device)
     lr = torch.full((M, net.n_layers), 1e-3, dtype=torch.float64, device=device)
     adam = StackedAdam(net, lr, torch.full((M,), 1e-3, device=device), (0.9, 0.999), 1e-8)
-    probe = StackedProbe(net, adam, B, list(range(M)), 1e-4, 100, [False] * M, [False] * M) if measure else None
+    probe = StackedProbe(net, adam, B, list(range(M)), 1e-4, 100, [False] * M, [False] * M, False) if measure else None
     sched = StackedScheduler(adam, B, [SCHED] * M, [True] * M, net.n_layers) if measure else None
     x = torch.randn(M, B, 784, device=device)
     y = torch.randint(0, 10, (M, B), device=device)

@@ -89,7 +89,7 @@ def test_design_record_layout_names_every_record_field():
     block = block[:block.index("```")]
     documented = set(re.findall(r'"(\w+)"', block))
     rec = new_record(resolve_run(load_params(ROOT / "params.yaml"), "smoke", "l2-scheduled", 0),
-                     torch.device("cpu"), ["1"])
+                     torch.device("cpu"), 1)
     train = (ROOT / "src" / "trainability" / "train.py").read_text()
     task_entry = train[train.index("task_rec = {"):]
     task_entry = task_entry[:task_entry.index("}\n")]

@@ -87,13 +87,13 @@ class StackedMLP:
             return t.requires_grad_() if grad else t.clone()
         self.W = [stack(lambda m: m.linears[l].weight) for l in range(L)]
         self.b = [stack(lambda m: m.linears[l].bias) for l in range(L)]
-        bns = [list(m.bns) for m in models]
-        self.gamma = [stack(lambda m: m.bns[l].weight) for l in range(len(bns[0]))]
-        self.beta = [stack(lambda m: m.bns[l].bias) for l in range(len(bns[0]))]
-        self.running_mean = [stack(lambda m: m.bns[l].running_mean, False) for l in range(len(bns[0]))]
-        self.running_var = [stack(lambda m: m.bns[l].running_var, False) for l in range(len(bns[0]))]
-        if bns[0]:
-            self.bn_eps, self.bn_momentum = bns[0][0].eps, bns[0][0].momentum
+        n_bn = len(models[0].bns)   # one per hidden layer, or none
+        self.gamma = [stack(lambda m: m.bns[l].weight) for l in range(n_bn)]
+        self.beta = [stack(lambda m: m.bns[l].bias) for l in range(n_bn)]
+        self.running_mean = [stack(lambda m: m.bns[l].running_mean, False) for l in range(n_bn)]
+        self.running_var = [stack(lambda m: m.bns[l].running_var, False) for l in range(n_bn)]
+        if n_bn:
+            self.bn_eps, self.bn_momentum = models[0].bns[0].eps, models[0].bns[0].momentum
         # params() order: models.MLP.layer_params, layer by layer (the Adam groups' order)
         self.param_layer = [l for l in range(L) for _ in self._layer_params(l)]
         self.weight_pos = [self.param_layer.index(l) for l in range(L)]   # W[l]'s place in params()
@@ -378,8 +378,7 @@ class StackedProbe:
     (NaN for the others, as DecisionProbe without global_too)."""
 
     def __init__(self, net: StackedMLP, adam: StackedAdam, B: int, seeds: list[int], eig_tol: float,
-                 eig_max_iter: int, code_alpha_agg: list[bool], global_lam: list[bool],
-                 global_column: bool = False):
+                 eig_max_iter: int, code_alpha_agg: list[bool], global_lam: list[bool], global_column: bool):
         self.net, self.adam, self.B = net, adam, B
         self.eig_tol, self.eig_max_iter = eig_tol, eig_max_iter
         dev = net.W[0].device
@@ -389,7 +388,9 @@ class StackedProbe:
         M = len(seeds)
         self.vecs = [torch.zeros(M, p[0].numel() + q[0].numel(), device=dev) for p, q in zip(net.W, net.b)]
         self.has_vec = torch.zeros(M, dtype=torch.bool, device=dev)
-        self.global_column = global_column or any(global_lam)
+        if any(global_lam) and not global_column:
+            raise ValueError("StackedProbe: measure.global models need the whole-network column")
+        self.global_column = global_column
         self.global_models = [m for m, g in enumerate(global_lam) if g]
         self.global_idx = torch.tensor(self.global_models, dtype=torch.long, device=dev)
         n_all = sum(p[0].numel() for p in net.params())
@@ -560,8 +561,7 @@ class StackedScheduler:
         alpha = m["alpha"]
         cool, warm = algorithm1_rule(alpha, bound, task_frac, self)
         if cool.shape[1] > L:   # a global-variant model's layers follow its whole-network rule
-            cool = torch.cat([torch.where(self.glob, cool[:, L:], cool[:, :L]), cool[:, L:]], 1)
-            warm = torch.cat([torch.where(self.glob, warm[:, L:], warm[:, :L]), warm[:, L:]], 1)
+            cool, warm = (torch.cat([torch.where(self.glob, r[:, L:], r[:, :L]), r[:, L:]], 1) for r in (cool, warm))
         act = self.act.unsqueeze(1)
         lr = self.adam.lr
         self.adam.lr.copy_(torch.where(act & cool[:, :L], lr * self.cool,
@@ -674,10 +674,10 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     # each model's decision rows: its layers, and "global" for the global variant (as scheduler.step)
     row_keys = [list(range(1, L + 1)) + (["global"] if g else []) for g in global_variant]
     ramp = [c["optim"]["beta_ramp"] for c in cfgs]
+    ramping = any(ramp)
     ramp_rows = None if all(ramp) else torch.tensor(ramp, device=device)
-    records = [dict(new_record(c, device, [str(l) for l in range(1, L + 1)] + (["global"] if g else [])),
-                    name=mt.get("run"), scale=mt.get("scale"), batched={"models": M, "position": i})
-               for i, (c, mt, g) in enumerate(zip(cfgs, metas, global_lam))]
+    records = [dict(new_record(c, device, L), name=mt.get("run"), scale=mt.get("scale"),
+                    batched={"models": M, "position": i}) for i, (c, mt) in enumerate(zip(cfgs, metas))]
     rule_counts = [_no_rules(L) for _ in cfgs]
     alive = [True] * M
     start_task, step = 0, 0
@@ -770,7 +770,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                     meas = probe.measure(inputs, outs, lambda: objective(xb, yb)[2])
                     rows_task.append((step, frac, sched.step(meas, frac)))
                 adam.step()
-                if any(ramp):   # every model is at the same epoch of its task
+                if ramping:   # every model is at the same epoch of its task
                     b1, b2 = ramped_betas(betas0, epoch, epochs)
                     if ramp_rows is None:
                         adam.beta1[:, 0], adam.beta2[:, 0] = b1, b2
@@ -821,7 +821,8 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
             print(f"task {t}/{T}  online acc per model {accs}  {wall:.1f}s", file=sys.stderr, flush=True)
         if not any(alive):
             break
-        save_checkpoint({"format": CHECKPOINT_FORMAT, "hashes": hashes, "params": [p.detach() for p in net.params()], "buffers": net.buffers(),
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "hashes": hashes,
+                         "params": [p.detach() for p in net.params()], "buffers": net.buffers(),
                          "adam": adam.state_dict(), "wass": wass.sorted_init if wass is not None else None,
                          "probe": probe.state_dict() if probe else None,
                          "sched": sched.state_dict() if sched else None, "records": records,

@@ -53,7 +53,10 @@ def provenance(cfg: dict, device: torch.device) -> dict:
     }
 
 
-def new_record(cfg: dict, device: torch.device, layers: list[str]) -> dict:
+def new_record(cfg: dict, device: torch.device, n_layers: int) -> dict:
+    """A run's record before training: its decision series per layer "1".."L", and "global" when the run
+    measures the whole network (measure.global)."""
+    layers = [str(l) for l in range(1, n_layers + 1)] + (["global"] if cfg["measure"]["global"] else [])
     return {
         "config": cfg,
         "seed": cfg["seed"],

@@ -172,8 +172,7 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
 
     learner = Learner(cfg, device, init_seed=_sub_seed(seed, 0))
     n_layers = learner.model.n_layers
-    layer_names = [str(l) for l in range(1, n_layers + 1)] + (["global"] if cfg["measure"]["global"] else [])
-    record = new_record(cfg, device, layer_names)
+    record = new_record(cfg, device, n_layers)
     record.update(name=meta.get("run"), scale=meta.get("scale"))
     start_task, step = 0, 0
     if resume and ckpt_path.exists():
