@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from trainability.batched import StackedAdam, StackedMLP, StackedProbe, StackedScheduler
+from trainability.batched import CudaGraphStep, StackedAdam, StackedMLP, StackedProbe, StackedScheduler
 from trainability.measure import DecisionProbe
 from trainability.models import MLP, param_groups
 
@@ -45,7 +45,7 @@ def _timed(step, steps, device, warmup=5) -> float:
     return time.perf_counter() - t0
 
 
-def time_batched(M, steps, device, B, K, measure, warmup=5):
+def time_batched(M, steps, device, B, K, measure, warmup=5, graph=False):
     models = []
     for m in range(M):
         torch.manual_seed(m)
@@ -58,12 +58,22 @@ def time_batched(M, steps, device, B, K, measure, warmup=5):
     x = torch.randn(M, B, 784, device=device)
     y = torch.randint(0, 10, (M, B), device=device)
 
-    def loss(keep=False):
-        logits, a, z = net.forward(x, keep)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, B).mean(1).sum(), a, z
+    idx = torch.arange(B, device=device)
+
+    def loss(keep=False, idx=idx):   # the engine's on-device gather of each minibatch
+        logits, a, z = net.forward(x[:, idx], keep)
+        return F.cross_entropy(logits.flatten(0, 1), y[:, idx].flatten(), reduction="none").view(M, B).mean(1).sum(), a, z
+
+    def plain(idx):
+        loss(idx=idx)[0].backward()
+        adam.step()
+    captured = CudaGraphStep(plain, net.params()) if graph else None
 
     def step(i):
         decide = probe is not None and (i + 1) % K == 0
+        if captured is not None and not decide:
+            captured(idx)
+            return
         for p in net.params():
             p.grad = None
         total, a, z = loss(decide)
@@ -111,26 +121,39 @@ def main():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--every", type=int, default=40, help="K, steps between decisions (--measure)")
     p.add_argument("--measure", action="store_true", help="include a decision step every K steps")
+    p.add_argument("--graph", action="store_true", help="also time the batched step replayed as a CUDA graph")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls (CUDA) for every timing")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    if a.graph and device.type != "cuda":
+        p.error("--graph needs --device cuda")
+    torch.backends.cuda.matmul.allow_tf32 = a.tf32
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}, steps {a.steps}, rounds {a.rounds}, "
           f"measure {a.measure} (K={a.every})")
-    times = {(kind, M): [] for M in a.models for kind in ("batched", "single")}
+    kinds = ("single", "batched") + (("graph",) if a.graph else ())
+    times = {(kind, M): [] for M in a.models for kind in kinds}
     for _ in range(a.rounds):
         for M in a.models:
             times[("single", M)].append(time_single(M, a.steps, device, a.batch_size, a.every, a.measure))
             times[("batched", M)].append(time_batched(M, a.steps, device, a.batch_size, a.every, a.measure))
-    print(f"{'models':>6} {'one-at-a-time':>15} {'batched':>12} {'speed-up':>9}   (model-steps per second, median)")
+            if a.graph:
+                times[("graph", M)].append(time_batched(M, a.steps, device, a.batch_size, a.every, a.measure,
+                                                        graph=True))
+    rates = {k: k[1] * a.steps / statistics.median(v) for k, v in times.items()}
+    print(f"{'models':>6} {'one-at-a-time':>15} {'batched':>12} {'speed-up':>9}"
+          + (f" {'graph':>12} {'graph/batched':>14}" if a.graph else "") + "   (model-steps per second, median)")
     n_params = sum(p.numel() for p in MLP().parameters())
     for M in a.models:
-        s = M * a.steps / statistics.median(times[("single", M)])
-        b = M * a.steps / statistics.median(times[("batched", M)])
-        print(f"{M:>6} {s:>15.1f} {b:>12.1f} {b / s:>8.2f}x")
+        s, b = rates[("single", M)], rates[("batched", M)]
+        line = f"{M:>6} {s:>15.1f} {b:>12.1f} {b / s:>8.2f}x"
+        if a.graph:
+            line += f" {rates[('graph', M)]:>12.1f} {rates[('graph', M)] / b:>13.2f}x"
+        print(line)
     M = max(a.models)
-    rate = M * a.steps / statistics.median(times[("batched", M)])
+    rate = max(rates[(k, M)] for k in kinds if k != "single")
     print(f"largest batch: {rate * 6 * n_params * a.batch_size / 1e9:.1f} GFLOP/s in forward+backward matmuls "
           f"({n_params} parameters per model, 6 x P x B FLOP per model-step)")
     # Bytes by counting, not by hardware counters: StackedAdam's unfused arithmetic makes ~27 fp32 passes

@@ -6,15 +6,18 @@
 #
 # 1. the batched-vs-single equivalence tests (mixed batches: arms, L2 and Wasserstein, activations, the
 #    global variant, BatchNorm) and the measurement tests, on CUDA;
-# 2. bench_batched on CUDA: batched vs one-at-a-time, plain steps and with decisions every K = 40;
-# 3. the projected wall time of the whole paper scale (bench/project_paper.py): every job the Snakefile
+# 2. bench_batched on CUDA: batched vs one-at-a-time vs the batched step replayed as a CUDA graph, plain
+#    steps and with decisions every K = 40;
+# 3. bench/tf32_effect.py: one short task of the paper stream with tf32 off and on (speed, record drift);
+# 4. the projected wall time of the whole paper scale (bench/project_paper.py): every job the Snakefile
 #    plans, timed with its own configs for a short task, projected to 40 tasks, one job at a time and
-#    two at once (-> $OUT/projection.json);
-# 4. only with PROBE_BUDGET_S > 0: the paper-scale probe (bench/paper_probe.py), the first tasks of the
+#    two at once (-> $OUT/projection.json), with cuda_graph on;
+# 5. only with PROBE_BUDGET_S > 0: the paper-scale probe (bench/paper_probe.py), the first tasks of the
 #    paper's stream, vanilla vs scheduler, L2, CReLU and Wasserstein; `bench/plot_probe.py` draws them.
-# Steps 1-3 take about 6-7 minutes (timeouts: 150 + 150 + 240 s). DEVICE=cpu runs the same steps on the
-# CPU as a try-out of the script (PROJECT_ARGS then shrinks the projection, e.g. "--jobs 1 --seeds 0
-# --set stream.n_images=2560 --set measure.every=4").
+# Steps 1-4 take at most 11 minutes (their timeouts: 150 + 180 + 90 + 240 s). DEVICE=cpu
+# runs the same steps on the CPU as a try-out of the script (PROJECT_ARGS and TF32_ARGS then shrink them,
+# e.g. PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4" and
+# TF32_ARGS="--epochs 1 --set stream.n_images=2560").
 # Uses the interpreter in $PY (default python3, e.g. a GPU image's own PyTorch); MNIST comes from
 # data/MNIST/raw or, if absent, from the gzip idx copies in $MNIST_GZ (default .gpu/MNIST/raw).
 set -u
@@ -37,18 +40,23 @@ TRAINABILITY_TEST_DEVICE=$DEVICE timeout 150 $PY -m pytest -q -p no:cacheprovide
     tests/test_measure.py "tests/test_train.py::test_resume_equals_uninterrupted" \
     -k "not cli and not paper_scale" 2>&1 | tee "$OUT/tests.log" | tail -25
 
-stamp "2. batched vs one at a time"
-timeout 75 $PY bench/bench_batched.py --device "$DEVICE" --models 1 9 93 --steps 200 --rounds 3 \
+stamp "2. batched vs one at a time, and the batched step as a CUDA graph"
+GRAPH=$([ "$DEVICE" = cuda ] && echo --graph)
+timeout 90 $PY bench/bench_batched.py --device "$DEVICE" --models 1 9 93 --steps 200 --rounds 3 $GRAPH \
     2>&1 | tee "$OUT/bench.log"
-timeout 75 $PY bench/bench_batched.py --device "$DEVICE" --models 1 9 93 --steps 200 --rounds 3 --measure \
+timeout 90 $PY bench/bench_batched.py --device "$DEVICE" --models 1 9 93 --steps 200 --rounds 3 --measure $GRAPH \
     2>&1 | tee -a "$OUT/bench.log"
 
-stamp "3. the whole paper scale, projected from each job's measured cost"
-timeout 240 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" ${PROJECT_ARGS:-} \
+stamp "3. tf32: speed and the records, one short task of the paper stream"
+timeout 90 $PY bench/tf32_effect.py --device "$DEVICE" ${TF32_ARGS:-} 2>&1 | tee "$OUT/tf32.log"
+
+stamp "4. the whole paper scale, projected from each job's measured cost (CUDA graphs on)"
+timeout 240 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" \
+    $([ "$DEVICE" = cuda ] && echo --set cuda_graph=true) ${PROJECT_ARGS:-} \
     2>&1 | grep --line-buffered -v "^task" | tee "$OUT/projection.log"
 
 if [ "$BUDGET" -gt 0 ]; then
-    stamp "4. paper-scale probe"
+    stamp "5. paper-scale probe"
     # vanilla and scheduled of each method, seeds 0-2, all three at once on the one GPU; records in /tmp
     for m in l2 crelu wass; do
         (timeout $((BUDGET + 60)) $PY bench/paper_probe.py --runs $m-vanilla $m-scheduled --seeds 0 1 2 \

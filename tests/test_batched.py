@@ -251,3 +251,20 @@ def test_paper_scale_plan_uses_batched_jobs():
                            capture_output=True, text=True, timeout=300)
     jobs = [line for line in (smoke.stdout + smoke.stderr).splitlines() if "resources:" in line and "mem_mb=" in line]
     assert jobs and all("gpu=0" in line for line in jobs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+def test_cuda_graph_step_equals_the_eager_step(tmp_path, mnist_root):
+    """cuda_graph: the full-minibatch steps replayed from one captured graph give the eager engine's
+    records, with eager decision steps and partial minibatches between replays, a reset arm, the beta
+    ramp and Wasserstein's sort in the graph, over task boundaries (new labels copied in place)."""
+    d = {"data": {"root": mnist_root}, "device": "cuda", "epochs_per_task": 3, "measure": {"every": 5},
+         "stream": {"n_images": 1100, "drop_last": False}, "optim": {"beta_ramp": True}}
+    cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
+    eager = run_batched(cfgs, [tmp_path / f"eager{i}" for i in range(len(cfgs))], progress=False)
+    graph = run_batched([config.deep_merge(c, {"cuda_graph": True}) for c in cfgs],
+                        [tmp_path / f"graph{i}" for i in range(len(cfgs))], progress=False)
+    for i, (e, g) in enumerate(zip(eager, graph)):
+        g["config"]["cuda_graph"] = False
+        diffs = _close(_comparable(e), _comparable(g), 1e-6)
+        assert not diffs, f"config {i}: " + "; ".join(diffs[:5])

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import bounds, config
 from .data import load_mnist
-from .eigen import mixed_start
+from .eigen import mixed_start, ritz_step
 from .indicators import compute_indicators
 from .measure import effective_step, linear_gradient_stats, rms_step
 from .models import activation_fn, build_model, negative_slope
@@ -47,7 +47,8 @@ from .scheduler import ROW_FIELDS, algorithm1_rule, crossings, layer_bounds
 from .streams import batches, input_dim, make_stream
 from .optim import ramped_betas
 from .planning import check_batchable
-from .train import _sub_seed, _wandb_logger, measures, pick_device, steps_per_task, task_online_acc
+from .train import (_sub_seed, _wandb_logger, measures, pick_device, set_matmul_precision, steps_per_task,
+                    task_online_acc)
 from .wandb_log import run_summary, task_metrics
 
 BOUNDS = ("combined", "noise", "curvature")
@@ -192,17 +193,19 @@ class StackedAdam:
     @torch.no_grad()
     def step(self) -> None:
         self.k += 1
+        # the (model, layer) factors once per step, in float64 like Adam's Python scalars, then fp32
+        bc1 = 1 - self.beta1 ** self.k.unsqueeze(1)
+        bc2_sqrt = (1 - self.beta2 ** self.k.unsqueeze(1)).sqrt()
+        factors = torch.stack([1 - self.beta1, self.beta2, 1 - self.beta2, self.lr / bc1, bc2_sqrt])
+        factors = factors.to(self.exp_avg[0].dtype)
         for i, p in enumerate(self.net.params()):
-            l = self.net.param_layer[i]
-            beta1, beta2 = self.beta1[:, l], self.beta2[:, l]
-            bc1 = 1 - beta1 ** self.k                   # float64 like Adam's Python scalars
-            bc2_sqrt = (1 - beta2 ** self.k).sqrt()
+            one_minus_b1, b2, one_minus_b2, step_size, bc2 = (_view(f[:, self.net.param_layer[i]], p)
+                                                              for f in factors)
             g = self.grad_with_decay(p)
-            self.exp_avg[i].lerp_(g, _view((1 - beta1).to(p.dtype), p))
-            self.exp_avg_sq[i].mul_(_view(beta2.to(p.dtype), p)).addcmul_(g, g * _view((1 - beta2).to(p.dtype), p))
-            step_size = (self.lr[:, l] / bc1).to(p.dtype)
-            denom = (self.exp_avg_sq[i].sqrt() / _view(bc2_sqrt.to(p.dtype), p)).add_(self.eps)
-            p.sub_(_view(step_size, p) * self.exp_avg[i] / denom)   # addcdiv's order: (s * m) / d
+            self.exp_avg[i].lerp_(g, one_minus_b1)
+            self.exp_avg_sq[i].mul_(b2).addcmul_(g, g * one_minus_b2)
+            denom = (self.exp_avg_sq[i].sqrt() / bc2).add_(self.eps)
+            p.sub_(step_size * self.exp_avg[i] / denom)   # addcdiv's order: (s * m) / d
 
     @torch.no_grad()
     def reset(self, m: int, lr: float) -> None:
@@ -312,61 +315,57 @@ class StackedWasserstein:
 
 def batched_lanczos(hvp, v: torch.Tensor, tol: float, max_iter: int, min_iter: int = 2):
     """eigen._lanczos for M independent problems at once: v (M, n) unit rows, hvp (M, n) -> (M, n).
-    Each model stops by the same rule as the one-model solver and its result is frozen there; the loop
-    ends when every model has stopped. Returns (theta (M,) float64, Ritz vectors (M, n), products (M,))."""
+    Each model stops by the same rule as the one-model solver (`eigen.ritz_step`) and its result is frozen
+    there; the loop ends when every model has stopped. The vectors stay on the device; each product sends
+    its M alphas and betas to the host, where the tiny tridiagonal problems are solved (one sync per
+    product, no GPU eigh). Returns (theta (M,) float64, Ritz vectors (M, n), products (M,)) on v's device."""
     M, n = v.shape
     dev = v.device
-    Q, alphas, betas = [v], [], []
-    active = torch.ones(M, dtype=torch.bool, device=dev)
-    theta = torch.full((M,), math.nan, dtype=torch.float64, device=dev)
+    Q, betas = [v], []                              # on the device
+    alphas_h = torch.zeros(M, max_iter, dtype=torch.float64)   # the rest on the host
+    betas_h = torch.zeros(M, max_iter, dtype=torch.float64)
+    active = torch.ones(M, dtype=torch.bool)
+    failed = torch.zeros(M, dtype=torch.bool)
+    theta = torch.full((M,), math.nan, dtype=torch.float64)
     theta_prev = torch.full_like(theta, math.nan)
-    iters = torch.zeros(M, dtype=torch.long, device=dev)
-    y_final = torch.zeros(M, max_iter, dtype=torch.float64, device=dev)
-    failed = torch.zeros(M, dtype=torch.bool, device=dev)
+    iters = torch.zeros(M, dtype=torch.long)
+    y_final = torch.zeros(M, max_iter, dtype=torch.float64)
     for it in range(1, max_iter + 1):
         w = hvp(Q[-1])
-        a = (w * Q[-1]).sum(1)
-        bad = active & ~torch.isfinite(a)
-        failed |= bad
-        iters = torch.where(bad, torch.full_like(iters, it), iters)
-        active = active & ~bad
-        a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-        alphas.append(a)
-        w = w - a.unsqueeze(1) * Q[-1] - (betas[-1].unsqueeze(1) * Q[-2] if betas else 0.0)
+        a_raw = (w * Q[-1]).sum(1)
+        a = torch.where(torch.isfinite(a_raw), a_raw, torch.zeros_like(a_raw))   # a failed model must
+        w = w - a.unsqueeze(1) * Q[-1] - (betas[-1].unsqueeze(1) * Q[-2] if betas else 0.0)   # not poison w
         Qm = torch.stack(Q, 1)                                     # (M, it, n)
         w = w - torch.einsum("mkn,mk->mn", Qm, torch.einsum("mkn,mn->mk", Qm, w))
         b = w.norm(dim=1)
-        b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))   # a failed model must not poison eigh
-        T = torch.diag_embed(torch.stack(alphas, 1).double())
-        if betas:
-            off = torch.stack(betas, 1).double()
-            T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-        evals, evecs = torch.linalg.eigh(T)
-        k = evals.abs().argmax(1)
-        th = evals.gather(1, k.unsqueeze(1)).squeeze(1)
-        y = evecs.gather(2, k.view(M, 1, 1).expand(M, it, 1)).squeeze(2)   # (M, it)
-        residual = b.double() * y[:, -1].abs()
-        converged = (it >= min_iter) & (tol > 0) & ~torch.isnan(theta_prev) \
-            & ((th - theta_prev).abs() <= tol * th.abs()) & (residual <= math.sqrt(tol) * th.abs())
-        exhausted = (b.double() <= 1e-12 * th.abs().clamp_min(1.0)) | (it == n) | (it == max_iter)
+        b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))   # ... nor eigh
+        a_h, b_h = torch.stack([a_raw, b]).double().cpu()            # the product's one sync
+        bad = active & ~torch.isfinite(a_h)
+        failed |= bad
+        iters = torch.where(bad, it, iters)
+        active = active & ~bad
+        alphas_h[:, it - 1] = torch.where(torch.isfinite(a_h), a_h, 0.0)
+        th, y, converged, exhausted = ritz_step(alphas_h[:, :it], betas_h[:, :it - 1], b_h, theta_prev, it,
+                                                tol, min_iter, n, max_iter)
         stop = active & (converged | exhausted)
         theta = torch.where(active, th, theta)
         y_final[:, :it] = torch.where(active.unsqueeze(1), y, y_final[:, :it])
-        iters = torch.where(active, torch.full_like(iters, it), iters)
+        iters = torch.where(active, it, iters)
         active = active & ~stop
         theta_prev = th
-        # the only host sync of a decision step; with tol = 0 every model runs max_iter products: none
         if it == max_iter or (tol > 0 and not bool(active.any())):
             break
         betas.append(b)
-        safe_b = torch.where(active, b, torch.ones_like(b))
-        Q.append(torch.where(active.unsqueeze(1), w / safe_b.unsqueeze(1), torch.zeros_like(w)))
+        betas_h[:, it - 1] = b_h
+        keep = active.to(dev, non_blocking=True)
+        safe_b = torch.where(keep, b, torch.ones_like(b))
+        Q.append(torch.where(keep.unsqueeze(1), w / safe_b.unsqueeze(1), torch.zeros_like(w)))
     Qm = torch.stack(Q, 1)
-    ritz = torch.einsum("mkn,mk->mn", Qm, y_final[:, :Qm.shape[1]].to(Qm.dtype))
+    ritz = torch.einsum("mkn,mk->mn", Qm, y_final[:, :Qm.shape[1]].to(Qm))
     ritz = ritz / (ritz.norm(dim=1, keepdim=True) + 1e-30)
-    theta = torch.where(failed, torch.full_like(theta, math.nan), theta)
-    ritz = torch.where(failed.unsqueeze(1), v, ritz)
-    return theta, ritz, iters
+    theta = torch.where(failed, math.nan, theta)
+    ritz = torch.where(failed.to(dev).unsqueeze(1), v, ritz)
+    return theta.to(dev), ritz, iters.to(dev)
 
 
 class StackedProbe:
@@ -384,7 +383,7 @@ class StackedProbe:
         dev = net.W[0].device
         self.code_alpha_agg = code_alpha_agg[0] if len(set(code_alpha_agg)) == 1 else \
             torch.tensor(code_alpha_agg, device=dev)
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]   # as DecisionProbe: on the CPU
+        self.generators = [torch.Generator(dev).manual_seed(s) for s in seeds]   # as DecisionProbe's
         M = len(seeds)
         self.vecs = [torch.zeros(M, p[0].numel() + q[0].numel(), device=dev) for p, q in zip(net.W, net.b)]
         self.has_vec = torch.zeros(M, dtype=torch.bool, device=dev)
@@ -397,13 +396,13 @@ class StackedProbe:
         self.global_vecs = torch.zeros(len(self.global_models), n_all, device=dev)
 
     def reset(self, m: int, seed: int) -> None:
-        self.generators[m] = torch.Generator().manual_seed(seed)
+        self.generators[m] = torch.Generator(self.vecs[0].device).manual_seed(seed)
         self.has_vec[m] = False
 
     def _starts(self, l: int) -> torch.Tensor:
         """eigen._start for every model: a seeded Gaussian, plus the previous eigenvector if any."""
         n = self.vecs[l].shape[1]
-        r = torch.stack([torch.randn(n, generator=g) for g in self.generators]).to(self.vecs[l])
+        r = torch.stack([torch.randn(n, generator=g, device=g.device) for g in self.generators]).to(self.vecs[l])
         return torch.where(self.has_vec.unsqueeze(1), mixed_start(r, self.vecs[l]), mixed_start(r))
 
     def measure(self, inputs, outs, loss_closure) -> dict[str, torch.Tensor]:
@@ -458,7 +457,8 @@ class StackedProbe:
         if not self.global_models:
             return lam, iters
         idx, n = self.global_idx, self.global_vecs.shape[1]
-        r = torch.stack([torch.randn(n, generator=self.generators[m]) for m in self.global_models])
+        r = torch.stack([torch.randn(n, generator=self.generators[m], device=self.generators[m].device)
+                         for m in self.global_models])
         r = r.to(self.global_vecs)
         start = torch.where(self.has_vec[idx].unsqueeze(1), mixed_start(r, self.global_vecs), mixed_start(r))
         sizes = [p[0].numel() for p in flat]
@@ -582,6 +582,43 @@ class StackedScheduler:
         self.values, self.count, self.pos = s["values"].clone(), s["count"].clone(), s["pos"].clone()
 
 
+class CudaGraphStep:
+    """step(idx) captured once as a CUDA graph (torch.cuda.graphs' whole-network capture: forward,
+    backward and optimiser step) and replayed: one launch instead of ~110 per step. The first `warmup`
+    calls run eagerly on a side stream (capture's prerequisite), the next is captured and replayed, later
+    ones copy idx into the captured index tensor and replay. Every call is a real training step, so a
+    run's records do not depend on when the capture happens. `step` may only update tensors that outlive
+    the graph, in place (parameters, Adam state, accumulators), and idx keeps its shape."""
+
+    def __init__(self, step, params: list[torch.Tensor], warmup: int = 3):
+        self.step, self.params, self.warmup = step, params, warmup
+        self.graph, self.idx, self.eager_calls = None, None, 0
+
+    def _clear_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        if self.graph is not None:
+            self.idx.copy_(idx)
+            self.graph.replay()
+            return
+        self._clear_grads()
+        if self.eager_calls < self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(idx)
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_calls += 1
+            return
+        self.idx = idx.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):   # records the step without running it
+            self.step(self.idx)
+        self.graph.replay()
+
+
 def _rows_to_dicts(rows: torch.Tensor, m: int, keys: list) -> dict:
     """One model's decision rows (F+1, C) as the scheduler's {key: {field: value}} dict: keys name the
     columns to keep (layers 1..L, then "global" for a global-variant model)."""
@@ -633,6 +670,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     if c0["threads"] > 0:
         torch.set_num_threads(c0["threads"])
     device = pick_device(c0["device"])
+    set_matmul_precision(c0, device)
     epochs, per_epoch, task_steps = steps_per_task(c0)
     K, B, T = c0["measure"]["every"], c0["batch_size"], c0["n_tasks"]
     n_images, drop_last = c0["stream"]["n_images"], c0["stream"]["drop_last"]
@@ -708,6 +746,29 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
         total = ce + wass() if wass is not None else ce
         return logits, ce, total.sum(), inputs, outs
 
+    # the task's labels and counters live as long as the run, updated in place (a CUDA graph reads them)
+    ys = torch.zeros(len(seeds), n_images, dtype=torch.long, device=device)
+    correct = torch.zeros(M, device=device)           # over full minibatches
+    correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)
+    loss_sum = torch.zeros(M, device=device)
+
+    def forward_backward(bidx, counts, keep=False):
+        """The step up to Adam: gather each model's minibatch bidx (M, b) on the device, forward, backward,
+        count hits and sum the losses."""
+        xb, yb = xs[sidx.unsqueeze(1), bidx], ys[sidx.unsqueeze(1), bidx]
+        logits, ce, total, inputs, outs = objective(xb, yb, keep)
+        total.backward()
+        counts.add_((logits.argmax(2) == yb).sum(1))
+        loss_sum.add_(ce.detach())
+        return xb, yb, inputs, outs
+
+    def plain_step(bidx):
+        """A full-minibatch step without a decision: what the CUDA graph captures."""
+        forward_backward(bidx, correct)
+        adam.step()
+
+    graph = CudaGraphStep(plain_step, net.params()) if c0["cuda_graph"] and device.type == "cuda" else None
+
     bar = tqdm(total=T * task_steps, initial=start_task * task_steps, disable=not progress,
                desc=f"batched x{M}", unit="step", dynamic_ncols=True, mininterval=2)
     for t in range(start_task, T):
@@ -723,7 +784,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                         probe.reset(m, _sub_seed(c["seed"], t))
                         sched.reset(m)
                         rule_counts[m] = _no_rules(L)
-        ys = torch.stack([streams[s].task(t)[1] for s in seeds])
+        ys.copy_(torch.stack([streams[s].task(t)[1] for s in seeds]))
         t0 = time.perf_counter()
         indicators = [None] * M
         if c0["indicators"]["enabled"]:
@@ -738,9 +799,8 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                                                    eig_tol=c["measure"]["eig_tol"],
                                                    eig_max_iter=c["measure"]["eig_max_iter"])
         gens = [torch.Generator(device=device).manual_seed(_sub_seed(c["seed"], t, 1)) for c in cfgs]
-        correct = torch.zeros(M, device=device)           # over full minibatches
-        correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)
-        loss_sum = torch.zeros(M, device=device)
+        for acc in (correct, correct_partial, loss_sum):
+            acc.zero_()
         rows_task = []
         steps_done = [0] * M
         diverged_now = [False] * M
@@ -752,24 +812,19 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
             tail = torch.stack([bl[n_full] for bl in per_model]) if per_epoch > n_full else None   # (M, b)
             for j in range(per_epoch):
                 bidx = full[:, j] if j < n_full else tail
-                xb = xs[sidx.unsqueeze(1), bidx]
-                yb = ys[sidx.unsqueeze(1), bidx]
                 frac = step_in_task / task_steps
                 decide = probe is not None and (step + 1) % K == 0
-                for p in net.params():
-                    p.grad = None
-                logits, ce, total, inputs, outs = objective(xb, yb, keep=decide)
-                total.backward()
-                hits = (logits.argmax(2) == yb).sum(1)
-                if j < n_full:
-                    correct += hits
-                else:
-                    correct_partial += hits
-                loss_sum += ce.detach()
-                if decide:
-                    meas = probe.measure(inputs, outs, lambda: objective(xb, yb)[2])
-                    rows_task.append((step, frac, sched.step(meas, frac)))
-                adam.step()
+                if graph is not None and j < n_full and not decide:
+                    graph(bidx)
+                else:   # eager: decision steps (the probe needs the step's activations) and partial batches
+                    for p in net.params():
+                        p.grad = None
+                    xb, yb, inputs, outs = forward_backward(bidx, correct if j < n_full else correct_partial,
+                                                            keep=decide)
+                    if decide:
+                        meas = probe.measure(inputs, outs, lambda: objective(xb, yb)[2])
+                        rows_task.append((step, frac, sched.step(meas, frac)))
+                    adam.step()
                 if ramping:   # every model is at the same epoch of its task
                     b1, b2 = ramped_betas(betas0, epoch, epochs)
                     if ramp_rows is None:

@@ -206,7 +206,12 @@ def resolve_with_sets(params: dict, scale: str, run: str, seed: int, assignments
     return validate_run(cfg, where=f"run {run!r} after --set")
 
 
+# how a run executes, not what it computes: left out of config_hash
+EXECUTION_KEYS = ("wandb", "device", "threads", "data", "cuda_graph")
+
+
 def config_hash(cfg: dict) -> str:
-    """Stable hash of the scientific config (W&B naming and resume checks excluded)."""
-    core = {k: v for k, v in cfg.items() if k not in ("wandb", "device", "threads", "data")}
+    """Stable hash of the scientific config (W&B naming and resume checks excluded). tf32 enters only
+    when on, so the records written before the key existed keep their hash."""
+    core = {k: v for k, v in cfg.items() if k not in EXECUTION_KEYS and not (k == "tf32" and not v)}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]

@@ -54,43 +54,62 @@ def _power(hvp, v, tol: float, max_iter: int, min_iter: int = 2):
     return rq, v, it
 
 
+def ritz_step(alphas: torch.Tensor, betas: torch.Tensor, b: torch.Tensor, theta_prev: torch.Tensor, it: int,
+              tol: float, min_iter: int, n: int, max_iter: int):
+    """The host side of Lanczos iteration `it` for M problems at once (float64 CPU tensors): the
+    tridiagonal T from alphas (M, it) and betas (M, it - 1), its largest-magnitude Ritz value theta (M,)
+    and vector y (M, it), and the stopping rule. b (M,) is this iteration's residual norm, theta_prev (M,)
+    the previous Ritz value (NaN at first). Returns (theta, y, converged, exhausted).
+
+    Stop on a small Ritz residual ||H u - theta u|| = b |y_last| (relative), not on a small change of
+    theta alone: theta can plateau near a lower eigenvalue for a few steps before jumping. A tiny T solved
+    on the host: on a GPU, eigh of a 10 x 10 matrix costs a solver launch and a sync per product."""
+    M = alphas.shape[0]
+    T = torch.diag_embed(alphas)
+    if it > 1:
+        T = T + torch.diag_embed(betas, 1) + torch.diag_embed(betas, -1)
+    evals, evecs = torch.linalg.eigh(T)
+    k = evals.abs().argmax(1)
+    theta = evals.gather(1, k.unsqueeze(1)).squeeze(1)
+    y = evecs.gather(2, k.view(M, 1, 1).expand(M, it, 1)).squeeze(2)
+    residual = b * y[:, -1].abs()
+    converged = (it >= min_iter) & (tol > 0) & ~torch.isnan(theta_prev) \
+        & ((theta - theta_prev).abs() <= tol * theta.abs()) & (residual <= math.sqrt(tol) * theta.abs())
+    exhausted = (b <= 1e-12 * theta.abs().clamp_min(1.0)) | (it == n) | (it == max_iter)
+    return theta, y, converged, exhausted
+
+
 def _lanczos(hvp, v, tol: float, max_iter: int, min_iter: int = 2):
     """Lanczos with full reorthogonalisation: (largest-magnitude Ritz value, its Ritz vector, products).
 
     Far fewer products than power iteration when the top eigenvalues are close (small spectral gap);
     stops once the Ritz value changes by <= tol and its residual is <= sqrt(tol) (both relative), or the
-    Krylov space is invariant."""
-    Q, alphas, betas = [v], [], []
-    theta_prev, theta, y, it = None, math.nan, None, 0
+    Krylov space is invariant (`ritz_step`). One device-to-host transfer per product."""
+    Q, betas = [v], []                  # on the device
+    alphas_h, betas_h = [], []          # on the host, float64
+    theta_prev, theta, y, it = math.nan, math.nan, None, 0
     for it in range(1, max_iter + 1):
         w = hvp(Q[-1])
         a = torch.dot(w, Q[-1])
-        if not torch.isfinite(a):  # a diverged run: report NaN, let the engine record the divergence
-            return math.nan, v, it
-        alphas.append(a)
         w = w - a * Q[-1] - (betas[-1] * Q[-2] if betas else 0.0)
         Qm = torch.stack(Q)
         w = w - Qm.t() @ (Qm @ w)  # full reorthogonalisation: only a few vectors, cheap
         b = w.norm()
-        T = torch.diag(torch.stack(alphas).double())
-        if betas:
-            off = torch.stack(betas).double()
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        evals, evecs = torch.linalg.eigh(T)
-        k = int(evals.abs().argmax())
-        theta, y = evals[k].item(), evecs[:, k]
-        # Stop on a small Ritz residual ||H u - theta u|| = b |y_last| (relative), not on a small change
-        # of theta alone: theta can plateau near a lower eigenvalue for a few steps before jumping.
-        residual = b.item() * abs(y[-1].item())
-        if tol > 0 and it >= min_iter and theta_prev is not None and abs(theta - theta_prev) <= tol * abs(theta) \
-                and residual <= math.sqrt(tol) * abs(theta):
-            break
-        if b.item() <= 1e-12 * max(1.0, abs(theta)) or it == v.numel():
+        a_h, b_h = torch.stack([a, b]).double().cpu()
+        if not torch.isfinite(a_h):  # a diverged run: report NaN, let the engine record the divergence
+            return math.nan, v, it
+        alphas_h.append(a_h)
+        th, y, converged, exhausted = ritz_step(
+            torch.stack(alphas_h).unsqueeze(0), torch.stack(betas_h).unsqueeze(0) if betas_h else None,
+            b_h.view(1), torch.tensor([theta_prev], dtype=torch.float64), it, tol, min_iter, v.numel(), max_iter)
+        theta, y = th.item(), y[0]
+        if bool(converged) or bool(exhausted):
             break
         theta_prev = theta
         betas.append(b)
+        betas_h.append(b_h)
         Q.append(w / b)
-    ritz = torch.stack(Q[:len(y)]).t() @ y.to(Q[0].dtype)
+    ritz = torch.stack(Q[:len(y)]).t() @ y.to(Q[0])
     return theta, ritz / (ritz.norm() + 1e-30), it
 
 
@@ -111,8 +130,10 @@ def mixed_start(noise: torch.Tensor, previous: torch.Tensor | None = None) -> to
 
 
 def _start(n: int, like: torch.Tensor, v0, generator) -> torch.Tensor:
-    """mixed_start with a seeded Gaussian of length n (the generator lives on the CPU)."""
-    r = torch.randn(n, generator=generator, dtype=like.dtype).to(like.device)
+    """mixed_start with a seeded Gaussian of length n, drawn on the generator's device (DecisionProbe's
+    lives on the model's: on a GPU, drawing on the host would cost more than the products)."""
+    dev = generator.device if generator is not None else None
+    r = torch.randn(n, generator=generator, dtype=like.dtype, device=dev).to(like.device)
     return mixed_start(r, None if v0 is None else v0.to(device=like.device, dtype=like.dtype))
 
 

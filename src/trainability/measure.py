@@ -203,7 +203,8 @@ class DecisionProbe:
         self.eig_tol, self.eig_max_iter, self.global_too = eig_tol, eig_max_iter, global_too
         self.code_alpha_agg, self.method = code_alpha_agg, method
         self.layer_probe = LayerProbe(model)
-        self.generator = torch.Generator().manual_seed(seed)
+        # the start vectors' noise, drawn on the model's device (the same draws as before on the CPU)
+        self.generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
         self.vecs: dict | None = None          # warm starts {layer: eigenvector}
         self.global_vec: torch.Tensor | None = None
 
