@@ -45,19 +45,21 @@ def _timed(step, steps, device, warmup=5) -> float:
     return time.perf_counter() - t0
 
 
-def time_batched(M, steps, device, B, K, measure, warmup=5, graph=False):
+def stacked_step(M, device, B, measure, graph=False, fused=False, seed=0):
+    """step(decide) for M stacked paper MLPs on random data: forward, backward, (with decide: the probe
+    and Algorithm 1,) Adam; with graph, the plain step replayed as a CUDA graph (batched.CudaGraphStep)."""
     models = []
     for m in range(M):
         torch.manual_seed(m)
         models.append(MLP())
     net = StackedMLP(models, device)
     lr = torch.full((M, net.n_layers), 1e-3, dtype=torch.float64, device=device)
-    adam = StackedAdam(net, lr, torch.full((M,), 1e-3, device=device), (0.9, 0.999), 1e-8)
+    adam = StackedAdam(net, lr, torch.full((M,), 1e-3, device=device), (0.9, 0.999), 1e-8, fused=fused)
     probe = StackedProbe(net, adam, B, list(range(M)), 1e-4, 100, [False] * M, [False] * M, False) if measure else None
     sched = StackedScheduler(adam, B, [SCHED] * M, [True] * M, net.n_layers) if measure else None
-    x = torch.randn(M, B, 784, device=device)
-    y = torch.randint(0, 10, (M, B), device=device)
-
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, B, 784, generator=g).to(device)
+    y = torch.randint(0, 10, (M, B), generator=g).to(device)
     idx = torch.arange(B, device=device)
 
     def loss(keep=False, idx=idx):   # the engine's on-device gather of each minibatch
@@ -69,8 +71,7 @@ def time_batched(M, steps, device, B, K, measure, warmup=5, graph=False):
         adam.step()
     captured = CudaGraphStep(plain, net.params()) if graph else None
 
-    def step(i):
-        decide = probe is not None and (i + 1) % K == 0
+    def step(decide):
         if captured is not None and not decide:
             captured(idx)
             return
@@ -81,7 +82,12 @@ def time_batched(M, steps, device, B, K, measure, warmup=5, graph=False):
         if decide:
             sched.step(probe.measure(a, z, lambda: loss()[0]), 0.5)
         adam.step()
-    return _timed(step, steps, device, warmup)
+    return step
+
+
+def time_batched(M, steps, device, B, K, measure, warmup=5, graph=False, fused=False):
+    step = stacked_step(M, device, B, measure, graph, fused)
+    return _timed(lambda i: step(measure and (i + 1) % K == 0), steps, device, warmup)
 
 
 def time_single(M, steps, device, B, K, measure, warmup=5):
@@ -123,6 +129,9 @@ def main():
     p.add_argument("--measure", action="store_true", help="include a decision step every K steps")
     p.add_argument("--graph", action="store_true", help="also time the batched step replayed as a CUDA graph")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls (CUDA) for every timing")
+    p.add_argument("--fused", action="store_true",
+                   help="also time the batched step with Adam's update compiled (fused_adam), and with --graph "
+                        "the graph of that step")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -133,25 +142,22 @@ def main():
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}, steps {a.steps}, rounds {a.rounds}, "
           f"measure {a.measure} (K={a.every})")
-    kinds = ("single", "batched") + (("graph",) if a.graph else ())
+    kinds = ["single", "batched"] + ["graph"] * a.graph + ["fused"] * a.fused + ["graph+fused"] * (a.graph and a.fused)
     times = {(kind, M): [] for M in a.models for kind in kinds}
     for _ in range(a.rounds):
         for M in a.models:
             times[("single", M)].append(time_single(M, a.steps, device, a.batch_size, a.every, a.measure))
-            times[("batched", M)].append(time_batched(M, a.steps, device, a.batch_size, a.every, a.measure))
-            if a.graph:
-                times[("graph", M)].append(time_batched(M, a.steps, device, a.batch_size, a.every, a.measure,
-                                                        graph=True))
+            for kind in kinds[1:]:
+                times[(kind, M)].append(time_batched(M, a.steps, device, a.batch_size, a.every, a.measure,
+                                                     graph="graph" in kind, fused="fused" in kind))
     rates = {k: k[1] * a.steps / statistics.median(v) for k, v in times.items()}
     print(f"{'models':>6} {'one-at-a-time':>15} {'batched':>12} {'speed-up':>9}"
-          + (f" {'graph':>12} {'graph/batched':>14}" if a.graph else "") + "   (model-steps per second, median)")
+          + "".join(f" {k:>12} {k + '/batched':>20}" for k in kinds[2:]) + "   (model-steps per second, median)")
     n_params = sum(p.numel() for p in MLP().parameters())
     for M in a.models:
         s, b = rates[("single", M)], rates[("batched", M)]
-        line = f"{M:>6} {s:>15.1f} {b:>12.1f} {b / s:>8.2f}x"
-        if a.graph:
-            line += f" {rates[('graph', M)]:>12.1f} {rates[('graph', M)] / b:>13.2f}x"
-        print(line)
+        print(f"{M:>6} {s:>15.1f} {b:>12.1f} {b / s:>8.2f}x"
+              + "".join(f" {rates[(k, M)]:>12.1f} {rates[(k, M)] / b:>19.2f}x" for k in kinds[2:]))
     M = max(a.models)
     rate = max(rates[(k, M)] for k in kinds if k != "single")
     print(f"largest batch: {rate * 6 * n_params * a.batch_size / 1e9:.1f} GFLOP/s in forward+backward matmuls "

@@ -6,18 +6,18 @@
 #
 # 1. the batched-vs-single equivalence tests (mixed batches: arms, L2 and Wasserstein, activations, the
 #    global variant, BatchNorm) and the measurement tests, on CUDA;
-# 2. bench_batched on CUDA: batched vs one-at-a-time vs the batched step replayed as a CUDA graph, plain
-#    steps and with decisions every K = 40;
+# 2. bench_batched on CUDA: batched vs one-at-a-time vs the batched step replayed as a CUDA graph, with
+#    Adam's update compiled (fused_adam) and with both, plain steps and with decisions every K = 40;
 # 3. bench/tf32_effect.py: one short task of the paper stream with tf32 off and on (speed, record drift);
 # 4. the projected wall time of the whole paper scale (bench/project_paper.py): every job the Snakefile
 #    plans, timed with its own configs for a short task, projected to 40 tasks, one job at a time and
-#    two at once (-> $OUT/projection.json), with cuda_graph on;
+#    two at once (-> $OUT/projection.json), with cuda_graph and fused_adam on;
 # 5. only with PROBE_BUDGET_S > 0: the paper-scale probe (bench/paper_probe.py), the first tasks of the
 #    paper's stream, vanilla vs scheduler, L2, CReLU and Wasserstein; `bench/plot_probe.py` draws them.
-# Steps 1-4 take at most 11 minutes (their timeouts: 150 + 180 + 90 + 240 s). DEVICE=cpu
+# Steps 1-4 take at most 13 minutes (their timeouts: 150 + 300 + 90 + 240 s). DEVICE=cpu
 # runs the same steps on the CPU as a try-out of the script (PROJECT_ARGS and TF32_ARGS then shrink them,
 # e.g. PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4" and
-# TF32_ARGS="--epochs 1 --set stream.n_images=2560").
+# TF32_ARGS="--epochs 1 --set stream.n_images=2560" and BENCH_MODELS="1 3").
 # Uses the interpreter in $PY (default python3, e.g. a GPU image's own PyTorch); MNIST comes from
 # data/MNIST/raw or, if absent, from the gzip idx copies in $MNIST_GZ (default .gpu/MNIST/raw).
 set -u
@@ -40,19 +40,19 @@ TRAINABILITY_TEST_DEVICE=$DEVICE timeout 150 $PY -m pytest -q -p no:cacheprovide
     tests/test_measure.py "tests/test_train.py::test_resume_equals_uninterrupted" \
     -k "not cli and not paper_scale" 2>&1 | tee "$OUT/tests.log" | tail -25
 
-stamp "2. batched vs one at a time, and the batched step as a CUDA graph"
+stamp "2. batched vs one at a time; the batched step as a CUDA graph, with Adam compiled, and both"
 GRAPH=$([ "$DEVICE" = cuda ] && echo --graph)
-timeout 90 $PY bench/bench_batched.py --device "$DEVICE" --models 1 9 93 --steps 200 --rounds 3 $GRAPH \
-    2>&1 | tee "$OUT/bench.log"
-timeout 90 $PY bench/bench_batched.py --device "$DEVICE" --models 1 9 93 --steps 200 --rounds 3 --measure $GRAPH \
-    2>&1 | tee -a "$OUT/bench.log"
+timeout 150 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS:-1 93} --steps 150 --rounds 2 $GRAPH --fused \
+    2>&1 | grep -v "^W[0-9]" | tee "$OUT/bench.log"
+timeout 150 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS:-1 93} --steps 150 --rounds 2 --measure $GRAPH \
+    --fused 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/bench.log"
 
 stamp "3. tf32: speed and the records, one short task of the paper stream"
 timeout 90 $PY bench/tf32_effect.py --device "$DEVICE" ${TF32_ARGS:-} 2>&1 | tee "$OUT/tf32.log"
 
-stamp "4. the whole paper scale, projected from each job's measured cost (CUDA graphs on)"
+stamp "4. the whole paper scale, projected from each job's measured cost (CUDA graphs and fused Adam on)"
 timeout 240 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" \
-    $([ "$DEVICE" = cuda ] && echo --set cuda_graph=true) ${PROJECT_ARGS:-} \
+    $([ "$DEVICE" = cuda ] && echo --set cuda_graph=true) --set fused_adam=true ${PROJECT_ARGS:-} \
     2>&1 | grep --line-buffered -v "^task" | tee "$OUT/projection.log"
 
 if [ "$BUDGET" -gt 0 ]; then

@@ -253,6 +253,20 @@ def test_paper_scale_plan_uses_batched_jobs():
     assert jobs and all("gpu=0" in line for line in jobs)
 
 
+def test_fused_adam_equals_single_runs(tmp_path, mnist_root):
+    """fused_adam: Adam's update through torch.compile (inductor: C++ on the CPU, Triton on a GPU) gives
+    train.run's records within the batched engine's tolerance, with coupled L2 (its decay term fused
+    too), Wasserstein, a reset arm (Adam state restarted in place) and the scheduler moving the LRs."""
+    d = {"data": {"root": mnist_root}, "scheduler": {"floor": 0.0, "warm_frac": 1.0, "warm_factor": 1.0}}
+    cfgs = [tiny("l2-reset", **d), tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
+    singles = [run(c, tmp_path / f"single{i}", progress=False) for i, c in enumerate(cfgs)]
+    batch = run_batched([config.deep_merge(c, {"fused_adam": True}) for c in cfgs],
+                        [tmp_path / f"batch{i}" for i in range(len(cfgs))], progress=False)
+    for i, (s, b) in enumerate(zip(singles, batch)):
+        b["config"]["fused_adam"] = False
+        diffs = _close(_comparable(s), _comparable(b), RTOL)
+        assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
 def test_cuda_graph_step_equals_the_eager_step(tmp_path, mnist_root):
     """cuda_graph: the full-minibatch steps replayed from one captured graph give the eager engine's

@@ -14,9 +14,11 @@ launch-bound, and batching is how it gets near the hardware's limits.
 Every model follows exactly the computation of `train.run` (same draws from the same seeds, the same
 Adam arithmetic, the same decision-step measurement and Algorithm 1), so each record equals the
 one-model-at-a-time record up to float rounding (tests/test_batched.py). The step loop has no host
-synchronisation except, as in `train.run`, one divergence check per epoch; a decision step syncs once
-per Lanczos product to stop when every model's estimate has converged (none at all with eig_tol = 0,
-a fixed number of products). Decision rows stay on the device until the end of the task.
+synchronisation except, as in `train.run`, one divergence check per epoch; a decision step sends each
+Lanczos product's M alphas and betas to the host, which solves the tiny tridiagonal problems and decides
+when every model has converged (one sync per product). Decision rows stay on the device until the end
+of the task. On CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on
+any device, `fused_adam` compiles Adam's update.
 
 Not batched (use `train.run`): a BatchNorm model that measures (the decision probe's extra passes
 would move the stacked running statistics).
@@ -167,13 +169,36 @@ class StackedMLP:
         return x, inputs, outs
 
 
+def adam_update(params, grads, exp_avgs, exp_avg_sqs, factors, weight_decays, eps: float) -> None:
+    """torch.optim.Adam's update, the single-tensor path's arithmetic, in place on stacked tensors.
+    factors[i]: parameter i's (1 - beta1, beta2, 1 - beta2, lr / bias_correction1, sqrt(bias_correction2)),
+    each broadcastable per model; weight_decays[i] its coupled L2 strengths, or None for none."""
+    for p, g, m, v, (one_minus_b1, b2, one_minus_b2, step_size, bc2), wd in zip(
+            params, grads, exp_avgs, exp_avg_sqs, factors, weight_decays):
+        if wd is not None:
+            g = g + wd * p
+        m.lerp_(g, one_minus_b1)
+        v.mul_(b2).addcmul_(g, g * one_minus_b2)
+        p.sub_(step_size * m / (v.sqrt() / bc2).add_(eps))   # addcdiv's order: (s * m) / d
+
+
+@functools.cache
+def _fused_adam_update():
+    """adam_update compiled (torch.compile, built once per process): a few fused kernels per step
+    instead of ~13 elementwise passes per tensor; the same values up to float rounding."""
+    return torch.compile(adam_update, dynamic=True)
+
+
 class StackedAdam:
     """torch.optim.Adam's arithmetic (coupled weight_decay, bias correction; single-tensor path) on the
     stacked tensors, with a learning rate per (model, layer) and a step count per model (the reset arm
-    restarts one model's Adam). lr is float64, as a parameter group's Python float."""
+    restarts one model's Adam). lr is float64, as a parameter group's Python float. fused: the update
+    through torch.compile (`fused_adam`)."""
 
-    def __init__(self, net: StackedMLP, lr: torch.Tensor, weight_decay: torch.Tensor, betas, eps: float):
+    def __init__(self, net: StackedMLP, lr: torch.Tensor, weight_decay: torch.Tensor, betas, eps: float,
+                 fused: bool = False):
         self.net, self.lr, self.wd = net, lr, weight_decay
+        self.update = _fused_adam_update() if fused else adam_update
         self.has_wd = bool((weight_decay != 0).any())   # fixed for the run: one sync, at construction
         self.eps = eps
         M, L = lr.shape
@@ -198,14 +223,10 @@ class StackedAdam:
         bc2_sqrt = (1 - self.beta2 ** self.k.unsqueeze(1)).sqrt()
         factors = torch.stack([1 - self.beta1, self.beta2, 1 - self.beta2, self.lr / bc1, bc2_sqrt])
         factors = factors.to(self.exp_avg[0].dtype)
-        for i, p in enumerate(self.net.params()):
-            one_minus_b1, b2, one_minus_b2, step_size, bc2 = (_view(f[:, self.net.param_layer[i]], p)
-                                                              for f in factors)
-            g = self.grad_with_decay(p)
-            self.exp_avg[i].lerp_(g, one_minus_b1)
-            self.exp_avg_sq[i].mul_(b2).addcmul_(g, g * one_minus_b2)
-            denom = (self.exp_avg_sq[i].sqrt() / bc2).add_(self.eps)
-            p.sub_(step_size * self.exp_avg[i] / denom)   # addcdiv's order: (s * m) / d
+        ps = self.net.params()
+        self.update(ps, [p.grad for p in ps], self.exp_avg, self.exp_avg_sq,
+                    [tuple(_view(f[:, self.net.param_layer[i]], p) for f in factors) for i, p in enumerate(ps)],
+                    [_view(self.wd, p) if self.has_wd else None for p in ps], self.eps)
 
     @torch.no_grad()
     def reset(self, m: int, lr: float) -> None:
@@ -694,7 +715,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     lr = torch.tensor(lr0, dtype=torch.float64, device=device).unsqueeze(1).repeat(1, L)
     wd = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "l2" else 0.0 for c in cfgs],
                       device=device)
-    adam = StackedAdam(net, lr, wd, tuple(c0["optim"]["betas"]), c0["optim"]["eps"])
+    adam = StackedAdam(net, lr, wd, tuple(c0["optim"]["betas"]), c0["optim"]["eps"], fused=c0["fused_adam"])
     lam_w = [c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs]
     wass = StackedWasserstein(net, lam_w) if any(x > 0 for x in lam_w) else None
     # the probe runs for every model when any measures; only the measuring ones keep its rows
