@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from . import analysis  # noqa: E402
 from .methods import METHOD_NAMES, METHODS, arm_of, method_of, methods_in  # noqa: E402
@@ -125,6 +126,13 @@ def note(ax, text: str) -> None:
             wrap=True)
 
 
+def task_axis(ax, label: str = "Task ID") -> None:
+    """An x axis of task ids: whole-number ticks (matplotlib's automatic ticks, minus fractional ones,
+    which a 2-task run would otherwise get)."""
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True))
+
+
 def task_curve(ax, records, fn, color, label, ls="-", log=False, ema=0.0, x0=1.0):
     """Per-task curve of fn(record) (mean +- std over seeds), divergences marked."""
     if not records:
@@ -186,7 +194,7 @@ def arm_panels(axes, runs: dict, arms: tuple, fn=None, ylabel="Task accuracy (on
             drawn = True
         if not drawn:
             note(ax, "no records")
-        ax.set_xlabel("Task ID")
+        task_axis(ax)
         if drawn:
             ax.legend(loc="best")
             if log:
@@ -220,7 +228,7 @@ def fig1(runs, ctx):
         if log:
             ax2.set_yscale("log")
         ax.set_title(f"({letter}) {title}")
-        ax.set_xlabel("Task ID")
+        task_axis(ax)
         ax.set_ylabel("Task accuracy (solid)")
         ax2.set_ylabel(f"{title} (dashed)")
         if handles:
@@ -239,7 +247,7 @@ def fig2(runs, ctx):
         recs = runs.get(run) or []
         lr = (recs[0]["config"]["optim"]["lr"] if recs else float("nan"))
         ax.set_title(f"L2 lr={lr:g}  (first {min(FIG2_TASKS, max(len(r['tasks']) for r in recs) if recs else 0)} tasks)")
-        ax.set_xlabel("Task ID (decision steps at task + fraction)")
+        task_axis(ax, "Task ID (decision steps at task + fraction)")
         ax.set_ylabel("Task accuracy (solid)")
         if not recs:
             note(ax, "no records")
@@ -312,7 +320,7 @@ def fig4(runs, ctx):
     names = {r: FIG4_NAMES.get(method_of(r), r) if arm_of(r) == "vanilla" else r for r in order}
     for ax, run in zip(axes[0], order):
         recs = runs.get(run) or []
-        ax.set_xlabel("Task ID")
+        task_axis(ax)
         if not recs:
             ax.set_title(names.get(run, run))
             note(ax, "no records")
@@ -411,8 +419,8 @@ def fig7(runs, ctx):
             axl.set_yscale("log")
             axl.legend(loc="best")
             ax.legend(loc="best")
-        ax.set_xlabel("Task ID")
-        axl.set_xlabel("Task ID")
+        task_axis(ax)
+        task_axis(axl)
     axes[0][0].set_ylabel("Task accuracy (online)")
     axes[1][0].set_ylabel("LR at task end (geo. mean over layers)")
     finish(fig, "fig7", ctx["title"], ctx["scale"], runs)
@@ -425,7 +433,7 @@ def fig9(runs, ctx):
     arm_panels(axes, runs, ("vanilla", "scheduled"), fn=lambda r: analysis.indicator_values(r, "hessian_rank"),
                ylabel="Hessian rank (fraction)", ema=ctx["ema"], value_name="rank")
     for ax in axes:   # legend shows final accuracy; this figure is about rank
-        ax.set_xlabel("Task ID (rank measured at task start)")
+        task_axis(ax, "Task ID (rank measured at task start)")
     finish(fig, "fig9", ctx["title"], ctx["scale"], runs)
     return fig
 
