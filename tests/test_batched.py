@@ -253,6 +253,29 @@ def test_paper_scale_plan_uses_batched_jobs():
     assert jobs and all("gpu=0" in line for line in jobs)
 
 
+def test_training_steps_read_nothing_back_to_the_host(tmp_path, mnist_root, monkeypatch):
+    """No host synchronisation in the step path (what a CUDA graph capture needs), checked on the CPU:
+    the calls that read a tensor's values on the host (item, tolist, bool, float, int, cpu, numpy) are as many for
+    tasks of 3 steps per epoch as for tasks of 9 (the partial minibatch, the beta ramp, Wasserstein's
+    sort and a reset included): they happen per epoch and per task, never per step."""
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _method=method, **k):
+            reads["n"] += 1
+            return _method(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for n in (600, 2100):   # B = 256: 2 full minibatches and a partial one per epoch, then 8 and one
+        d = {"data": {"root": mnist_root}, "stream": {"n_images": n, "drop_last": False}, "n_tasks": 2,
+             "optim": {"beta_ramp": True}, "measure": {"enabled": False}, "indicators": {"enabled": False}}
+        reads["n"] = 0
+        run_batched([tiny("l2-vanilla", **d), tiny("wass-reset", **d)], [tmp_path / f"{n}-{i}" for i in range(2)],
+                    progress=False)
+        counts.append(reads["n"])
+    assert counts[0] == counts[1] > 0
+
 def test_fused_adam_equals_single_runs(tmp_path, mnist_root):
     """fused_adam: Adam's update through torch.compile (inductor: C++ on the CPU, Triton on a GPU) gives
     train.run's records within the batched engine's tolerance, with coupled L2 (its decay term fused
