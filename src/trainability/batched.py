@@ -46,7 +46,7 @@ from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record,
                      save_checkpoint, write_json_atomic)
 from .regularizers import WassersteinPenalty
 from .scheduler import ROW_FIELDS, algorithm1_rule, crossings, layer_bounds
-from .streams import batches, input_dim, make_stream
+from .streams import epoch_order, input_dim, make_stream
 from .optim import ramped_betas
 from .planning import check_batchable
 from .train import (_sub_seed, _wandb_logger, measures, pick_device, set_matmul_precision, steps_per_task,
@@ -828,9 +828,10 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
         correct_frozen = [None] * M
         step_in_task = 0
         for epoch in range(epochs):
-            per_model = [batches(n_images, B, g, drop_last=drop_last) for g in gens]
-            full = torch.stack([torch.stack(bl[:n_full]) for bl in per_model])   # (M, n_full, B)
-            tail = torch.stack([bl[n_full] for bl in per_model]) if per_epoch > n_full else None   # (M, b)
+            # streams.batches' minibatches for every model, as views of one (M, n) order: no per-batch tensors
+            order = torch.stack([epoch_order(n_images, g) for g in gens])
+            full = order[:, :n_full * B].view(M, n_full, B)
+            tail = order[:, n_full * B:] if per_epoch > n_full else None   # (M, b)
             for j in range(per_epoch):
                 bidx = full[:, j] if j < n_full else tail
                 frac = step_in_task / task_steps
@@ -846,7 +847,9 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                         meas = probe.measure(inputs, outs, lambda: objective(xb, yb)[2])
                         rows_task.append((step, frac, sched.step(meas, frac)))
                     adam.step()
-                if ramping:   # every model is at the same epoch of its task
+                # the ramp's value is the epoch's: written after an epoch's first step (train.run writes it
+                # after every step), it holds until the next epoch; every model is at the same epoch
+                if ramping and j == 0:
                     b1, b2 = ramped_betas(betas0, epoch, epochs)
                     if ramp_rows is None:
                         adam.beta1[:, 0], adam.beta2[:, 0] = b1, b2

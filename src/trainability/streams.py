@@ -98,9 +98,14 @@ def make_stream(cfg: dict, x_uint8, y, seed: int, device="cpu"):
     raise ValueError(f"stream.kind: unknown {cfg['kind']!r}")
 
 
+def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
+    """One epoch's shuffled order of the n images (on the generator's device)."""
+    return torch.randperm(n, generator=generator, device=generator.device)
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
-    """Index tensors of one shuffled epoch (on the generator's device). The last partial batch is dropped
+    """Index tensors of one shuffled epoch (epoch_order in minibatches). The last partial batch is dropped
     by default so every minibatch has exactly B examples (B enters the noise bound)."""
-    perm = torch.randperm(n, generator=generator, device=generator.device)
+    perm = epoch_order(n, generator)
     stop = n - n % batch_size if drop_last else n
     return perm[:stop].split(batch_size) if stop else ()
