@@ -5,19 +5,21 @@
 #   bash bench/gpu_check.sh [PROBE_BUDGET_S]      # writes logs and summaries to $OUT (default bench/out/gpu)
 #
 # 1. the batched-vs-single equivalence tests (mixed batches: arms, L2 and Wasserstein, activations, the
-#    global variant, BatchNorm) and the measurement tests, on CUDA;
-# 2. bench_batched on CUDA: batched vs one-at-a-time vs the batched step replayed as a CUDA graph, with
-#    Adam's update compiled (fused_adam) and with both, plain steps and with decisions every K = 40;
-# 3. bench/tf32_effect.py: one short task of the paper stream with tf32 off and on (speed, record drift);
-# 4. the projected wall time of the whole paper scale (bench/project_paper.py): every job the Snakefile
-#    plans, timed with its own configs for a short task, projected to 40 tasks, one job at a time and
-#    two at once (-> $OUT/projection.json), with cuda_graph and fused_adam on;
+#    global variant, BatchNorm; fused_adam; cuda_graph against the eager step) and the measurement
+#    tests, on CUDA;
+# 2. the projected wall time of the whole paper scale (bench/project_paper.py): every job the Snakefile
+#    plans, timed with its own configs for short tasks, projected to 40 tasks, one job at a time and two
+#    at once (-> $OUT/projection.json), with cuda_graph and fused_adam on where step 1 passed them;
+# 3. bench_batched: one at a time vs batched vs the batched step as a CUDA graph, with Adam compiled,
+#    and both, for 1 and 93 models; then 93 models with a decision every K = 40;
+# 4. bench/tf32_effect.py: one 5-epoch task of the paper stream with tf32 off and on (speed, record drift);
 # 5. only with PROBE_BUDGET_S > 0: the paper-scale probe (bench/paper_probe.py), the first tasks of the
 #    paper's stream, vanilla vs scheduler, L2, CReLU and Wasserstein; `bench/plot_probe.py` draws them.
-# Steps 1-4 take at most 13 minutes (their timeouts: 150 + 300 + 90 + 240 s). DEVICE=cpu
-# runs the same steps on the CPU as a try-out of the script (PROJECT_ARGS and TF32_ARGS then shrink them,
-# e.g. PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4" and
-# TF32_ARGS="--epochs 1 --set stream.n_images=2560" and BENCH_MODELS="1 3").
+# Most important first: if the lease ends early, the later steps are the ones lost. Steps 1-4 take at
+# most 8 min 45 s (their timeouts: 150 + 180 + 150 + 45 s). DEVICE=cpu runs the same steps on the CPU as
+# a try-out of the script (PROJECT_ARGS, BENCH_MODELS and TF32_ARGS then shrink them, e.g.
+# PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4",
+# BENCH_MODELS="1 3", BENCH_MODELS_MEASURE=3 and TF32_ARGS="--epochs 1 --set stream.n_images=2560").
 # Uses the interpreter in $PY (default python3, e.g. a GPU image's own PyTorch); MNIST comes from
 # data/MNIST/raw or, if absent, from the gzip idx copies in $MNIST_GZ (default .gpu/MNIST/raw).
 set -u
@@ -36,24 +38,28 @@ stamp "environment"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
 
 stamp "1. equivalence and measurement tests on $DEVICE"
-TRAINABILITY_TEST_DEVICE=$DEVICE timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_batched.py \
+TRAINABILITY_TEST_DEVICE=$DEVICE timeout 150 $PY -m pytest -q -rfEsp -p no:cacheprovider tests/test_batched.py \
     tests/test_measure.py "tests/test_train.py::test_resume_equals_uninterrupted" \
-    -k "not cli and not paper_scale" 2>&1 | tee "$OUT/tests.log" | tail -25
+    -k "not cli and not paper_scale" 2>&1 | tee "$OUT/tests.log" | grep -v "^PASSED" | tail -25
 
-stamp "2. batched vs one at a time; the batched step as a CUDA graph, with Adam compiled, and both"
-GRAPH=$([ "$DEVICE" = cuda ] && echo --graph)
-timeout 150 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS:-1 93} --steps 150 --rounds 2 $GRAPH --fused \
-    2>&1 | grep -v "^W[0-9]" | tee "$OUT/bench.log"
-timeout 150 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS:-1 93} --steps 150 --rounds 2 --measure $GRAPH \
-    --fused 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/bench.log"
+# the speed-ups whose equivalence test passed in step 1 (one that failed or did not run is left out of step 2)
+KEYS=""
+grep -q "^PASSED.*test_cuda_graph_step" "$OUT/tests.log" && KEYS="$KEYS --set cuda_graph=true"
+grep -q "^PASSED.*test_fused_adam" "$OUT/tests.log" && KEYS="$KEYS --set fused_adam=true"
 
-stamp "3. tf32: speed and the records, one short task of the paper stream"
-timeout 90 $PY bench/tf32_effect.py --device "$DEVICE" ${TF32_ARGS:-} 2>&1 | tee "$OUT/tf32.log"
-
-stamp "4. the whole paper scale, projected from each job's measured cost (CUDA graphs and fused Adam on)"
-timeout 240 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" \
-    $([ "$DEVICE" = cuda ] && echo --set cuda_graph=true) --set fused_adam=true ${PROJECT_ARGS:-} \
+stamp "2. the whole paper scale, projected from each job's measured cost (with:$KEYS)"
+timeout 180 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" $KEYS ${PROJECT_ARGS:-} \
     2>&1 | grep --line-buffered -v "^task" | tee "$OUT/projection.log"
+
+stamp "3. batched vs one at a time; the batched step as a CUDA graph, with Adam compiled, and both"
+GRAPH=$([ "$DEVICE" = cuda ] && echo --graph)
+timeout 90 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS:-1 93} --steps 100 --rounds 2 \
+    $GRAPH --fused 2>&1 | grep -v "^W[0-9]" | tee "$OUT/bench.log"
+timeout 60 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS_MEASURE:-93} --steps 120 --rounds 2 \
+    --measure $GRAPH --fused 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/bench.log"
+
+stamp "4. tf32: speed and the records, one short task of the paper stream"
+timeout 45 $PY bench/tf32_effect.py --device "$DEVICE" --epochs 5 ${TF32_ARGS:-} 2>&1 | tee "$OUT/tf32.log"
 
 if [ "$BUDGET" -gt 0 ]; then
     stamp "5. paper-scale probe"
