@@ -6,7 +6,10 @@ import os
 import pytest
 import torch
 
-from trainability import config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from trainability import batched, config
 from trainability.batched import batched_lanczos, run_batched
 from trainability.planning import check_batchable
 from trainability.eigen import _lanczos
@@ -289,6 +292,66 @@ def test_fused_adam_equals_single_runs(tmp_path, mnist_root):
         b["config"]["fused_adam"] = False
         diffs = _close(_comparable(s), _comparable(b), RTOL)
         assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
+
+class _Storages(TorchDispatchMode):
+    """The storages a piece of code reads or writes without having created them (a CUDA graph's replay
+    reads and writes exactly the addresses its capture saw)."""
+
+    def __init__(self):
+        super().__init__()
+        self.created, self.outside = set(), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.created:
+                self.outside.add(t.untyped_storage().data_ptr())
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.outside:
+                self.created.add(t.untyped_storage().data_ptr())
+        return out
+
+
+class _StorageCheckedStep(batched.CudaGraphStep):
+    """A CPU stand-in for CudaGraphStep that checks what a graph needs: every call runs the step eagerly
+    on one index tensor (copied in place, as before a replay) with the gradients cleared (as at the
+    capture), and the step must touch the same outside storages at every call."""
+    calls = 0
+
+    @classmethod
+    def for_device(cls, step, params, device):
+        return cls(step, params)
+
+    def __call__(self, idx):
+        if self.idx is None:
+            self.idx = idx.clone()
+        self.idx.copy_(idx)
+        self._clear_grads()
+        with _Storages() as seen:
+            self.step(self.idx)
+        if self.graph is None:
+            self.graph = seen.outside
+        assert seen.outside == self.graph, "the step touched other storages than at its first call"
+        type(self).calls += 1
+
+
+def test_the_graph_step_reads_and_writes_the_same_storages_every_call(tmp_path, mnist_root, monkeypatch):
+    """cuda_graph on the CPU, with a stand-in for the CUDA graph: the plain steps of three tasks (new
+    labels each task, a reset model, the beta ramp, Wasserstein's sort, eager decisions and partial
+    minibatches in between) touch the same outside storages at every call, as a replay would, and the
+    records equal the eager engine's exactly."""
+    monkeypatch.setattr(batched, "CudaGraphStep", _StorageCheckedStep)
+    d = {"data": {"root": mnist_root}, "epochs_per_task": 3, "measure": {"every": 3},
+         "stream": {"n_images": 1100, "drop_last": False}, "optim": {"beta_ramp": True}}
+    cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
+    eager = run_batched(cfgs, [tmp_path / f"eager{i}" for i in range(len(cfgs))], progress=False)
+    checked = run_batched([config.deep_merge(c, {"cuda_graph": True}) for c in cfgs],
+                          [tmp_path / f"checked{i}" for i in range(len(cfgs))], progress=False)
+    # 3 tasks x 3 epochs x 5 steps (4 full minibatches, then 76 images); every third step decides
+    assert _StorageCheckedStep.calls == sum(s % 5 < 4 and (s + 1) % 3 != 0 for s in range(45)) == 24
+    for e, c in zip(eager, checked):
+        c["config"]["cuda_graph"] = False
+        assert _comparable(e) == _comparable(c)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
 def test_cuda_graph_step_equals_the_eager_step(tmp_path, mnist_root):

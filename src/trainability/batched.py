@@ -615,6 +615,11 @@ class CudaGraphStep:
         self.step, self.params, self.warmup = step, params, warmup
         self.graph, self.idx, self.eager_calls = None, None, 0
 
+    @classmethod
+    def for_device(cls, step, params: list[torch.Tensor], device: torch.device):
+        """One on CUDA; None elsewhere (no CUDA graphs: the caller runs the step eagerly)."""
+        return cls(step, params) if device.type == "cuda" else None
+
     def _clear_grads(self) -> None:
         for p in self.params:
             p.grad = None
@@ -788,7 +793,7 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
         forward_backward(bidx, correct)
         adam.step()
 
-    graph = CudaGraphStep(plain_step, net.params()) if c0["cuda_graph"] and device.type == "cuda" else None
+    graph = CudaGraphStep.for_device(plain_step, net.params(), device) if c0["cuda_graph"] else None
 
     bar = tqdm(total=T * task_steps, initial=start_task * task_steps, disable=not progress,
                desc=f"batched x{M}", unit="step", dynamic_ncols=True, mininterval=2)
