@@ -124,12 +124,15 @@ def main() -> int:
                   f"bandwidth floor)  fixed {row['fixed_s_per_task']:6.1f} s/task  -> {row['hours']:6.2f} h",
                   flush=True)
     hours = [r["hours"] for r in rows]
+    model_steps = sum(r["models"] * r["n_tasks"] * r["steps_per_task"] for r in rows)
     summary = {"scale": a.scale, "device": a.device, "jobs": rows, "sequential_hours": sum(hours),
                "slots": a.slots, "slot_speed": a.slot_speed,
-               "makespan_hours": makespan(hours, a.slots, a.slot_speed)}
+               "makespan_hours": makespan(hours, a.slots, a.slot_speed),
+               "model_steps": model_steps, "mix_model_steps_per_s": model_steps / (sum(hours) * 3600)}
     print(f"[projection] {a.scale}: {len(rows)} jobs, {summary['sequential_hours']:.2f} h one at a time, "
           f"{summary['makespan_hours']:.2f} h on {a.slots} slots at {a.slot_speed:.2f}x "
-          f"(longest job {max(hours):.2f} h)")
+          f"(longest job {max(hours):.2f} h); the job mix: {model_steps / 1e6:.0f}M model-steps at "
+          f"{summary['mix_model_steps_per_s']:.0f} model-steps/s one job at a time")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(summary, indent=1))
