@@ -288,6 +288,7 @@ def test_fused_adam_equals_single_runs(tmp_path, mnist_root):
     singles = [run(c, tmp_path / f"single{i}", progress=False) for i, c in enumerate(cfgs)]
     batch = run_batched([config.deep_merge(c, {"fused_adam": True}) for c in cfgs],
                         [tmp_path / f"batch{i}" for i in range(len(cfgs))], progress=False)
+    assert batched._fused_adam_update.cache_info().currsize == 1   # the compiled update was built
     for i, (s, b) in enumerate(zip(singles, batch)):
         b["config"]["fused_adam"] = False
         diffs = _close(_comparable(s), _comparable(b), RTOL)
