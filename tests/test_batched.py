@@ -279,6 +279,7 @@ def test_training_steps_read_nothing_back_to_the_host(tmp_path, mnist_root, monk
         counts.append(reads["n"])
     assert counts[0] == counts[1] > 0
 
+
 def test_fused_adam_equals_single_runs(tmp_path, mnist_root):
     """fused_adam: Adam's update through torch.compile (inductor: C++ on the CPU, Triton on a GPU) gives
     train.run's records within the batched engine's tolerance, with coupled L2 (its decay term fused
@@ -293,6 +294,7 @@ def test_fused_adam_equals_single_runs(tmp_path, mnist_root):
         b["config"]["fused_adam"] = False
         diffs = _close(_comparable(s), _comparable(b), RTOL)
         assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
+
 
 class _Storages(TorchDispatchMode):
     """The storages a piece of code reads or writes without having created them (a CUDA graph's replay
@@ -336,36 +338,41 @@ class _StorageCheckedStep(batched.CudaGraphStep):
         type(self).calls += 1
 
 
+def _eager_and_graph(tmp_path, mnist_root, **over):
+    """The records of one batch trained eagerly and with cuda_graph: 3 tasks x 3 epochs x 5 steps (4 full
+    minibatches, then 76 images), a decision every third step, so eager decisions and partial minibatches
+    fall between graph steps; a reset model, the beta ramp and Wasserstein's sort. cuda_graph is set
+    back to False in the graph records' configs, so the two can be compared."""
+    d = config.deep_merge({"data": {"root": mnist_root}, "epochs_per_task": 3, "measure": {"every": 3},
+                           "stream": {"n_images": 1100, "drop_last": False}, "optim": {"beta_ramp": True}}, over)
+    cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
+    eager = run_batched(cfgs, [tmp_path / f"eager{i}" for i in range(len(cfgs))], progress=False)
+    graph = run_batched([config.deep_merge(c, {"cuda_graph": True}) for c in cfgs],
+                        [tmp_path / f"graph{i}" for i in range(len(cfgs))], progress=False)
+    for g in graph:
+        g["config"]["cuda_graph"] = False
+    return eager, graph
+
+
 def test_the_graph_step_reads_and_writes_the_same_storages_every_call(tmp_path, mnist_root, monkeypatch):
     """cuda_graph on the CPU, with a stand-in for the CUDA graph: the plain steps of three tasks (new
     labels each task, a reset model, the beta ramp, Wasserstein's sort, eager decisions and partial
     minibatches in between) touch the same outside storages at every call, as a replay would, and the
     records equal the eager engine's exactly."""
     monkeypatch.setattr(batched, "CudaGraphStep", _StorageCheckedStep)
-    d = {"data": {"root": mnist_root}, "epochs_per_task": 3, "measure": {"every": 3},
-         "stream": {"n_images": 1100, "drop_last": False}, "optim": {"beta_ramp": True}}
-    cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
-    eager = run_batched(cfgs, [tmp_path / f"eager{i}" for i in range(len(cfgs))], progress=False)
-    checked = run_batched([config.deep_merge(c, {"cuda_graph": True}) for c in cfgs],
-                          [tmp_path / f"checked{i}" for i in range(len(cfgs))], progress=False)
-    # 3 tasks x 3 epochs x 5 steps (4 full minibatches, then 76 images); every third step decides
+    monkeypatch.setattr(_StorageCheckedStep, "calls", 0)
+    eager, checked = _eager_and_graph(tmp_path, mnist_root)
     assert _StorageCheckedStep.calls == sum(s % 5 < 4 and (s + 1) % 3 != 0 for s in range(45)) == 24
     for e, c in zip(eager, checked):
-        c["config"]["cuda_graph"] = False
         assert _comparable(e) == _comparable(c)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
 def test_cuda_graph_step_equals_the_eager_step(tmp_path, mnist_root):
     """cuda_graph: the full-minibatch steps replayed from one captured graph give the eager engine's
     records, with eager decision steps and partial minibatches between replays, a reset arm, the beta
     ramp and Wasserstein's sort in the graph, over task boundaries (new labels copied in place)."""
-    d = {"data": {"root": mnist_root}, "device": "cuda", "epochs_per_task": 3, "measure": {"every": 5},
-         "stream": {"n_images": 1100, "drop_last": False}, "optim": {"beta_ramp": True}}
-    cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
-    eager = run_batched(cfgs, [tmp_path / f"eager{i}" for i in range(len(cfgs))], progress=False)
-    graph = run_batched([config.deep_merge(c, {"cuda_graph": True}) for c in cfgs],
-                        [tmp_path / f"graph{i}" for i in range(len(cfgs))], progress=False)
+    eager, graph = _eager_and_graph(tmp_path, mnist_root, device="cuda")
     for i, (e, g) in enumerate(zip(eager, graph)):
-        g["config"]["cuda_graph"] = False
         diffs = _close(_comparable(e), _comparable(g), 1e-6)
         assert not diffs, f"config {i}: " + "; ".join(diffs[:5])

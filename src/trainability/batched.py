@@ -175,7 +175,7 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, factors, weight_decays, ep
     each broadcastable per model; weight_decays[i] its coupled L2 strengths, or None for none."""
     for p, g, m, v, (one_minus_b1, b2, one_minus_b2, step_size, bc2), wd in zip(
             params, grads, exp_avgs, exp_avg_sqs, factors, weight_decays):
-        if wd is not None:
+        if wd is not None:   # StackedAdam.grad_with_decay, inside the function so that it fuses
             g = g + wd * p
         m.lerp_(g, one_minus_b1)
         v.mul_(b2).addcmul_(g, g * one_minus_b2)
@@ -210,6 +210,8 @@ class StackedAdam:
         self.k = torch.zeros(M, dtype=torch.float64, device=lr.device)
         self.exp_avg = [torch.zeros_like(p) for p in net.params()]
         self.exp_avg_sq = [torch.zeros_like(p) for p in net.params()]
+        # adam_update's coupled-L2 strengths per parameter: views of wd, built once (not per step)
+        self.wd_views = [_view(weight_decay, p) if self.has_wd else None for p in net.params()]
 
     def grad_with_decay(self, p: torch.Tensor) -> torch.Tensor:
         """Adam's coupled L2: grad + weight_decay * theta (what Adam's moments see)."""
@@ -226,7 +228,7 @@ class StackedAdam:
         ps = self.net.params()
         self.update(ps, [p.grad for p in ps], self.exp_avg, self.exp_avg_sq,
                     [tuple(_view(f[:, self.net.param_layer[i]], p) for f in factors) for i, p in enumerate(ps)],
-                    [_view(self.wd, p) if self.has_wd else None for p in ps], self.eps)
+                    self.wd_views, self.eps)
 
     @torch.no_grad()
     def reset(self, m: int, lr: float) -> None:
