@@ -216,6 +216,32 @@ def test_batched_lanczos_equals_the_one_model_solver():
         assert th == pytest.approx(torch.linalg.eigvalsh(H[m])[-1].item(), rel=1e-5)
 
 
+def test_stacked_windows_equal_the_float_windows_bit_for_bit():
+    """StackedScheduler's Eq. 1 windows against one bounds.VolatilityWindow per (model, column): the same
+    bits through NaN skips, a full window sliding on, and a reset model (one home: bounds.window_stats)."""
+    from types import SimpleNamespace
+    from trainability.bounds import VolatilityWindow
+    M, C, W = 3, 2, 4
+    sched_cfg = dict(tiny("l2-scheduled")["scheduler"], window=W)
+    adam = SimpleNamespace(lr=torch.ones(M, C, dtype=torch.float64))
+    stacked = batched.StackedScheduler(adam, 64, [sched_cfg] * M, [True] * M, C)
+    floats = [[VolatilityWindow(W) for _ in range(C)] for _ in range(M)]
+    g = torch.Generator().manual_seed(0)
+    for push in range(11):
+        if push == 7:
+            stacked.reset(1)
+            floats[1] = [VolatilityWindow(W) for _ in range(C)]
+        x = torch.rand(M, C, generator=g, dtype=torch.float64) * 10 ** torch.randint(-3, 3, (M, C), generator=g)
+        x[torch.rand(M, C, generator=g) < 0.2] = math.nan
+        got = stacked._push(x)
+        for m in range(M):
+            for c in range(C):
+                xv = x[m, c].item()
+                want = floats[m][c].push(xv) if xv == xv else dict.fromkeys(got, math.nan)
+                for k, v in want.items():
+                    assert got[k][m, c].item() == v or math.isnan(v) and math.isnan(got[k][m, c]), (push, m, c, k)
+
+
 def test_cli_dry_run_and_refusal(capsys):
     from trainability.batched import main
     assert main(["--scale", "paper", "--runs", "l2-vanilla", "l2-scheduled", "--dry-run"]) == 0

@@ -39,23 +39,23 @@ from tqdm.auto import tqdm
 from . import bounds, config
 from .data import load_mnist
 from .eigen import mixed_start, ritz_step
-from .indicators import compute_indicators
+from .indicators import task_start_indicators
 from .measure import effective_step, linear_gradient_stats, rms_step
 from .models import activation_fn, build_model, negative_slope
-from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
-                     save_checkpoint, write_json_atomic)
+from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record,
+                     new_record, save_checkpoint)
 from .regularizers import WassersteinPenalty
-from .scheduler import ROW_FIELDS, algorithm1_rule, crossings, layer_bounds
+from .scheduler import ROW_FIELDS, algorithm1_rule, layer_bounds
 from .streams import epoch_order, input_dim, make_stream
 from .optim import ramped_betas
 from .planning import check_batchable
-from .train import (_sub_seed, _wandb_logger, measures, pick_device, set_matmul_precision, steps_per_task,
-                    task_online_acc)
+from .train import _sub_seed, _wandb_logger, measures, pick_device, setup_device, steps_per_task, task_online_acc
 from .wandb_log import run_summary, task_metrics
 
 BOUNDS = ("combined", "noise", "curvature")
-# 2: BatchNorm buffers and the whole-network column (global_vecs); a checkpoint of another format is ignored
-CHECKPOINT_FORMAT = 2
+# 2: BatchNorm buffers and the whole-network column (global_vecs); 3: the scheduler's windows oldest first.
+# A checkpoint of another format is ignored
+CHECKPOINT_FORMAT = 3
 RULES = ("none", "cool", "warm")
 NUM_FIELDS = tuple(f for f in ROW_FIELDS if f != "rule")
 
@@ -511,7 +511,7 @@ class StackedProbe:
 
 class StackedScheduler:
     """scheduler.NoiseCurvatureScheduler (Algorithm 1) for every model at once: the windows are
-    (M, C, W) ring buffers, the rules tensors, and only models with act=True change LRs. Each model has
+    (M, C, W) shift registers, the rules tensors, and only models with act=True change LRs. Each model has
     its own bound, Eq. 2 statistic S, beta and variant; the other constants are shared. Columns are the
     L layers, plus the whole network (column L) when the probe measures it: a global-variant model
     decides there and applies that rule to every layer (its layer rows log their own bounds)."""
@@ -536,7 +536,6 @@ class StackedScheduler:
         self.glob = torch.tensor([c["variant"] == "global" for c in cfgs], device=dev).unsqueeze(1)
         self.values = torch.zeros(M, columns, self.W, dtype=torch.float64, device=dev)
         self.count = torch.zeros(M, columns, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(M, columns, dtype=torch.long, device=dev)
 
     def _bounds(self, m: dict, lam_bar, st: dict, B: int) -> dict:
         """scheduler.layer_bounds for every model, each with its own statistic."""
@@ -550,23 +549,20 @@ class StackedScheduler:
     def reset(self, m: int) -> None:
         self.values[m] = 0
         self.count[m] = 0
-        self.pos[m] = 0
 
     def _push(self, x: torch.Tensor):
-        """VolatilityWindow.push for every (model, layer) whose x is not NaN; NaN stats elsewhere."""
+        """VolatilityWindow.push for every (model, column) whose x is not NaN; NaN stats elsewhere. The
+        windows are shift registers, oldest first, newest last, the empty slots (zeros) in front, so that
+        bounds.window_stats sums them in VolatilityWindow's order."""
         ok = ~torch.isnan(x)
-        slot = torch.nn.functional.one_hot(self.pos, self.W).bool() & ok.unsqueeze(2)
-        self.values = torch.where(slot, x.unsqueeze(2), self.values)
+        shifted = torch.cat([self.values[..., 1:], x.unsqueeze(2)], 2)
+        self.values = torch.where(ok.unsqueeze(2), shifted, self.values)
         self.count = torch.where(ok, (self.count + 1).clamp_max(self.W), self.count)
-        self.pos = torch.where(ok, (self.pos + 1) % self.W, self.pos)
-        valid = torch.arange(self.W, device=x.device) < self.count.unsqueeze(2)   # filled in order 0..W-1
-        n = self.count.clamp_min(1).double()
-        mu = torch.where(valid, self.values, 0.0).sum(2) / n
-        sigma2 = torch.where(valid, (self.values - mu.unsqueeze(2)) ** 2, 0.0).sum(2) / n
-        vol = torch.where(mu + bounds.EPS != 0, sigma2 / (mu + bounds.EPS), math.inf)
+        first = self.W - self.count   # the oldest value's slot
+        st = bounds.window_stats(self.values.unbind(2), x, self.count.clamp_min(1).double(),
+                                 valid=[first <= k for k in range(self.W)])
         nan = torch.full_like(x, math.nan)
-        return {k: torch.where(ok, v, nan) for k, v in
-                {"mu": mu, "sigma2": sigma2, "vol": vol, "sq_dev": (x - mu) ** 2}.items()}
+        return {k: torch.where(ok, v, nan) for k, v in st.items()}
 
     @torch.no_grad()
     def step(self, m: dict, task_frac: float) -> torch.Tensor:
@@ -599,10 +595,10 @@ class StackedScheduler:
         return torch.stack([row[f] for f in NUM_FIELDS] + [rule])
 
     def state_dict(self) -> dict:
-        return {"values": self.values, "count": self.count, "pos": self.pos}
+        return {"values": self.values, "count": self.count}
 
     def load_state_dict(self, s: dict) -> None:
-        self.values, self.count, self.pos = s["values"].clone(), s["count"].clone(), s["pos"].clone()
+        self.values, self.count = s["values"].clone(), s["count"].clone()
 
 
 class CudaGraphStep:
@@ -689,16 +685,11 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     metas = metas or [{} for _ in cfgs]
     out_dirs = [Path(d) for d in out_dirs]
     hashes = [config.config_hash(c) for c in cfgs]
-    if resume and all((d / RECORD_NAME).exists() for d in out_dirs):
-        done = [load_record(d / RECORD_NAME) for d in out_dirs]
-        if all(r["status"] in ("completed", "diverged") and r["provenance"]["config_hash"] == h
-               for r, h in zip(done, hashes)):
-            return done
+    done = [finished_record(d / RECORD_NAME, h) for d, h in zip(out_dirs, hashes)] if resume else [None]
+    if all(r is not None for r in done):
+        return done
     c0 = cfgs[0]
-    if c0["threads"] > 0:
-        torch.set_num_threads(c0["threads"])
-    device = pick_device(c0["device"])
-    set_matmul_precision(c0, device)
+    device = setup_device(c0)
     epochs, per_epoch, task_steps = steps_per_task(c0)
     K, B, T = c0["measure"]["every"], c0["batch_size"], c0["n_tasks"]
     n_images, drop_last = c0["stream"]["n_images"], c0["stream"]["drop_last"]
@@ -816,16 +807,12 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
         t0 = time.perf_counter()
         indicators = [None] * M
         if c0["indicators"]["enabled"]:
-            nf = c0["indicators"]["n_fixed"]
             for m, c in enumerate(cfgs):
                 if not alive[m]:
                     continue
-                x, y = xs[sidx[m]], ys[sidx[m]]
                 model = net.extract(m, c["model"])
                 reg = wass.for_model(m, model) if lam_w[m] > 0 else None
-                indicators[m] = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], reg, float(wd[m]),
-                                                   eig_tol=c["measure"]["eig_tol"],
-                                                   eig_max_iter=c["measure"]["eig_max_iter"])
+                indicators[m] = task_start_indicators(c, model, xs[sidx[m]], ys[sidx[m]], reg, float(wd[m]))
         gens = [torch.Generator(device=device).manual_seed(_sub_seed(c["seed"], t, 1)) for c in cfgs]
         for acc in (correct, correct_partial, loss_sum):
             acc.zero_()
@@ -893,14 +880,10 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
                 append_decision(rec, s, t, frac, rows)
                 for key in (["global"] if global_variant[m] else range(1, L + 1)):   # the rules applied
                     rule_counts[m][key][rows[key]["rule"]] += 1
-            rec["tasks"].append({
-                "task": t, "online_acc": task_online_acc(*correct_h[m], steps_done[m], n_images, B, drop_last),
-                "end_loss": end_loss[m],
-                "end_acc": end_acc[m], "steps": steps_done[m], "wall_s": wall, "lr": lr_h[m],
-                "crossings": crossings(rows_m) if rows_m else None, "indicators": indicators[m]})
-            if diverged_now[m] or not math.isfinite(end_loss[m]):
-                rec.update(status="diverged", diverged_at_task=t)
-                alive[m] = False
+            alive[m] = not end_task(
+                rec, t, online_acc=task_online_acc(*correct_h[m], steps_done[m], n_images, B, drop_last),
+                end_loss=end_loss[m], end_acc=end_acc[m], steps=steps_done[m], wall_s=wall, lr=lr_h[m],
+                rows=rows_m, indicators=indicators[m], diverged=diverged_now[m])
         bar.set_postfix(task=t)
         if not progress:
             accs = " ".join(f"{r['tasks'][-1]['online_acc']:.3f}" for r in records)
@@ -919,11 +902,8 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
             return records
     bar.close()
     for m, (c, rec) in enumerate(zip(cfgs, records)):
-        rec["rule_counts"] = {str(k): v for k, v in rule_counts[m].items()} if measuring[m] else None
-        if rec["status"] == "running":
-            rec["status"] = "completed"
-        rec["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json_atomic(rec, out_dirs[m] / RECORD_NAME)
+        finish_record(rec, out_dirs[m] / RECORD_NAME,
+                      {str(k): v for k, v in rule_counts[m].items()} if measuring[m] else None)
         log_to_wandb(rec, c, metas[m])
     ckpt_path.unlink(missing_ok=True)
     return records

@@ -75,12 +75,34 @@ def alpha_tilde(grad_sq, sigma2_ps, B: int, S, beta: float):
     return _div(B * grad_sq, sigma2_ps + beta * grad_sq * S)
 
 
-class VolatilityWindow:
-    """Window of the last W normalised sharpness values lambda_bar (Eq. 1).
+def window_stats(values, x, n, valid=None) -> dict:
+    """Eq. 1's statistics of a window of normalised sharpness values, newest x included: mu (mean), sigma2
+    (population variance), vol = sigma2 / (mu + eps) [paper] and sq_dev = (x - mu)^2, the authors'
+    instantaneous stand-in for the variance [code].
 
-    push(x) returns mu (mean), sigma2 (population variance), vol = sigma2 / (mu + eps) [paper] and
-    sq_dev = (x - mu)^2, the authors' instantaneous stand-in for the variance [code].
-    """
+    values: the window oldest first, as floats (VolatilityWindow, n = len(values)), or as (M, C) tensors of
+    every (model, column) at once (batched.StackedScheduler: n (M, C) counts, valid[k] whether slot k holds
+    a value; an empty slot holds 0). Both sum in the same order, oldest first, and an empty slot adds an
+    exact 0, so a float window and a stacked one give the same bits."""
+    mu = sum(values) / n
+    dev = [(v - mu) ** 2 for v in values]
+    if valid is not None:
+        import torch
+        dev = [torch.where(ok, d, 0.0) for d, ok in zip(dev, valid)]
+    sigma2 = sum(dev) / n
+    return {"mu": mu, "sigma2": sigma2, "vol": _ratio_or_inf(sigma2, mu + EPS), "sq_dev": (x - mu) ** 2}
+
+
+def _ratio_or_inf(num, den):
+    """num / den, +inf where den == 0 (Vol's guard: a negative mean gives a negative Vol, as in the paper)."""
+    if isinstance(den, (int, float)):
+        return num / den if den != 0 else math.inf
+    import torch
+    return torch.where(den != 0, num / den, math.inf)
+
+
+class VolatilityWindow:
+    """Window of the last W normalised sharpness values lambda_bar (Eq. 1); push(x) returns window_stats."""
 
     def __init__(self, W: int = 30):
         self.W = W
@@ -88,11 +110,7 @@ class VolatilityWindow:
 
     def push(self, x: float) -> dict:
         self.values.append(float(x))
-        n = len(self.values)
-        mu = sum(self.values) / n
-        sigma2 = sum((v - mu) ** 2 for v in self.values) / n
-        return {"mu": mu, "sigma2": sigma2, "vol": sigma2 / (mu + EPS) if mu + EPS != 0 else math.inf,
-                "sq_dev": (float(x) - mu) ** 2}
+        return window_stats(self.values, float(x), len(self.values))
 
     def state_dict(self) -> dict:
         return {"W": self.W, "values": list(self.values)}

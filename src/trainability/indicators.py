@@ -112,6 +112,16 @@ def grad_param_ratio(model: nn.Module, grads: list | None = None) -> float:
     return grad_norm(model, grads) / w if w > 0 else math.inf
 
 
+def task_start_indicators(cfg: dict, model: nn.Module, x: torch.Tensor, y: torch.Tensor, regularizer,
+                          weight_decay: float) -> dict[str, float]:
+    """compute_indicators as a run measures them at each task start (both engines): on the task's first
+    batch_size images, the Hessian rank on its first indicators.n_fixed, the measurement's eigen-solver
+    settings."""
+    B, nf, m = cfg["batch_size"], cfg["indicators"]["n_fixed"], cfg["measure"]
+    return compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], regularizer, weight_decay,
+                              eig_tol=m["eig_tol"], eig_max_iter=m["eig_max_iter"])
+
+
 def compute_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_fixed: torch.Tensor,
                        y_fixed: torch.Tensor, regularizer=None, weight_decay: float = 0.0,
                        eig_tol: float = 1e-4, eig_max_iter: int = 100) -> dict[str, float]:

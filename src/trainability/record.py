@@ -5,6 +5,7 @@ Layout in docs/DESIGN.md. Written atomically, so an interrupted run never leaves
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import config_hash
+from .scheduler import crossings
 
 RECORD_NAME = "record.json"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -104,3 +106,42 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 def load_record(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# -- a run's life, shared by both engines (train.run and batched.run_batched write the same records)
+
+def finished_record(path: Path, chash: str) -> dict | None:
+    """The record at `path` if its run ended (completed or diverged) under the config hash `chash`, else
+    None: the run is (re)done. A truncated or corrupted file is redone too; nothing is lost."""
+    if not path.exists():
+        return None
+    try:
+        rec = load_record(path)
+    except ValueError:
+        print(f"warning: {path} is not valid JSON; running again", file=sys.stderr)
+        return None
+    done = rec["status"] in ("completed", "diverged") and rec["provenance"]["config_hash"] == chash
+    return rec if done else None
+
+
+def end_task(record: dict, t: int, *, online_acc: float, end_loss: float, end_acc: float, steps: int,
+             wall_s: float, lr: list, rows: list[dict], indicators, diverged: bool) -> bool:
+    """Append task t's entry (rows: the task's decision rows, for Fig. 4's crossings) and apply the NaN
+    policy: a run whose loss went non-finite during the task (checked once per epoch) or whose end-of-task
+    loss is not finite is recorded as diverged at t, and stops. Returns whether it diverged."""
+    record["tasks"].append({"task": t, "online_acc": online_acc, "end_loss": end_loss, "end_acc": end_acc,
+                            "steps": steps, "wall_s": wall_s, "lr": lr,
+                            "crossings": crossings(rows) if rows else None, "indicators": indicators})
+    if diverged or not math.isfinite(end_loss):
+        record.update(status="diverged", diverged_at_task=t)
+        return True
+    return False
+
+
+def finish_record(record: dict, path: Path, rule_counts: dict | None) -> None:
+    """A run that ran to its end (or diverged): rule counts, status, finishing time; written atomically."""
+    record["rule_counts"] = rule_counts
+    if record["status"] == "running":
+        record["status"] = "completed"
+    record["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json_atomic(record, path)

@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 from .config import (ConfigError, config_hash, params_and_scale, params_parser, resolve_with_sets,
                      validate_run)
 from .data import DataError, load_mnist
-from .indicators import compute_indicators
+from .indicators import task_start_indicators
 from .measure import DecisionProbe
 from .models import build_model, param_groups
 from .optim import ramped_betas
-from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, load_record, new_record,
-                     save_checkpoint, write_json_atomic)
+from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record,
+                     new_record, save_checkpoint)
 from .regularizers import adam_weight_decay, build_regularizer
-from .scheduler import build_scheduler, crossings
+from .scheduler import build_scheduler
 from .streams import batches, input_dim, make_stream, mix_seed
 from .wandb_log import WandbLogger, run_summary, task_metrics
 
@@ -38,6 +38,15 @@ from .wandb_log import WandbLogger, run_summary, task_metrics
 def measures(cfg: dict) -> bool:
     """Whether a run measures at decision steps: when asked to, and always in the scheduled arm."""
     return cfg["measure"]["enabled"] or cfg["arm"] == "scheduled"
+
+
+def setup_device(cfg: dict) -> torch.device:
+    """The run's device, thread count and matmul precision (the keys device, threads, tf32)."""
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
+    set_matmul_precision(cfg, device)
+    return device
 
 
 def pick_device(name: str) -> torch.device:
@@ -160,18 +169,10 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
     out_dir.mkdir(parents=True, exist_ok=True)
     record_path, ckpt_path = out_dir / RECORD_NAME, out_dir / CHECKPOINT_NAME
     chash = config_hash(cfg)
-    if resume and record_path.exists():
-        try:
-            done = load_record(record_path)
-        except ValueError:   # truncated or corrupted: the run is redone, nothing is lost
-            print(f"warning: {record_path} is not valid JSON; running again", file=sys.stderr)
-            done = {"status": "corrupt"}
-        if done["status"] in ("completed", "diverged") and done["provenance"]["config_hash"] == chash:
-            return done
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
-    device = pick_device(cfg["device"])
-    set_matmul_precision(cfg, device)
+    done = finished_record(record_path, chash) if resume else None
+    if done is not None:
+        return done
+    device = setup_device(cfg)
     seed = cfg["seed"]
 
     x_all, y_all = load_mnist(cfg["data"]["root"], train=True)
@@ -202,13 +203,9 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
             model = learner.model
         x, y = stream.task(t)
         t0 = time.perf_counter()
-        indicators = None
-        if cfg["indicators"]["enabled"]:
-            nf = cfg["indicators"]["n_fixed"]
-            indicators = compute_indicators(model, x[:B], y[:B], x[:nf], y[:nf], learner.regularizer,
-                                            adam_weight_decay(cfg["regularizer"]),
-                                            eig_tol=cfg["measure"]["eig_tol"],
-                                            eig_max_iter=cfg["measure"]["eig_max_iter"])
+        indicators = task_start_indicators(cfg, model, x, y, learner.regularizer,
+                                           adam_weight_decay(cfg["regularizer"])) \
+            if cfg["indicators"]["enabled"] else None
         gen = torch.Generator(device=device).manual_seed(_sub_seed(seed, t, 1))
         correct = torch.zeros((), device=device)          # over full minibatches
         correct_partial = torch.zeros((), device=device)  # over last partial ones (drop_last false)
@@ -256,19 +253,17 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
         online_acc = task_online_acc(correct.item(), correct_partial.item(), step_in_task, stream.n, B,
                                      cfg["stream"]["drop_last"])
         end_loss, end_acc = evaluate(model, x, y)
-        task_rec = {"task": t, "online_acc": online_acc, "end_loss": end_loss, "end_acc": end_acc,
-                    "steps": step_in_task, "wall_s": round(time.perf_counter() - t0, 3),
-                    "lr": [g["lr"] for g in learner.optimizer.param_groups],
-                    "crossings": crossings(rows_this_task) if rows_this_task else None,
-                    "indicators": indicators}
-        record["tasks"].append(task_rec)
+        diverged = end_task(record, t, online_acc=online_acc, end_loss=end_loss, end_acc=end_acc,
+                            steps=step_in_task, wall_s=round(time.perf_counter() - t0, 3),
+                            lr=[g["lr"] for g in learner.optimizer.param_groups], rows=rows_this_task,
+                            indicators=indicators, diverged=diverged)
+        task_rec = record["tasks"][-1]
         logger.log(task_metrics(task_rec), step=step)
         bar.set_postfix(task=t, acc=f"{online_acc:.3f}")
         if not progress:  # logs of pipeline jobs: one line per task instead of a bar
             print(f"task {t}/{cfg['n_tasks']}  online acc {online_acc:.4f}  end acc {end_acc:.4f}  "
                   f"lr {task_rec['lr'][0]:.3g}  {task_rec['wall_s']:.1f}s", file=sys.stderr, flush=True)
-        if diverged or not (end_loss == end_loss and abs(end_loss) != float("inf")):
-            record.update(status="diverged", diverged_at_task=t)
+        if diverged:
             break
         save_checkpoint({"learner": learner.state_dict(), "record": record, "next_task": t + 1,
                          "step": step}, ckpt_path)
@@ -277,11 +272,7 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
             logger.finish(exit_code=1)
             return record
     bar.close()
-    record["rule_counts"] = learner.scheduler.rule_counts if learner.probe is not None else None
-    if record["status"] == "running":
-        record["status"] = "completed"
-    record["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json_atomic(record, record_path)
+    finish_record(record, record_path, learner.scheduler.rule_counts if learner.probe is not None else None)
     logger.summary(run_summary(record))
     logger.finish(exit_code=0 if record["status"] == "completed" else 1)
     ckpt_path.unlink(missing_ok=True)
