@@ -170,6 +170,10 @@ def test_resume_equals_uninterrupted(tmp_path, mnist_root):
     assert len(part[0]["tasks"]) == 1 and not (dirs[0] / "record.json").exists()
     resumed = run_batched(cfgs, dirs, progress=False)
     assert [_comparable(r) for r in resumed] == [_comparable(r) for r in full]
+    # a truncated record (a run killed while writing it) is redone, not a traceback (record.finished_record)
+    (dirs[1] / "record.json").write_text('{"status": "compl')
+    redone = run_batched(cfgs, dirs, progress=False)
+    assert [_comparable(r) for r in redone] == [_comparable(r) for r in full]
 
 
 def test_diverged_model_is_recorded_and_the_others_are_untouched(tmp_path, mnist_root):
