@@ -57,9 +57,13 @@ def test_an_unread_key_is_reported():
 
 
 def test_the_measurement_settings_reach_the_sharpness_indicator():
-    """measure.eig_tol / measure.eig_max_iter govern every eigen-solve, the sharpness indicator's too."""
+    """measure.eig_tol / measure.eig_max_iter govern every eigen-solve, the sharpness indicator's too: both
+    engines measure the indicators through indicators.task_start_indicators, which passes them on."""
+    src = ROOT / "src" / "trainability"
+    text = (src / "indicators.py").read_text()
+    call = text[text.index("def task_start_indicators("):]
+    call = call[:call.index("\n\n")]
+    assert 'eig_tol=m["eig_tol"]' in call and 'eig_max_iter=m["eig_max_iter"]' in call
     for engine in ("train.py", "batched.py"):
-        text = (ROOT / "src" / "trainability" / engine).read_text()
-        call = text[text.index("compute_indicators(model"):]
-        call = call[:call.index("\n\n")]
-        assert 'eig_tol=' in call and 'eig_max_iter=' in call, engine
+        text = (src / engine).read_text()
+        assert "task_start_indicators(" in text and "compute_indicators(" not in text, engine
