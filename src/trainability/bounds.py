@@ -94,7 +94,7 @@ def window_stats(values, x, n, valid=None) -> dict:
 
 
 def _ratio_or_inf(num, den):
-    """num / den, +inf where den == 0 (Vol's guard: a negative mean gives a negative Vol, as in the paper)."""
+    """num / den, +inf where den == 0: Vol's only guard (a negative mean gives a negative Vol, Eq. 1 as written)."""
     if isinstance(den, (int, float)):
         return num / den if den != 0 else math.inf
     import torch

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from .config import config_hash
-from .scheduler import crossings
 
 RECORD_NAME = "record.json"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -129,6 +128,7 @@ def end_task(record: dict, t: int, *, online_acc: float, end_loss: float, end_ac
     """Append task t's entry (rows: the task's decision rows, for Fig. 4's crossings) and apply the NaN
     policy: a run whose loss went non-finite during the task (checked once per epoch) or whose end-of-task
     loss is not finite is recorded as diverged at t, and stops. Returns whether it diverged."""
+    from .scheduler import crossings   # here, not at the top: the stages that only read records need no engine
     record["tasks"].append({"task": t, "online_acc": online_acc, "end_loss": end_loss, "end_acc": end_acc,
                             "steps": steps, "wall_s": wall_s, "lr": lr,
                             "crossings": crossings(rows) if rows else None, "indicators": indicators})
