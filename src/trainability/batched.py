@@ -344,7 +344,11 @@ def batched_lanczos(hvp, v: torch.Tensor, tol: float, max_iter: int, min_iter: i
     product, no GPU eigh). Returns (theta (M,) float64, Ritz vectors (M, n), products (M,)) on v's device."""
     M, n = v.shape
     dev = v.device
-    Q, betas = [v], []                              # on the device
+    # the Lanczos vectors (M, k, n) on the device, in one buffer grown by doubling: each product reads
+    # views of it, where stacking a list copied all k vectors again (M x k x n floats) every product
+    basis = v.new_empty(M, min(max_iter, 8), n)
+    basis[:, 0] = v
+    k, b_prev = 1, None
     alphas_h = torch.zeros(M, max_iter, dtype=torch.float64)   # the rest on the host
     betas_h = torch.zeros(M, max_iter, dtype=torch.float64)
     active = torch.ones(M, dtype=torch.bool)
@@ -354,11 +358,12 @@ def batched_lanczos(hvp, v: torch.Tensor, tol: float, max_iter: int, min_iter: i
     iters = torch.zeros(M, dtype=torch.long)
     y_final = torch.zeros(M, max_iter, dtype=torch.float64)
     for it in range(1, max_iter + 1):
-        w = hvp(Q[-1])
-        a_raw = (w * Q[-1]).sum(1)
+        q = basis[:, k - 1]
+        w = hvp(q)
+        a_raw = (w * q).sum(1)
         a = torch.where(torch.isfinite(a_raw), a_raw, torch.zeros_like(a_raw))   # a failed model must
-        w = w - a.unsqueeze(1) * Q[-1] - (betas[-1].unsqueeze(1) * Q[-2] if betas else 0.0)   # not poison w
-        Qm = torch.stack(Q, 1)                                     # (M, it, n)
+        w = w - a.unsqueeze(1) * q - (b_prev.unsqueeze(1) * basis[:, k - 2] if k > 1 else 0.0)   # not poison w
+        Qm = basis[:, :k]                                          # (M, it, n)
         w = w - torch.einsum("mkn,mk->mn", Qm, torch.einsum("mkn,mn->mk", Qm, w))
         b = w.norm(dim=1)
         b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))   # ... nor eigh
@@ -378,12 +383,17 @@ def batched_lanczos(hvp, v: torch.Tensor, tol: float, max_iter: int, min_iter: i
         theta_prev = th
         if it == max_iter or (tol > 0 and not bool(active.any())):
             break
-        betas.append(b)
+        b_prev = b
         betas_h[:, it - 1] = b_h
         keep = active.to(dev, non_blocking=True)
         safe_b = torch.where(keep, b, torch.ones_like(b))
-        Q.append(torch.where(keep.unsqueeze(1), w / safe_b.unsqueeze(1), torch.zeros_like(w)))
-    Qm = torch.stack(Q, 1)
+        if k == basis.shape[1]:
+            grown = v.new_empty(M, min(2 * k, max_iter), n)
+            grown[:, :k] = basis
+            basis = grown
+        basis[:, k] = torch.where(keep.unsqueeze(1), w / safe_b.unsqueeze(1), torch.zeros_like(w))
+        k += 1
+    Qm = basis[:, :k]
     ritz = torch.einsum("mkn,mk->mn", Qm, y_final[:, :Qm.shape[1]].to(Qm))
     ritz = ritz / (ritz.norm(dim=1, keepdim=True) + 1e-30)
     theta = torch.where(failed, math.nan, theta)
