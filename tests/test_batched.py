@@ -225,14 +225,14 @@ def test_stacked_windows_equal_the_float_windows_bit_for_bit():
     bits through NaN skips, a full window sliding on, and a reset model (one home: bounds.window_stats)."""
     from types import SimpleNamespace
     from trainability.bounds import VolatilityWindow
-    M, C, W = 3, 2, 4
+    M, C, W = 3, 2, 16
     sched_cfg = dict(tiny("l2-scheduled")["scheduler"], window=W)
     adam = SimpleNamespace(lr=torch.ones(M, C, dtype=torch.float64))
     stacked = batched.StackedScheduler(adam, 64, [sched_cfg] * M, [True] * M, C)
     floats = [[VolatilityWindow(W) for _ in range(C)] for _ in range(M)]
     g = torch.Generator().manual_seed(0)
-    for push in range(11):
-        if push == 7:
+    for push in range(40):
+        if push == 25:
             stacked.reset(1)
             floats[1] = [VolatilityWindow(W) for _ in range(C)]
         x = torch.rand(M, C, generator=g, dtype=torch.float64) * 10 ** torch.randint(-3, 3, (M, C), generator=g)

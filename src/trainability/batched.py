@@ -569,8 +569,8 @@ class StackedScheduler:
         self.values = torch.where(ok.unsqueeze(2), shifted, self.values)
         self.count = torch.where(ok, (self.count + 1).clamp_max(self.W), self.count)
         first = self.W - self.count   # the oldest value's slot
-        st = bounds.window_stats(self.values.unbind(2), x, self.count.clamp_min(1).double(),
-                                 valid=[first <= k for k in range(self.W)])
+        st = bounds.window_stats(self.values, x, self.count.clamp_min(1).double(),
+                                 valid=torch.arange(self.W, device=x.device) >= first.unsqueeze(2))
         nan = torch.full_like(x, math.nan)
         return {k: torch.where(ok, v, nan) for k, v in st.items()}
 

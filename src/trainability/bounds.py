@@ -80,17 +80,26 @@ def window_stats(values, x, n, valid=None) -> dict:
     (population variance), vol = sigma2 / (mu + eps) [paper] and sq_dev = (x - mu)^2, the authors'
     instantaneous stand-in for the variance [code].
 
-    values: the window oldest first, as floats (VolatilityWindow, n = len(values)), or as (M, C) tensors of
-    every (model, column) at once (batched.StackedScheduler: n (M, C) counts, valid[k] whether slot k holds
-    a value; an empty slot holds 0). Both sum in the same order, oldest first, and an empty slot adds an
-    exact 0, so a float window and a stacked one give the same bits."""
-    mu = sum(values) / n
-    dev = [(v - mu) ** 2 for v in values]
-    if valid is not None:
+    values: the window oldest first, as floats (VolatilityWindow, n = len(values)), or as an (M, C, W)
+    tensor of every (model, column) at once (batched.StackedScheduler: n (M, C) counts, valid (M, C, W)
+    whether a slot holds a value; an empty slot holds 0). Both sum oldest first, and an empty slot adds an
+    exact 0, so on the CPU a float window and a stacked one give the same bits."""
+    mu = _sum_oldest_first(values) / n
+    if valid is None:
+        dev = [(v - mu) ** 2 for v in values]
+    else:
         import torch
-        dev = [torch.where(ok, d, 0.0) for d, ok in zip(dev, valid)]
-    sigma2 = sum(dev) / n
+        dev = torch.where(valid, (values - mu.unsqueeze(-1)) ** 2, 0.0)
+    sigma2 = _sum_oldest_first(dev) / n
     return {"mu": mu, "sigma2": sigma2, "vol": _ratio_or_inf(sigma2, mu + EPS), "sq_dev": (x - mu) ** 2}
+
+
+def _sum_oldest_first(values):
+    """Left-to-right sum over a window: Python's sum over floats; for a (..., W) tensor its cumsum's last
+    entry, one kernel (the CPU's cumsum adds left to right, as sum does; a GPU's scan rounds otherwise)."""
+    if hasattr(values, "cumsum"):
+        return values.cumsum(-1)[..., -1]
+    return sum(values)
 
 
 def _ratio_or_inf(num, den):
