@@ -91,12 +91,12 @@ def test_design_record_layout_names_every_record_field():
     rec = new_record(resolve_run(load_params(ROOT / "params.yaml"), "smoke", "l2-scheduled", 0),
                      torch.device("cpu"), 1)
     src = ROOT / "src" / "trainability"
-    train = (src / "train.py").read_text() + (src / "record.py").read_text()   # record.end_task, finish_record
-    task_entry = train[train.index('record["tasks"].append({'):]
+    writers = (src / "train.py").read_text() + (src / "record.py").read_text()   # record.end_task, finish_record
+    task_entry = writers[writers.index('record["tasks"].append({'):]
     task_entry = task_entry[:task_entry.index("})\n")]
     keys = (set(rec) | set(rec["decisions"]) | set(rec["provenance"]) | {"finished"} | set(ROW_FIELDS)
             | set(re.findall(r'"(\w+)":', task_entry))
-            | set(re.findall(r"record\.update\((\w+)=", train)) | set(re.findall(r'record\["(\w+)"\] =', train)))
+            | set(re.findall(r"record\.update\((\w+)=", writers)) | set(re.findall(r'record\["(\w+)"\] =', writers)))
     assert keys - documented == set(), f"record fields missing from docs/DESIGN.md: {sorted(keys - documented)}"
 
 

@@ -695,9 +695,10 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     metas = metas or [{} for _ in cfgs]
     out_dirs = [Path(d) for d in out_dirs]
     hashes = [config.config_hash(c) for c in cfgs]
-    done = [finished_record(d / RECORD_NAME, h) for d, h in zip(out_dirs, hashes)] if resume else [None]
-    if all(r is not None for r in done):
-        return done
+    if resume:
+        done = [finished_record(d / RECORD_NAME, h) for d, h in zip(out_dirs, hashes)]
+        if all(r is not None for r in done):
+            return done
     c0 = cfgs[0]
     device = setup_device(c0)
     epochs, per_epoch, task_steps = steps_per_task(c0)
