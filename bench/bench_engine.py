@@ -24,7 +24,8 @@ from trainability import config
 from trainability.data import load_mnist, prepare_mnist
 from trainability.models import build_model, param_groups
 from trainability.streams import batches, make_stream
-from trainability.train import run, steps_per_task
+from trainability.loop import steps_per_task
+from trainability.train import run
 
 
 def engine_cfg(args, measure: bool, arm: str = "vanilla") -> dict:

@@ -31,8 +31,9 @@ import torch
 
 from trainability import config
 from trainability.batched import run_batched
+from trainability.loop import steps_per_task
 from trainability.pipeline import run_jobs
-from trainability.train import run as train_run, steps_per_task
+from trainability.train import run as train_run
 
 MB_PER_MODEL_STEP = 39.0   # bench_batched.py's counted traffic of one model-step (not measured)
 

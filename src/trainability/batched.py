@@ -11,10 +11,11 @@ starts (planning.PER_MODEL_KEYS). Weights are stacked along a leading model dime
 one batched matmul, so M models take the kernel launches of one: on a GPU the paper's tiny MLP is
 launch-bound, and batching is how it gets near the hardware's limits.
 
-Every model follows exactly the computation of `train.run` (same draws from the same seeds, the same
-Adam arithmetic, the same decision-step measurement and Algorithm 1), so each record equals the
-one-model-at-a-time record up to float rounding (tests/test_batched.py). The step loop has no host
-synchronisation except, as in `train.run`, one divergence check per epoch; a decision step sends each
+`BatchedRuns` follows the loop of the one-model engine (loop.train_stream) and each model the computation
+of `train.run` (same draws from the same seeds, the same Adam arithmetic, the same decision-step
+measurement and Algorithm 1), so each record equals the one-model-at-a-time record up to float rounding
+(tests/test_batched.py). The step loop has no host synchronisation except, as in `train.run`, one
+divergence check per epoch; a decision step sends each
 Lanczos product's M alphas and betas to the host, which solves the tiny tridiagonal problems and decides
 when every model has converged (one sync per product). Decision rows stay on the device until the end
 of the task. On CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on
@@ -28,13 +29,11 @@ from __future__ import annotations
 import functools
 import math
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import bounds, config
 from .data import load_mnist
@@ -42,20 +41,21 @@ from .eigen import mixed_start, ritz_step
 from .indicators import task_start_indicators
 from .measure import effective_step, linear_gradient_stats, rms_step
 from .models import activation_fn, build_model, negative_slope
+from .loop import measures, steps_per_task, train_stream
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record,
-                     new_record, save_checkpoint)
+                     new_record)
 from .regularizers import WassersteinPenalty
 from .scheduler import ROW_FIELDS, algorithm1_rule, layer_bounds
 from .streams import epoch_order, input_dim, make_stream
 from .optim import ramped_betas
 from .planning import check_batchable
-from .train import _sub_seed, _wandb_logger, measures, pick_device, setup_device, steps_per_task, task_online_acc
+from .train import _sub_seed, _wandb_logger, pick_device, setup_device, task_online_acc
 from .wandb_log import run_summary, task_metrics
 
 BOUNDS = ("combined", "noise", "curvature")
-# 2: BatchNorm buffers and the whole-network column (global_vecs); 3: the scheduler's windows oldest first.
-# A checkpoint of another format is ignored
-CHECKPOINT_FORMAT = 3
+# 2: BatchNorm buffers and the whole-network column (global_vecs); 3: the scheduler's windows oldest first;
+# 4: loop.train_stream's layout. A checkpoint of another format is ignored
+CHECKPOINT_FORMAT = 4
 RULES = ("none", "cool", "warm")
 NUM_FIELDS = tuple(f for f in ROW_FIELDS if f != "rule")
 
@@ -685,239 +685,254 @@ def _evaluate(net: StackedMLP, xs, ys, sidx, chunk: int = 2048):
     return (loss / N).tolist(), (correct / N).tolist()
 
 
+class BatchedRuns:
+    """M runs of one model shape as one engine of loop.train_stream: the stacked model, its Adam,
+    Wasserstein penalty, probe and scheduler, the runs' streams on the device, and their records (written
+    at the end, and replayed into W&B then)."""
+
+    def __init__(self, cfgs: list[dict], device: torch.device, metas: list[dict], out_dirs: list[Path]):
+        self.cfgs, self.device, self.metas, self.out_dirs = cfgs, device, metas, out_dirs
+        c0 = cfgs[0]
+        self.M = M = len(cfgs)
+        self.epochs = steps_per_task(c0)[0]
+        self.B = B = c0["batch_size"]
+        self.n_images = c0["stream"]["n_images"]
+        self.drop_last = c0["stream"]["drop_last"]
+        self.n_full = self.n_images // B   # full minibatches per epoch; one partial more unless drop_last
+        self.betas0 = tuple(c0["optim"]["betas"])
+
+        # data: one stream per distinct seed, on the device; model m reads seed slot sidx[m]
+        x_all, y_all = load_mnist(c0["data"]["root"], train=True)
+        self.seeds = sorted({c["seed"] for c in cfgs})
+        self.streams = {s: make_stream(c0["stream"], x_all, y_all, s, device) for s in self.seeds}
+        self.sidx = torch.tensor([self.seeds.index(c["seed"]) for c in cfgs], device=device)
+        self.xs = torch.stack([self.streams[s].x for s in self.seeds])
+
+        models = []
+        for c in cfgs:
+            torch.manual_seed(_sub_seed(c["seed"], 0))   # as train.Learner
+            models.append(build_model(c["model"], input_dim(c["stream"])))
+        self.net = net = StackedMLP(models, device)
+        self.L = L = net.n_layers
+        self.lr0 = [float(c["optim"]["lr"]) for c in cfgs]
+        lr = torch.tensor(self.lr0, dtype=torch.float64, device=device).unsqueeze(1).repeat(1, L)
+        self.wd = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "l2" else 0.0 for c in cfgs],
+                               device=device)
+        self.adam = StackedAdam(net, lr, self.wd, self.betas0, c0["optim"]["eps"], fused=c0["fused_adam"])
+        self.lam_w = [c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs]
+        self.wass = StackedWasserstein(net, self.lam_w) if any(x > 0 for x in self.lam_w) else None
+        # the probe runs for every model when any measures; only the measuring ones keep its rows
+        self.measuring_m = [measures(c) for c in cfgs]
+        self.measuring = any(self.measuring_m)
+        init_seeds = [_sub_seed(c["seed"], 0) for c in cfgs]
+        # the whole network as one more decision column: for measure.global (its lam_max) and the global variant
+        global_lam = [c["measure"]["global"] for c in cfgs]
+        self.global_variant = [c["scheduler"]["variant"] == "global" for c in cfgs]
+        global_column = any(global_lam) or any(self.global_variant)
+        self.probe = StackedProbe(net, self.adam, B, init_seeds, c0["measure"]["eig_tol"], c0["measure"]["eig_max_iter"],
+                                  [c["scheduler"]["code_alpha_agg"] for c in cfgs], global_lam,
+                                  global_column) if self.measuring else None
+        self.sched = StackedScheduler(self.adam, B, [c["scheduler"] for c in cfgs],
+                                      [c["arm"] == "scheduled" for c in cfgs], L + global_column) \
+            if self.measuring else None
+        # each model's decision rows: its layers, and "global" for the global variant (as scheduler.step)
+        self.row_keys = [list(range(1, L + 1)) + (["global"] if g else []) for g in self.global_variant]
+        ramp = [c["optim"]["beta_ramp"] for c in cfgs]
+        self.ramping = any(ramp)
+        self.ramp_rows = None if all(ramp) else torch.tensor(ramp, device=device)
+        self.records = [dict(new_record(c, device, L), name=mt.get("run"), scale=mt.get("scale"),
+                             batched={"models": M, "position": i}) for i, (c, mt) in enumerate(zip(cfgs, metas))]
+        self.rule_counts = [_no_rules(L) for _ in cfgs]
+        self.alive = [True] * M
+
+        # the task's labels and counters live as long as the run, updated in place (a CUDA graph reads them)
+        self.ys = torch.zeros(len(self.seeds), self.n_images, dtype=torch.long, device=device)
+        self.correct = torch.zeros(M, device=device)           # over full minibatches
+        self.correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)
+        self.loss_sum = torch.zeros(M, device=device)
+        self.graph = CudaGraphStep.for_device(self.plain_step, net.params(), device) if c0["cuda_graph"] else None
+
+    def objective(self, xb, yb, keep=False):
+        logits, inputs, outs = self.net.forward(xb, keep)
+        ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(self.M, -1).mean(1)
+        total = ce + self.wass() if self.wass is not None else ce
+        return logits, ce, total.sum(), inputs, outs
+
+    def forward_backward(self, bidx, counts, keep=False):
+        """The step up to Adam: gather each model's minibatch bidx (M, b) on the device, forward, backward,
+        count hits and sum the losses."""
+        rows = self.sidx.unsqueeze(1)
+        xb, yb = self.xs[rows, bidx], self.ys[rows, bidx]
+        logits, ce, total, inputs, outs = self.objective(xb, yb, keep)
+        total.backward()
+        counts.add_((logits.argmax(2) == yb).sum(1))
+        self.loss_sum.add_(ce.detach())
+        return xb, yb, inputs, outs
+
+    def plain_step(self, bidx):
+        """A full-minibatch step without a decision: what the CUDA graph captures."""
+        self.forward_backward(bidx, self.correct)
+        self.adam.step()
+
+    def start_task(self, t: int) -> None:
+        net, M = self.net, self.M
+        self.task = t
+        if t > 0:
+            for m, c in enumerate(self.cfgs):
+                if c["arm"] == "reset":   # as train.SingleRun: a fresh model, optimiser, probe and scheduler
+                    torch.manual_seed(_sub_seed(c["seed"], t))
+                    net.load(m, build_model(c["model"], input_dim(c["stream"])))
+                    self.adam.reset(m, self.lr0[m])
+                    if self.wass is not None:
+                        self.wass.reset(m)
+                    if self.probe is not None:
+                        self.probe.reset(m, _sub_seed(c["seed"], t))
+                        self.sched.reset(m)
+                        self.rule_counts[m] = _no_rules(self.L)
+        self.ys.copy_(torch.stack([self.streams[s].task(t)[1] for s in self.seeds]))
+        self.indicators = [None] * M
+        if self.cfgs[0]["indicators"]["enabled"]:
+            for m, c in enumerate(self.cfgs):
+                if not self.alive[m]:
+                    continue
+                model = net.extract(m, c["model"])
+                reg = self.wass.for_model(m, model) if self.lam_w[m] > 0 else None
+                self.indicators[m] = task_start_indicators(c, model, self.xs[self.sidx[m]], self.ys[self.sidx[m]],
+                                                           reg, float(self.wd[m]))
+        self.gens = [torch.Generator(device=self.device).manual_seed(_sub_seed(c["seed"], t, 1)) for c in self.cfgs]
+        for acc in (self.correct, self.correct_partial, self.loss_sum):
+            acc.zero_()
+        self.rows = []
+        self.steps_in_task = 0
+        self.steps_done = [0] * M   # per model: a diverged one's stop where train.SingleRun stops
+        self.diverged = [False] * M
+        self.correct_frozen = [None] * M
+
+    def minibatches(self, epoch: int):
+        """streams.batches' minibatches for every model, as views of one (M, n) order: (M, B) each, then
+        the partial (M, b) one unless drop_last."""
+        B, n_full = self.B, self.n_full
+        order = torch.stack([epoch_order(self.n_images, g) for g in self.gens])
+        full = order[:, :n_full * B].view(self.M, n_full, B)
+        tail = [order[:, n_full * B:]] if not self.drop_last and self.n_images % B else []
+        return [full[:, j] for j in range(n_full)] + tail
+
+    def step(self, bidx, *, step: int, frac: float, decide: bool) -> None:
+        self.steps_in_task += 1
+        full = bidx.shape[1] == self.B
+        if self.graph is not None and full and not decide:
+            self.graph(bidx)
+            return
+        # eager: decision steps (the probe needs the step's activations) and partial minibatches
+        for p in self.net.params():
+            p.grad = None
+        xb, yb, inputs, outs = self.forward_backward(bidx, self.correct if full else self.correct_partial,
+                                                     keep=decide)
+        if decide:
+            meas = self.probe.measure(inputs, outs, lambda: self.objective(xb, yb)[2])
+            self.rows.append((step, frac, self.sched.step(meas, frac)))
+        self.adam.step()
+
+    def ramp(self, epoch: int) -> None:
+        if not self.ramping:
+            return
+        adam = self.adam
+        b1, b2 = ramped_betas(self.betas0, epoch, self.epochs)
+        if self.ramp_rows is None:
+            adam.beta1[:, 0], adam.beta2[:, 0] = b1, b2
+        else:
+            adam.beta1[:, 0] = torch.where(self.ramp_rows, b1, adam.beta1[:, 0])
+            adam.beta2[:, 0] = torch.where(self.ramp_rows, b2, adam.beta2[:, 0])
+
+    def end_epoch(self) -> bool:
+        """The NaN check of every model (one host sync); a diverged model's counts are frozen where
+        train.SingleRun stops its task. True when no model is left training in this task."""
+        finite = torch.isfinite(self.loss_sum).tolist()
+        correct_now = None
+        for m in range(self.M):
+            if self.alive[m] and not self.diverged[m]:
+                self.steps_done[m] = self.steps_in_task
+                if not finite[m]:
+                    self.diverged[m] = True
+                    correct_now = correct_now or list(zip(self.correct.tolist(), self.correct_partial.tolist()))
+                    self.correct_frozen[m] = correct_now[m]
+        return all(d or not a for d, a in zip(self.diverged, self.alive))
+
+    def end_task(self, t: int, *, steps: int, wall_s: float, step: int) -> bool:
+        L = self.L
+        end_loss, end_acc = _evaluate(self.net, self.xs, self.ys, self.sidx)
+        host_rows = torch.stack([r for _, _, r in self.rows]).cpu() if self.rows else None  # one transfer per task
+        correct_h = [f if f is not None else c
+                     for f, c in zip(self.correct_frozen, zip(self.correct.tolist(), self.correct_partial.tolist()))]
+        lr_h = self.adam.lr.tolist()
+        for m, c in enumerate(self.cfgs):
+            if not self.alive[m]:
+                continue
+            rec = self.records[m]
+            rows_m = []
+            for i, (s, frac, _) in enumerate(self.rows if self.measuring_m[m] else []):
+                rows = _rows_to_dicts(host_rows[i], m, self.row_keys[m])
+                rows_m.append(rows)
+                append_decision(rec, s, t, frac, rows)
+                for key in (["global"] if self.global_variant[m] else range(1, L + 1)):   # the rules applied
+                    self.rule_counts[m][key][rows[key]["rule"]] += 1
+            self.alive[m] = not end_task(
+                rec, t, online_acc=task_online_acc(*correct_h[m], self.steps_done[m], self.n_images, self.B,
+                                                   self.drop_last),
+                end_loss=end_loss[m], end_acc=end_acc[m], steps=self.steps_done[m], wall_s=wall_s, lr=lr_h[m],
+                rows=rows_m, indicators=self.indicators[m], diverged=self.diverged[m])
+        return any(self.alive)
+
+    def task_line(self, t: int) -> str:
+        accs = " ".join(f"{r['tasks'][-1]['online_acc']:.3f}" for r in self.records)
+        return f"online acc per model {accs}  {self.records[0]['tasks'][-1]['wall_s']:.1f}s"
+
+    def state_dict(self) -> dict:
+        return {"params": [p.detach() for p in self.net.params()], "buffers": self.net.buffers(),
+                "adam": self.adam.state_dict(), "wass": self.wass.sorted_init if self.wass is not None else None,
+                "probe": self.probe.state_dict() if self.probe else None,
+                "sched": self.sched.state_dict() if self.sched else None, "records": self.records,
+                "rule_counts": self.rule_counts, "alive": self.alive}
+
+    def load_state_dict(self, s: dict) -> None:
+        with torch.no_grad():
+            for p, q in zip(self.net.params() + self.net.buffers(), s["params"] + s["buffers"]):
+                p.copy_(q)
+        self.adam.load_state_dict(s["adam"])
+        if self.wass is not None:
+            self.wass.sorted_init = [t.clone() for t in s["wass"]]
+        if self.probe is not None:
+            self.probe.load_state_dict(s["probe"])
+            self.sched.load_state_dict(s["sched"])
+        self.records, self.rule_counts, self.alive = s["records"], s["rule_counts"], s["alive"]
+
+    def finish(self, completed: bool) -> None:
+        if not completed:
+            return
+        for m, (c, rec) in enumerate(zip(self.cfgs, self.records)):
+            finish_record(rec, self.out_dirs[m] / RECORD_NAME,
+                          {str(k): v for k, v in self.rule_counts[m].items()} if self.measuring_m[m] else None)
+            log_to_wandb(rec, c, self.metas[m])
+
+
 def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = None, resume: bool = True,
                 progress: bool = True, stop_after_task: int | None = None) -> list[dict]:
     """Train the runs `cfgs` as one batched model; write each record to its out_dir (the layout of
     train.run) and return the records. `stop_after_task` simulates an interruption (resume test)."""
     cfgs = [config.validate_run(c) for c in cfgs]
     check_batchable(cfgs)
-    M = len(cfgs)
-    metas = metas or [{} for _ in cfgs]
     out_dirs = [Path(d) for d in out_dirs]
     hashes = [config.config_hash(c) for c in cfgs]
     if resume:
         done = [finished_record(d / RECORD_NAME, h) for d, h in zip(out_dirs, hashes)]
         if all(r is not None for r in done):
             return done
-    c0 = cfgs[0]
-    device = setup_device(c0)
-    epochs, per_epoch, task_steps = steps_per_task(c0)
-    K, B, T = c0["measure"]["every"], c0["batch_size"], c0["n_tasks"]
-    n_images, drop_last = c0["stream"]["n_images"], c0["stream"]["drop_last"]
-    n_full = n_images // B   # full minibatches per epoch; one partial more unless drop_last
-    betas0 = tuple(c0["optim"]["betas"])
-
-    # data: one stream per distinct seed, on the device; model m reads seed slot sidx[m]
-    x_all, y_all = load_mnist(c0["data"]["root"], train=True)
-    seeds = sorted({c["seed"] for c in cfgs})
-    streams = {s: make_stream(c0["stream"], x_all, y_all, s, device) for s in seeds}
-    sidx = torch.tensor([seeds.index(c["seed"]) for c in cfgs], device=device)
-    xs = torch.stack([streams[s].x for s in seeds])
-
-    models = []
-    for c in cfgs:
-        torch.manual_seed(_sub_seed(c["seed"], 0))   # as train.Learner
-        models.append(build_model(c["model"], input_dim(c["stream"])))
-    net = StackedMLP(models, device)
-    L = net.n_layers
-    lr0 = [float(c["optim"]["lr"]) for c in cfgs]
-    lr = torch.tensor(lr0, dtype=torch.float64, device=device).unsqueeze(1).repeat(1, L)
-    wd = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "l2" else 0.0 for c in cfgs],
-                      device=device)
-    adam = StackedAdam(net, lr, wd, tuple(c0["optim"]["betas"]), c0["optim"]["eps"], fused=c0["fused_adam"])
-    lam_w = [c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs]
-    wass = StackedWasserstein(net, lam_w) if any(x > 0 for x in lam_w) else None
-    # the probe runs for every model when any measures; only the measuring ones keep its rows
-    measuring = [measures(c) for c in cfgs]
-    init_seeds = [_sub_seed(c["seed"], 0) for c in cfgs]
-    # the whole network as one more decision column: for measure.global (its lam_max) and the global variant
-    global_lam = [c["measure"]["global"] for c in cfgs]
-    global_variant = [c["scheduler"]["variant"] == "global" for c in cfgs]
-    global_column = any(global_lam) or any(global_variant)
-    probe = StackedProbe(net, adam, B, init_seeds, c0["measure"]["eig_tol"], c0["measure"]["eig_max_iter"],
-                         [c["scheduler"]["code_alpha_agg"] for c in cfgs], global_lam,
-                         global_column) if any(measuring) else None
-    sched = StackedScheduler(adam, B, [c["scheduler"] for c in cfgs], [c["arm"] == "scheduled" for c in cfgs],
-                             L + global_column) if any(measuring) else None
-    # each model's decision rows: its layers, and "global" for the global variant (as scheduler.step)
-    row_keys = [list(range(1, L + 1)) + (["global"] if g else []) for g in global_variant]
-    ramp = [c["optim"]["beta_ramp"] for c in cfgs]
-    ramping = any(ramp)
-    ramp_rows = None if all(ramp) else torch.tensor(ramp, device=device)
-    records = [dict(new_record(c, device, L), name=mt.get("run"), scale=mt.get("scale"),
-                    batched={"models": M, "position": i}) for i, (c, mt) in enumerate(zip(cfgs, metas))]
-    rule_counts = [_no_rules(L) for _ in cfgs]
-    alive = [True] * M
-    start_task, step = 0, 0
-    ckpt_path = out_dirs[0] / ("batched-" + CHECKPOINT_NAME)
     for d in out_dirs:
         d.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck["hashes"] == hashes and ck.get("format") == CHECKPOINT_FORMAT:
-            with torch.no_grad():
-                for p, q in zip(net.params() + net.buffers(), ck["params"] + ck["buffers"]):
-                    p.copy_(q)
-            adam.load_state_dict(ck["adam"])
-            if wass is not None:
-                wass.sorted_init = [t.clone() for t in ck["wass"]]
-            if probe is not None:
-                probe.load_state_dict(ck["probe"])
-                sched.load_state_dict(ck["sched"])
-            records, rule_counts, alive = ck["records"], ck["rule_counts"], ck["alive"]
-            start_task, step = ck["next_task"], ck["step"]
-        else:
-            print(f"warning: ignoring {ckpt_path} (written for different configs or by an older engine)",
-                  file=sys.stderr)
-
-    def objective(xb, yb, keep=False):
-        logits, inputs, outs = net.forward(xb, keep)
-        ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(M, -1).mean(1)
-        total = ce + wass() if wass is not None else ce
-        return logits, ce, total.sum(), inputs, outs
-
-    # the task's labels and counters live as long as the run, updated in place (a CUDA graph reads them)
-    ys = torch.zeros(len(seeds), n_images, dtype=torch.long, device=device)
-    correct = torch.zeros(M, device=device)           # over full minibatches
-    correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)
-    loss_sum = torch.zeros(M, device=device)
-
-    def forward_backward(bidx, counts, keep=False):
-        """The step up to Adam: gather each model's minibatch bidx (M, b) on the device, forward, backward,
-        count hits and sum the losses."""
-        xb, yb = xs[sidx.unsqueeze(1), bidx], ys[sidx.unsqueeze(1), bidx]
-        logits, ce, total, inputs, outs = objective(xb, yb, keep)
-        total.backward()
-        counts.add_((logits.argmax(2) == yb).sum(1))
-        loss_sum.add_(ce.detach())
-        return xb, yb, inputs, outs
-
-    def plain_step(bidx):
-        """A full-minibatch step without a decision: what the CUDA graph captures."""
-        forward_backward(bidx, correct)
-        adam.step()
-
-    graph = CudaGraphStep.for_device(plain_step, net.params(), device) if c0["cuda_graph"] else None
-
-    bar = tqdm(total=T * task_steps, initial=start_task * task_steps, disable=not progress,
-               desc=f"batched x{M}", unit="step", dynamic_ncols=True, mininterval=2)
-    for t in range(start_task, T):
-        if t > 0:
-            for m, c in enumerate(cfgs):
-                if c["arm"] == "reset":   # as train.run: a fresh model, optimiser, probe and scheduler
-                    torch.manual_seed(_sub_seed(c["seed"], t))
-                    net.load(m, build_model(c["model"], input_dim(c["stream"])))
-                    adam.reset(m, lr0[m])
-                    if wass is not None:
-                        wass.reset(m)
-                    if probe is not None:
-                        probe.reset(m, _sub_seed(c["seed"], t))
-                        sched.reset(m)
-                        rule_counts[m] = _no_rules(L)
-        ys.copy_(torch.stack([streams[s].task(t)[1] for s in seeds]))
-        t0 = time.perf_counter()
-        indicators = [None] * M
-        if c0["indicators"]["enabled"]:
-            for m, c in enumerate(cfgs):
-                if not alive[m]:
-                    continue
-                model = net.extract(m, c["model"])
-                reg = wass.for_model(m, model) if lam_w[m] > 0 else None
-                indicators[m] = task_start_indicators(c, model, xs[sidx[m]], ys[sidx[m]], reg, float(wd[m]))
-        gens = [torch.Generator(device=device).manual_seed(_sub_seed(c["seed"], t, 1)) for c in cfgs]
-        for acc in (correct, correct_partial, loss_sum):
-            acc.zero_()
-        rows_task = []
-        steps_done = [0] * M
-        diverged_now = [False] * M
-        correct_frozen = [None] * M
-        step_in_task = 0
-        for epoch in range(epochs):
-            # streams.batches' minibatches for every model, as views of one (M, n) order: no per-batch tensors
-            order = torch.stack([epoch_order(n_images, g) for g in gens])
-            full = order[:, :n_full * B].view(M, n_full, B)
-            tail = order[:, n_full * B:] if per_epoch > n_full else None   # (M, b)
-            for j in range(per_epoch):
-                bidx = full[:, j] if j < n_full else tail
-                frac = step_in_task / task_steps
-                decide = probe is not None and (step + 1) % K == 0
-                if graph is not None and j < n_full and not decide:
-                    graph(bidx)
-                else:   # eager: decision steps (the probe needs the step's activations) and partial batches
-                    for p in net.params():
-                        p.grad = None
-                    xb, yb, inputs, outs = forward_backward(bidx, correct if j < n_full else correct_partial,
-                                                            keep=decide)
-                    if decide:
-                        meas = probe.measure(inputs, outs, lambda: objective(xb, yb)[2])
-                        rows_task.append((step, frac, sched.step(meas, frac)))
-                    adam.step()
-                # the ramp's value is the epoch's: written after an epoch's first step (train.run writes it
-                # after every step), it holds until the next epoch; every model is at the same epoch
-                if ramping and j == 0:
-                    b1, b2 = ramped_betas(betas0, epoch, epochs)
-                    if ramp_rows is None:
-                        adam.beta1[:, 0], adam.beta2[:, 0] = b1, b2
-                    else:
-                        adam.beta1[:, 0] = torch.where(ramp_rows, b1, adam.beta1[:, 0])
-                        adam.beta2[:, 0] = torch.where(ramp_rows, b2, adam.beta2[:, 0])
-                step += 1
-                step_in_task += 1
-            bar.update(per_epoch)
-            finite = torch.isfinite(loss_sum).tolist()   # one host sync per epoch, as train.run
-            correct_now = None
-            for m in range(M):
-                if alive[m] and not diverged_now[m]:
-                    steps_done[m] = step_in_task
-                    if not finite[m]:   # train.run stops this model's task here: freeze its counts
-                        diverged_now[m] = True
-                        correct_now = correct_now or list(zip(correct.tolist(), correct_partial.tolist()))
-                        correct_frozen[m] = correct_now[m]
-        end_loss, end_acc = _evaluate(net, xs, ys, sidx)
-        wall = round(time.perf_counter() - t0, 3)
-        # decision rows: one transfer per task
-        host_rows = torch.stack([r for _, _, r in rows_task]).cpu() if rows_task else None
-        correct_h = [f if f is not None else c
-                     for f, c in zip(correct_frozen, zip(correct.tolist(), correct_partial.tolist()))]
-        lr_h = adam.lr.tolist()
-        for m, c in enumerate(cfgs):
-            if not alive[m]:
-                continue
-            rec = records[m]
-            rows_m = []
-            for i, (s, frac, _) in enumerate(rows_task if measuring[m] else []):
-                rows = _rows_to_dicts(host_rows[i], m, row_keys[m])
-                rows_m.append(rows)
-                append_decision(rec, s, t, frac, rows)
-                for key in (["global"] if global_variant[m] else range(1, L + 1)):   # the rules applied
-                    rule_counts[m][key][rows[key]["rule"]] += 1
-            alive[m] = not end_task(
-                rec, t, online_acc=task_online_acc(*correct_h[m], steps_done[m], n_images, B, drop_last),
-                end_loss=end_loss[m], end_acc=end_acc[m], steps=steps_done[m], wall_s=wall, lr=lr_h[m],
-                rows=rows_m, indicators=indicators[m], diverged=diverged_now[m])
-        bar.set_postfix(task=t)
-        if not progress:
-            accs = " ".join(f"{r['tasks'][-1]['online_acc']:.3f}" for r in records)
-            print(f"task {t}/{T}  online acc per model {accs}  {wall:.1f}s", file=sys.stderr, flush=True)
-        if not any(alive):
-            break
-        save_checkpoint({"format": CHECKPOINT_FORMAT, "hashes": hashes,
-                         "params": [p.detach() for p in net.params()], "buffers": net.buffers(),
-                         "adam": adam.state_dict(), "wass": wass.sorted_init if wass is not None else None,
-                         "probe": probe.state_dict() if probe else None,
-                         "sched": sched.state_dict() if sched else None, "records": records,
-                         "rule_counts": rule_counts, "alive": alive, "next_task": t + 1, "step": step},
-                        ckpt_path)
-        if stop_after_task is not None and t >= stop_after_task and t + 1 < T:
-            bar.close()
-            return records
-    bar.close()
-    for m, (c, rec) in enumerate(zip(cfgs, records)):
-        finish_record(rec, out_dirs[m] / RECORD_NAME,
-                      {str(k): v for k, v in rule_counts[m].items()} if measuring[m] else None)
-        log_to_wandb(rec, c, metas[m])
-    ckpt_path.unlink(missing_ok=True)
-    return records
+    engine = BatchedRuns(cfgs, setup_device(cfgs[0]), metas or [{} for _ in cfgs], out_dirs)
+    train_stream(engine, cfgs[0], out_dirs[0] / ("batched-" + CHECKPOINT_NAME), [CHECKPOINT_FORMAT, *hashes],
+                 resume=resume, progress=progress, desc=f"batched x{len(cfgs)}", stop_after_task=stop_after_task)
+    return engine.records
 
 
 def log_to_wandb(rec: dict, cfg: dict, meta: dict) -> None:

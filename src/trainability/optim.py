@@ -7,8 +7,9 @@ of the current task (E epochs per task), towards (0.99, 0.75) over 2E epochs:
     beta_i(e) = beta_i + (target_i - beta_i) * e / (2E),   target = (0.99, 0.75)
 
 so a task's last epoch trains with about (0.945, 0.875); the ramp restarts at every task, and the first
-step of a task still uses the previous task's last values (they are set *after* a step). Both engines
-call `ramped_betas`; the switch is `optim.beta_ramp`.
+step of a task still uses the previous task's last values (they are set *after* a step). In
+loop.train_stream the engines write it after each epoch's first step: the same values as after every
+step. The switch is `optim.beta_ramp`.
 """
 from __future__ import annotations
 

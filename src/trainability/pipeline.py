@@ -78,7 +78,7 @@ def job_resources(cfgs: list[dict]) -> dict:
     """Cluster requests of a job that trains `cfgs` (one run, or one batch group): a GPU exactly when a
     run's device is `cuda` or `auto` (decided from the config, never from the host that submits), and a
     runtime in minutes from the job's optimiser steps and models, with 50% headroom."""
-    from .train import steps_per_task
+    from .loop import steps_per_task
     gpu = any(c["device"] in ("auto", "cuda") for c in cfgs)
     steps = max(c["n_tasks"] * steps_per_task(c)[2] for c in cfgs)
     minutes = steps * seconds_per_step(len(cfgs), gpu) * 1.5 / 60

@@ -4,7 +4,7 @@ dvc.yaml's generator (trainability.pipeline) and the batched engine all ask here
 from __future__ import annotations
 
 from . import config
-from .train import measures, steps_per_task
+from .loop import measures, steps_per_task
 
 # keys that may differ between the runs of one batch (all others must agree); model.activation only
 # among relu / leaky_relu / identity (crelu changes the layer shapes)

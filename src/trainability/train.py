@@ -1,10 +1,11 @@
-"""The continual-training engine (paper Sec. 5, Algorithm 1; docs/METHOD.md §1-3, 6) and the `trainability-run` command.
+"""The one-model engine (paper Sec. 5, Algorithm 1; docs/METHOD.md §1-3, 6) and the `trainability-run` command.
 
 One run = one stream of tasks, one model, one Adam with a parameter group per layer, one arm
 (vanilla / reset / scheduled). Every `measure.every` steps the per-layer quantities of the paper's Sec. 4 are
 measured on the current minibatch, before the optimiser step, and handed to the scheduler (which only
-records them unless the arm is `scheduled`). Checkpoints are written at task boundaries; a restarted
-run resumes from the last one and gives the same record as an uninterrupted run.
+records them unless the arm is `scheduled`). The loop itself (tasks, epochs, steps, checkpoints at task
+boundaries, resuming) is loop.train_stream, which the batched engine follows too; `SingleRun` says what
+each of its moments does to one model.
 """
 from __future__ import annotations
 
@@ -13,31 +14,25 @@ import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .config import (ConfigError, config_hash, params_and_scale, params_parser, resolve_with_sets,
                      validate_run)
 from .data import DataError, load_mnist
 from .indicators import task_start_indicators
+from .loop import measures, steps_per_task, train_stream
 from .measure import DecisionProbe
 from .models import build_model, param_groups
 from .optim import ramped_betas
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record,
-                     new_record, save_checkpoint)
+                     new_record)
 from .regularizers import adam_weight_decay, build_regularizer
 from .scheduler import build_scheduler
 from .streams import batches, input_dim, make_stream, mix_seed
 from .wandb_log import WandbLogger, run_summary, task_metrics
-
-
-def measures(cfg: dict) -> bool:
-    """Whether a run measures at decision steps: when asked to, and always in the scheduled arm."""
-    return cfg["measure"]["enabled"] or cfg["arm"] == "scheduled"
 
 
 def setup_device(cfg: dict) -> torch.device:
@@ -126,18 +121,6 @@ def evaluate(model, x, y, chunk: int = 4096) -> tuple[float, float]:
     return loss / len(x), correct / len(x)
 
 
-def steps_per_task(cfg: dict) -> tuple[int, int, int]:
-    """(epochs, steps per epoch, steps per task); an epoch keeps its last partial minibatch unless
-    stream.drop_last (the authors' DataLoader keeps it: 60,000 images -> 235 steps [code])."""
-    epochs = max(1, round(cfg["epochs_per_task"] * cfg["epochs_factor"]))
-    n, B = cfg["stream"]["n_images"], cfg["batch_size"]
-    per_epoch = n // B if cfg["stream"]["drop_last"] else -(-n // B)
-    if per_epoch < 1:
-        raise ConfigError(f"stream.n_images ({cfg['stream']['n_images']}) must be >= batch_size "
-                            f"({cfg['batch_size']})")
-    return epochs, per_epoch, epochs * per_epoch
-
-
 def task_online_acc(correct_full: float, correct_partial: float, steps: int, n: int, B: int,
                     drop_last: bool) -> float:
     """"Task accuracy" (docs/METHOD.md §1): the mean over the task's minibatches of each one's pre-update accuracy,
@@ -157,6 +140,104 @@ def _wandb_logger(cfg: dict, meta: dict) -> WandbLogger:
                        tags=[scale, cfg["arm"], run.split("-")[0], *w["tags"]])
 
 
+class SingleRun:
+    """One run as an engine of loop.train_stream: a Learner (rebuilt at each task start in the reset arm)
+    on one stream, its record, and its W&B run (logged live, task by task)."""
+
+    def __init__(self, cfg: dict, device: torch.device, meta: dict, record_path: Path):
+        self.cfg, self.device, self.seed, self.record_path = cfg, device, cfg["seed"], record_path
+        x_all, y_all = load_mnist(cfg["data"]["root"], train=True)
+        self.stream = make_stream(cfg["stream"], x_all, y_all, self.seed, device)
+        self.B = cfg["batch_size"]
+        self.epochs = steps_per_task(cfg)[0]
+        self.learner = Learner(cfg, device, init_seed=_sub_seed(self.seed, 0))
+        self.measuring = self.learner.probe is not None
+        self.record = new_record(cfg, device, self.learner.model.n_layers)
+        self.record.update(name=meta.get("run"), scale=meta.get("scale"))
+        self.logger = _wandb_logger(cfg, meta)
+
+    def start_task(self, t: int) -> None:
+        cfg = self.cfg
+        self.task = t
+        if cfg["arm"] == "reset" and t > 0:
+            self.learner = Learner(cfg, self.device, init_seed=_sub_seed(self.seed, t))
+        self.x, self.y = self.stream.task(t)
+        self.indicators = task_start_indicators(cfg, self.learner.model, self.x, self.y, self.learner.regularizer,
+                                                adam_weight_decay(cfg["regularizer"])) \
+            if cfg["indicators"]["enabled"] else None
+        self.gen = torch.Generator(device=self.device).manual_seed(_sub_seed(self.seed, t, 1))
+        self.correct = torch.zeros((), device=self.device)          # over full minibatches
+        self.correct_partial = torch.zeros((), device=self.device)  # over last partial ones (drop_last false)
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.rows = []
+        self.diverged = False
+
+    def minibatches(self, epoch: int):
+        return batches(self.stream.n, self.B, self.gen, drop_last=self.cfg["stream"]["drop_last"])
+
+    def step(self, idx, *, step: int, frac: float, decide: bool) -> None:
+        learner = self.learner
+        xb, yb = self.x[idx], self.y[idx]
+        learner.optimizer.zero_grad(set_to_none=True)
+        with learner.probe.capture() if decide else contextlib.nullcontext():  # hooks see the step's passes
+            logits, ce, total = learner.loss(xb, yb)
+            total.backward()
+        hits = (logits.argmax(1) == yb).sum()      # pre-update: online accuracy (docs/METHOD.md §1)
+        if len(idx) == self.B:
+            self.correct += hits
+        else:
+            self.correct_partial += hits
+        self.loss_sum += ce.detach()
+        if decide:
+            m = learner.probe.measure(lambda: learner.loss(xb, yb)[2])
+            rows = learner.scheduler.step(m, frac)
+            self.rows.append(rows)
+            append_decision(self.record, step, self.task, frac, rows)
+            if self.cfg["wandb"]["log_decisions"]:
+                self.logger.log({f"layer{l}/{k}": v for l, r in rows.items() for k, v in r.items()
+                                 if k != "rule"}, step=step)
+        learner.optimizer.step()
+
+    def ramp(self, epoch: int) -> None:
+        if self.cfg["optim"]["beta_ramp"]:
+            self.learner.optimizer.param_groups[0]["betas"] = ramped_betas(tuple(self.cfg["optim"]["betas"]),
+                                                                            epoch, self.epochs)
+
+    def end_epoch(self) -> bool:
+        self.diverged = not torch.isfinite(self.loss_sum)   # one host sync per epoch, not per step
+        return self.diverged
+
+    def end_task(self, t: int, *, steps: int, wall_s: float, step: int) -> bool:
+        cfg = self.cfg
+        online_acc = task_online_acc(self.correct.item(), self.correct_partial.item(), steps, self.stream.n,
+                                     self.B, cfg["stream"]["drop_last"])
+        end_loss, end_acc = evaluate(self.learner.model, self.x, self.y)
+        diverged = end_task(self.record, t, online_acc=online_acc, end_loss=end_loss, end_acc=end_acc,
+                            steps=steps, wall_s=wall_s, lr=[g["lr"] for g in self.learner.optimizer.param_groups],
+                            rows=self.rows, indicators=self.indicators, diverged=self.diverged)
+        self.logger.log(task_metrics(self.record["tasks"][-1]), step=step)
+        return not diverged
+
+    def task_line(self, t: int) -> str:
+        tr = self.record["tasks"][-1]
+        return (f"online acc {tr['online_acc']:.4f}  end acc {tr['end_acc']:.4f}  lr {tr['lr'][0]:.3g}  "
+                f"{tr['wall_s']:.1f}s")
+
+    def state_dict(self) -> dict:
+        return {"learner": self.learner.state_dict(), "record": self.record}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.learner.load_state_dict(s["learner"])
+        self.record = s["record"]
+
+    def finish(self, completed: bool) -> None:
+        if completed:
+            learner = self.learner
+            finish_record(self.record, self.record_path, learner.scheduler.rule_counts if self.measuring else None)
+            self.logger.summary(run_summary(self.record))
+        self.logger.finish(exit_code=0 if self.record["status"] == "completed" else 1)
+
+
 def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: bool = True,
         progress: bool = True, stop_after_task: int | None = None) -> dict:
     """Run one continual-learning stream; returns (and writes to out_dir/record.json) the run record.
@@ -167,116 +248,14 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
     meta = meta or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record_path, ckpt_path = out_dir / RECORD_NAME, out_dir / CHECKPOINT_NAME
     chash = config_hash(cfg)
-    done = finished_record(record_path, chash) if resume else None
+    done = finished_record(out_dir / RECORD_NAME, chash) if resume else None
     if done is not None:
         return done
-    device = setup_device(cfg)
-    seed = cfg["seed"]
-
-    x_all, y_all = load_mnist(cfg["data"]["root"], train=True)
-    stream = make_stream(cfg["stream"], x_all, y_all, seed, device)
-    epochs, per_epoch, task_steps = steps_per_task(cfg)
-    K, B = cfg["measure"]["every"], cfg["batch_size"]
-
-    learner = Learner(cfg, device, init_seed=_sub_seed(seed, 0))
-    n_layers = learner.model.n_layers
-    record = new_record(cfg, device, n_layers)
-    record.update(name=meta.get("run"), scale=meta.get("scale"))
-    start_task, step = 0, 0
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["record"]["provenance"]["config_hash"] == chash:
-            learner.load_state_dict(ckpt["learner"])
-            record, start_task, step = ckpt["record"], ckpt["next_task"], ckpt["step"]
-        else:  # left by an interrupted run of a config that has since changed: obsolete, start over
-            print(f"warning: ignoring {ckpt_path} (written for a different config)", file=sys.stderr)
-
-    logger = _wandb_logger(cfg, meta)
-    bar = tqdm(total=cfg["n_tasks"] * task_steps, initial=start_task * task_steps, disable=not progress,
-               desc=f"{meta.get('run', 'run')} s{seed}", unit="step", dynamic_ncols=True, mininterval=2)
-    model = learner.model
-    for t in range(start_task, cfg["n_tasks"]):
-        if cfg["arm"] == "reset" and t > 0:
-            learner = Learner(cfg, device, init_seed=_sub_seed(seed, t))
-            model = learner.model
-        x, y = stream.task(t)
-        t0 = time.perf_counter()
-        indicators = task_start_indicators(cfg, model, x, y, learner.regularizer,
-                                           adam_weight_decay(cfg["regularizer"])) \
-            if cfg["indicators"]["enabled"] else None
-        gen = torch.Generator(device=device).manual_seed(_sub_seed(seed, t, 1))
-        correct = torch.zeros((), device=device)          # over full minibatches
-        correct_partial = torch.zeros((), device=device)  # over last partial ones (drop_last false)
-        loss_sum = torch.zeros((), device=device)
-        rows_this_task = []
-        step_in_task = 0
-        diverged = False
-        for epoch in range(epochs):
-            for idx in batches(stream.n, B, gen, drop_last=cfg["stream"]["drop_last"]):
-                xb, yb = x[idx], y[idx]
-                frac = step_in_task / task_steps
-                decide = learner.probe is not None and (step + 1) % K == 0
-                learner.optimizer.zero_grad(set_to_none=True)
-                if decide:
-                    with learner.probe.capture():  # hooks see this step's forward and backward
-                        logits, ce, total = learner.loss(xb, yb)
-                        total.backward()
-                else:
-                    logits, ce, total = learner.loss(xb, yb)
-                    total.backward()
-                hits = (logits.argmax(1) == yb).sum()      # pre-update: online accuracy (docs/METHOD.md §1)
-                if len(idx) == B:
-                    correct += hits
-                else:
-                    correct_partial += hits
-                loss_sum += ce.detach()
-                if decide:
-                    m = learner.probe.measure(lambda: learner.loss(xb, yb)[2])
-                    rows = learner.scheduler.step(m, frac)
-                    rows_this_task.append(rows)
-                    append_decision(record, step, t, frac, rows)
-                    if cfg["wandb"]["log_decisions"]:
-                        logger.log({f"layer{l}/{k}": v for l, r in rows.items() for k, v in r.items()
-                                    if k != "rule"}, step=step)
-                learner.optimizer.step()
-                if cfg["optim"]["beta_ramp"]:
-                    g0 = learner.optimizer.param_groups[0]
-                    g0["betas"] = ramped_betas(tuple(cfg["optim"]["betas"]), epoch, epochs)
-                step += 1
-                step_in_task += 1
-            bar.update(per_epoch)
-            if not torch.isfinite(loss_sum):  # one host sync per epoch, not per step
-                diverged = True
-                break
-        online_acc = task_online_acc(correct.item(), correct_partial.item(), step_in_task, stream.n, B,
-                                     cfg["stream"]["drop_last"])
-        end_loss, end_acc = evaluate(model, x, y)
-        diverged = end_task(record, t, online_acc=online_acc, end_loss=end_loss, end_acc=end_acc,
-                            steps=step_in_task, wall_s=round(time.perf_counter() - t0, 3),
-                            lr=[g["lr"] for g in learner.optimizer.param_groups], rows=rows_this_task,
-                            indicators=indicators, diverged=diverged)
-        task_rec = record["tasks"][-1]
-        logger.log(task_metrics(task_rec), step=step)
-        bar.set_postfix(task=t, acc=f"{online_acc:.3f}")
-        if not progress:  # logs of pipeline jobs: one line per task instead of a bar
-            print(f"task {t}/{cfg['n_tasks']}  online acc {online_acc:.4f}  end acc {end_acc:.4f}  "
-                  f"lr {task_rec['lr'][0]:.3g}  {task_rec['wall_s']:.1f}s", file=sys.stderr, flush=True)
-        if diverged:
-            break
-        save_checkpoint({"learner": learner.state_dict(), "record": record, "next_task": t + 1,
-                         "step": step}, ckpt_path)
-        if stop_after_task is not None and t >= stop_after_task and t + 1 < cfg["n_tasks"]:
-            bar.close()
-            logger.finish(exit_code=1)
-            return record
-    bar.close()
-    finish_record(record, record_path, learner.scheduler.rule_counts if learner.probe is not None else None)
-    logger.summary(run_summary(record))
-    logger.finish(exit_code=0 if record["status"] == "completed" else 1)
-    ckpt_path.unlink(missing_ok=True)
-    return record
+    engine = SingleRun(cfg, setup_device(cfg), meta, out_dir / RECORD_NAME)
+    train_stream(engine, cfg, out_dir / CHECKPOINT_NAME, [chash], resume=resume, progress=progress,
+                 desc=f"{meta.get('run', 'run')} s{cfg['seed']}", stop_after_task=stop_after_task)
+    return engine.record
 
 
 class RunFolderError(RuntimeError):

@@ -1,0 +1,91 @@
+"""loop.train_stream, the clock both engines follow, driven by an engine that only writes down what it is
+asked to do."""
+import torch
+
+from trainability.loop import train_stream
+
+# 2 tasks x 2 epochs x 3 minibatches (600 images at B = 256: 256, 256, 88), a decision every 4th step
+CFG = {"n_tasks": 2, "epochs_per_task": 2, "epochs_factor": 1.0, "batch_size": 256,
+       "stream": {"n_images": 600, "drop_last": False}, "measure": {"every": 4}}
+
+
+class Diary:
+    """An engine that logs each call; `diverge_in` names (task, epoch) pairs whose NaN check fails."""
+    device = torch.device("cpu")
+    measuring = True
+
+    def __init__(self, diverge_in=()):
+        self.log, self.diverge_in, self.done = [], set(diverge_in), None
+
+    def start_task(self, t):
+        self.t, self.epoch = t, -1
+        self.log.append(("start", t))
+
+    def minibatches(self, epoch):
+        self.epoch = epoch
+        return ["a", "b", "c"]
+
+    def step(self, idx, *, step, frac, decide):
+        self.log.append(("step", self.t, self.epoch, idx, step, frac, decide))
+
+    def ramp(self, epoch):
+        self.log.append(("ramp", epoch))
+
+    def end_epoch(self):
+        return (self.t, self.epoch) in self.diverge_in
+
+    def end_task(self, t, *, steps, wall_s, step):
+        self.log.append(("end", t, steps, step))
+        return (t, self.epoch) not in self.diverge_in
+
+    def task_line(self, t):
+        return ""
+
+    def state_dict(self):
+        return {"log": list(self.log)}
+
+    def load_state_dict(self, s):
+        self.log = s["log"] + [("resumed",)]
+
+    def finish(self, completed):
+        self.done = completed
+
+
+def test_the_clock_of_a_stream(tmp_path):
+    """Tasks, epochs and minibatches in order; the global step and the task fraction; a decision at every
+    4th step of the run, across epochs and tasks; the ramp after each epoch's first step."""
+    e = Diary()
+    train_stream(e, CFG, tmp_path / "ckpt.pt", ["k"], progress=False)
+    steps = [x for x in e.log if x[0] == "step"]
+    assert [s[4] for s in steps] == list(range(12))
+    assert [s[3] for s in steps[:6]] == list("abcabc") and [s[5] for s in steps[:3]] == [0, 1 / 6, 2 / 6]
+    assert [s[4] for s in steps if s[6]] == [3, 7, 11]
+    assert e.log[:3] == [("start", 0), steps[0], ("ramp", 0)] and e.log.count(("ramp", 1)) == 2
+    assert [x for x in e.log if x[0] in ("start", "end")] == [("start", 0), ("end", 0, 6, 6),
+                                                              ("start", 1), ("end", 1, 6, 12)]
+    assert e.done is True and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_failed_nan_check_ends_the_task_and_a_dead_engine_the_stream(tmp_path):
+    e = Diary(diverge_in={(0, 0)})
+    train_stream(e, CFG, tmp_path / "ckpt.pt", ["k"], progress=False)
+    assert [x for x in e.log if x[0] in ("start", "end")] == [("start", 0), ("end", 0, 3, 3)]
+    assert e.done is True
+
+
+def test_an_interrupted_stream_resumes_where_it_stopped(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    first = Diary()
+    train_stream(first, CFG, ckpt, ["k"], progress=False, stop_after_task=0)
+    assert first.done is False and ckpt.exists()
+    again = Diary()
+    train_stream(again, CFG, ckpt, ["k"], progress=False)
+    whole = Diary()
+    train_stream(whole, CFG, tmp_path / "other.pt", ["k"], progress=False)
+    assert again.log == whole.log[:whole.log.index(("start", 1))] + [("resumed",)] + \
+        whole.log[whole.log.index(("start", 1)):]
+    # a checkpoint written under another key (changed configs, older engine) is ignored, with a warning
+    train_stream(Diary(), CFG, ckpt, ["k"], progress=False, stop_after_task=0)
+    other = Diary()
+    train_stream(other, CFG, ckpt, ["changed"], progress=False)
+    assert other.log == whole.log and "ignoring" in capsys.readouterr().err
