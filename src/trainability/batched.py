@@ -20,9 +20,6 @@ Lanczos product's M alphas and betas to the host, which solves the tiny tridiago
 when every model has converged (one sync per product). Decision rows stay on the device until the end
 of the task. On CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on
 any device, `fused_adam` compiles Adam's update.
-
-Not batched (use `train.run`): a BatchNorm model that measures (the decision probe's extra passes
-would move the stacked running statistics).
 """
 from __future__ import annotations
 
@@ -39,7 +36,7 @@ from . import bounds, config
 from .data import load_mnist
 from .eigen import mixed_start, ritz_step
 from .indicators import task_start_indicators
-from .measure import effective_step, linear_gradient_stats, rms_step
+from .measure import buffers_kept, effective_step, linear_gradient_stats, rms_step
 from .models import activation_fn, build_model, negative_slope
 from .loop import measures, steps_per_task, train_stream
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record,
@@ -98,20 +95,21 @@ class StackedMLP:
         if n_bn:
             self.bn_eps, self.bn_momentum = models[0].bns[0].eps, models[0].bns[0].momentum
         # params() order: models.MLP.layer_params, layer by layer (the Adam groups' order)
-        self.param_layer = [l for l in range(L) for _ in self._layer_params(l)]
+        self.param_layer = [l for l in range(L) for _ in self.layer_params(l)]
         self.weight_pos = [self.param_layer.index(l) for l in range(L)]   # W[l]'s place in params()
 
     @property
     def n_layers(self) -> int:
         return len(self.W)
 
-    def _layer_params(self, l: int) -> list[torch.Tensor]:
+    def layer_params(self, l: int) -> list[torch.Tensor]:
+        """Layer l's tensors, an Adam group's (models.MLP.layer_params): W, b, and BatchNorm's gamma, beta."""
         bn = [self.gamma[l], self.beta[l]] if l < len(self.gamma) else []
         return [self.W[l], self.b[l]] + bn
 
     def params(self) -> list[torch.Tensor]:
         """W1, b1 (, gamma1, beta1), W2, ...: models.MLP.layer_params order, layer by layer."""
-        return [p for l in range(self.n_layers) for p in self._layer_params(l)]
+        return [p for l in range(self.n_layers) for p in self.layer_params(l)]
 
     def buffers(self) -> list[torch.Tensor]:
         return self.running_mean + self.running_var
@@ -418,7 +416,8 @@ class StackedProbe:
             torch.tensor(code_alpha_agg, device=dev)
         self.generators = [torch.Generator(dev).manual_seed(s) for s in seeds]   # as DecisionProbe's
         M = len(seeds)
-        self.vecs = [torch.zeros(M, p[0].numel() + q[0].numel(), device=dev) for p, q in zip(net.W, net.b)]
+        self.vecs = [torch.zeros(M, sum(p[0].numel() for p in net.layer_params(l)), device=dev)
+                     for l in range(net.n_layers)]
         self.has_vec = torch.zeros(M, dtype=torch.bool, device=dev)
         if any(global_lam) and not global_column:
             raise ValueError("StackedProbe: measure.global models need the whole-network column")
@@ -445,39 +444,38 @@ class StackedProbe:
         wd = self.adam.wd
         with torch.no_grad():
             grad_sq, sigma2 = [], []
-            for l in range(L):
-                gW, gb = self.adam.grad_with_decay(net.W[l]), self.adam.grad_with_decay(net.b[l])
-                grad_sq.append(gW.double().pow(2).sum((1, 2)) + gb.double().pow(2).sum(1))
+            for l in range(L):   # the layer's group: W, b (and BatchNorm's gamma, beta), as DecisionProbe's
+                grad_sq.append(sum(self.adam.grad_with_decay(p).double().pow(2).flatten(1).sum(1)
+                                   for p in net.layer_params(l)))
                 sigma2.append(linear_gradient_stats(inputs[l], outs[l].grad, B)[0])
         alpha, agg = self.adam.effective_steps(self.code_alpha_agg)
         flat = net.params()
-        grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)
-        lam, iters = [], []
-        starts = [self._starts(l) for l in range(L)]   # drawn in DecisionProbe's order: layer by layer
-        for l in range(L):
-            W, b = net.W[l], net.b[l]
-            nW = W[0].numel()
+        with buffers_kept(net):   # BatchNorm statistics: the probe's extra pass leaves no trace, as DecisionProbe's
+            grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)
+            lam, iters = [], []
+            starts = [self._starts(l) for l in range(L)]   # drawn in DecisionProbe's order: layer by layer
+            for l in range(L):   # the Hessian block of the layer's group (W, b, BatchNorm's gamma, beta)
+                ps = net.layer_params(l)
+                i = net.weight_pos[l]
 
-            i = net.weight_pos[l]
+                def hvp(V, ps=ps, gl=grads[i:i + len(ps)], sizes=[p[0].numel() for p in ps]):
+                    pieces = [x.reshape(p.shape) for x, p in zip(V.split(sizes, 1), ps)]
+                    hs = torch.autograd.grad(gl, ps, grad_outputs=pieces, retain_graph=True)
+                    hv = torch.cat([h.detach().flatten(1) for h in hs], 1)
+                    return hv + wd.unsqueeze(1).to(hv.dtype) * V
 
-            def hvp(V, W=W, b=b, gl=(grads[i], grads[i + 1]), nW=nW):
-                VW, Vb = V[:, :nW].view_as(W), V[:, nW:].view_as(b)
-                hW, hb = torch.autograd.grad(gl, (W, b), grad_outputs=(VW, Vb), retain_graph=True)
-                hv = torch.cat([hW.detach().flatten(1), hb.detach().flatten(1)], 1)
-                return hv + wd.unsqueeze(1).to(hv.dtype) * V
-
-            th, vec, it = batched_lanczos(hvp, starts[l], self.eig_tol, self.eig_max_iter)
-            self.vecs[l] = vec.detach()
-            lam.append(th)
-            iters.append(it.double())
-        out = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
-               "alpha_agg": agg, "lam_max": torch.stack(lam, 1), "eig_iters": torch.stack(iters, 1)}
-        if self.global_column:
-            g_alpha, g_agg = self.adam.global_effective_steps()
-            g_lam, g_iters = self._global_lam(grads, flat, wd)   # its starts drawn after the layers'
-            whole = {"grad_sq": sum(grad_sq), "sigma2_ps": sum(sigma2), "alpha": g_alpha, "alpha_agg": g_agg,
-                     "lam_max": g_lam, "eig_iters": g_iters}   # sums in layer order, as DecisionProbe's
-            out = {k: torch.cat([v, whole[k].unsqueeze(1)], 1) for k, v in out.items()}
+                th, vec, it = batched_lanczos(hvp, starts[l], self.eig_tol, self.eig_max_iter)
+                self.vecs[l] = vec.detach()
+                lam.append(th)
+                iters.append(it.double())
+            out = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
+                   "alpha_agg": agg, "lam_max": torch.stack(lam, 1), "eig_iters": torch.stack(iters, 1)}
+            if self.global_column:
+                g_alpha, g_agg = self.adam.global_effective_steps()
+                g_lam, g_iters = self._global_lam(grads, flat, wd)   # its starts drawn after the layers'
+                whole = {"grad_sq": sum(grad_sq), "sigma2_ps": sum(sigma2), "alpha": g_alpha, "alpha_agg": g_agg,
+                         "lam_max": g_lam, "eig_iters": g_iters}   # sums in layer order, as DecisionProbe's
+                out = {k: torch.cat([v, whole[k].unsqueeze(1)], 1) for k, v in out.items()}
         self.has_vec[:] = True
         return dict(out, batch_size=B)
 

@@ -63,7 +63,7 @@ def run_jobs(params: dict, scale: str) -> tuple[dict[str, list[str]], list[str]]
     if not params["scales"][scale].get("batched"):
         return {}, runs
     from .planning import batch_groups   # here, not at the top: the aggregation stages need no engine code
-    return batch_groups(params, scale, runs)
+    return batch_groups(params, scale, runs), []
 
 
 def seconds_per_step(models: int, gpu: bool) -> float:

@@ -4,7 +4,7 @@ dvc.yaml's generator (trainability.pipeline) and the batched engine all ask here
 from __future__ import annotations
 
 from . import config
-from .loop import measures, steps_per_task
+from .loop import steps_per_task
 
 # keys that may differ between the runs of one batch (all others must agree); model.activation only
 # among relu / leaky_relu / identity (crelu changes the layer shapes)
@@ -32,9 +32,6 @@ def check_batchable(cfgs: list[dict]) -> None:
     ref = _strip(cfgs[0])
     steps = steps_per_task(cfgs[0])
     for i, cfg in enumerate(cfgs):
-        if cfg["model"]["batchnorm"] and measures(cfg):
-            raise config.ConfigError(f"batched run: config {i}: model.batchnorm with measurement "
-                                     "(measure.enabled or the scheduled arm) is not batched (use train.run)")
         s = _strip(cfg)
         for k in sorted(set(ref) | set(s)):
             if ref.get(k) != s.get(k):
@@ -55,12 +52,8 @@ def _shape(cfg: dict) -> str:
     return "crelu" if cfg["model"]["activation"] == "crelu" else "plain"
 
 
-def batch_key(cfg: dict) -> str | None:
-    """Runs whose configs have the same key can share a batch; None if the config cannot be batched."""
-    try:
-        check_batchable([cfg])
-    except config.ConfigError:
-        return None
+def batch_key(cfg: dict) -> str:
+    """Runs whose configs have the same key can share a batch (check_batchable's rules)."""
     s = _strip(cfg)
     s["steps_per_task"] = steps_per_task(cfg)
     s["shape"] = _shape(cfg)
@@ -68,15 +61,12 @@ def batch_key(cfg: dict) -> str | None:
     return config.config_hash(s)
 
 
-def batch_groups(params: dict, scale: str, runs: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """({group name: [runs]}, [runs left to train.run]) for `runs` at `scale`: runs with the same
-    batch_key form one group (named after its first run), trained with all the scale's seeds in one job."""
+def batch_groups(params: dict, scale: str, runs: list[str]) -> dict[str, list[str]]:
+    """{group name: [runs]} for `runs` at `scale`: runs with the same batch_key form one group (named
+    after its first run), trained with all the scale's seeds in one job. Every run has a group: any run
+    config can be batched, if only with itself."""
     groups: dict[str, list[str]] = {}
-    single = []
     for r in runs:
-        key = batch_key(config.resolve_run(params, scale, r, params["scales"][scale]["seeds"][0]))
-        if key is None:
-            single.append(r)
-        else:
-            groups.setdefault(key, []).append(r)
-    return {f"batch-{rs[0]}": rs for rs in groups.values()}, single
+        groups.setdefault(batch_key(config.resolve_run(params, scale, r, params["scales"][scale]["seeds"][0])),
+                          []).append(r)
+    return {f"batch-{rs[0]}": rs for rs in groups.values()}
