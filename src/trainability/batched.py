@@ -774,7 +774,6 @@ class BatchedRuns:
 
     def start_task(self, t: int) -> None:
         net, M = self.net, self.M
-        self.task = t
         if t > 0:
             for m, c in enumerate(self.cfgs):
                 if c["arm"] == "reset":   # as train.SingleRun: a fresh model, optimiser, probe and scheduler
@@ -857,7 +856,7 @@ class BatchedRuns:
         return all(d or not a for d, a in zip(self.diverged, self.alive))
 
     def end_task(self, t: int, *, steps: int, wall_s: float, step: int) -> bool:
-        L = self.L
+        L, self.wall_s = self.L, wall_s
         end_loss, end_acc = _evaluate(self.net, self.xs, self.ys, self.sidx)
         host_rows = torch.stack([r for _, _, r in self.rows]).cpu() if self.rows else None  # one transfer per task
         correct_h = [f if f is not None else c
@@ -883,7 +882,7 @@ class BatchedRuns:
 
     def task_line(self, t: int) -> str:
         accs = " ".join(f"{r['tasks'][-1]['online_acc']:.3f}" for r in self.records)
-        return f"online acc per model {accs}  {self.records[0]['tasks'][-1]['wall_s']:.1f}s"
+        return f"online acc per model {accs}  {self.wall_s:.1f}s"
 
     def state_dict(self) -> dict:
         return {"params": [p.detach() for p in self.net.params()], "buffers": self.net.buffers(),
