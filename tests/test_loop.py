@@ -31,14 +31,14 @@ class Diary:
     def ramp(self, epoch):
         self.log.append(("ramp", epoch))
 
-    def end_epoch(self):
+    def end_epoch(self, *, steps):
         return (self.t, self.epoch) in self.diverge_in
 
     def end_task(self, t, *, steps, wall_s, step):
         self.log.append(("end", t, steps, step))
         return (t, self.epoch) not in self.diverge_in
 
-    def task_line(self, t):
+    def task_line(self):
         return ""
 
     def state_dict(self):

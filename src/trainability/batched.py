@@ -800,7 +800,6 @@ class BatchedRuns:
         for acc in (self.correct, self.correct_partial, self.loss_sum):
             acc.zero_()
         self.rows = []
-        self.steps_in_task = 0
         self.steps_done = [0] * M   # per model: a diverged one's stop where train.SingleRun stops
         self.diverged = [False] * M
         self.correct_frozen = [None] * M
@@ -815,7 +814,6 @@ class BatchedRuns:
         return [full[:, j] for j in range(n_full)] + tail
 
     def step(self, bidx, *, step: int, frac: float, decide: bool) -> None:
-        self.steps_in_task += 1
         full = bidx.shape[1] == self.B
         if self.graph is not None and full and not decide:
             self.graph(bidx)
@@ -841,14 +839,14 @@ class BatchedRuns:
             adam.beta1[:, 0] = torch.where(self.ramp_rows, b1, adam.beta1[:, 0])
             adam.beta2[:, 0] = torch.where(self.ramp_rows, b2, adam.beta2[:, 0])
 
-    def end_epoch(self) -> bool:
+    def end_epoch(self, *, steps: int) -> bool:
         """The NaN check of every model (one host sync); a diverged model's counts are frozen where
         train.SingleRun stops its task. True when no model is left training in this task."""
         finite = torch.isfinite(self.loss_sum).tolist()
         correct_now = None
         for m in range(self.M):
             if self.alive[m] and not self.diverged[m]:
-                self.steps_done[m] = self.steps_in_task
+                self.steps_done[m] = steps
                 if not finite[m]:
                     self.diverged[m] = True
                     correct_now = correct_now or list(zip(self.correct.tolist(), self.correct_partial.tolist()))
@@ -880,7 +878,7 @@ class BatchedRuns:
                 rows=rows_m, indicators=self.indicators[m], diverged=self.diverged[m])
         return any(self.alive)
 
-    def task_line(self, t: int) -> str:
+    def task_line(self) -> str:
         accs = " ".join(f"{r['tasks'][-1]['online_acc']:.3f}" for r in self.records)
         return f"online acc per model {accs}  {self.wall_s:.1f}s"
 

@@ -17,9 +17,10 @@ An engine says what each moment does to its model(s):
     minibatches(epoch) -> [idx]     the epoch's minibatch indices
     step(idx, step, frac, decide)   one training step; with decide, the measurement and Algorithm 1 first
     ramp(epoch)                     the beta ramp's value for this epoch (a no-op when it is off)
-    end_epoch() -> bool             the NaN check; True: nothing left to train in this task (diverged)
+    end_epoch(steps) -> bool        the NaN check after `steps` steps of the task; True: nothing left to
+                                    train in this task (diverged)
     end_task(t, steps, wall_s, step) -> bool   record the task; False: nothing left to train at all
-    task_line(t) -> str             the task's one-line summary (logs of pipeline jobs)
+    task_line() -> str              the task's one-line summary (logs of pipeline jobs)
     state_dict(), load_state_dict(s)   everything a resumed run needs
     finish(completed)               write the record(s) (completed) or leave them (interrupted)
 """
@@ -84,12 +85,12 @@ def train_stream(engine, cfg: dict, ckpt_path: Path, key, *, resume: bool = True
                 step += 1
                 step_in_task += 1
             bar.update(per_epoch)
-            if engine.end_epoch():
+            if engine.end_epoch(steps=step_in_task):
                 break
         going = engine.end_task(t, steps=step_in_task, wall_s=round(time.perf_counter() - t0, 3), step=step)
         bar.set_postfix(task=t)
         if not progress:  # logs of pipeline jobs: one line per task instead of a bar
-            print(f"task {t}/{T}  {engine.task_line(t)}", file=sys.stderr, flush=True)
+            print(f"task {t}/{T}  {engine.task_line()}", file=sys.stderr, flush=True)
         if not going:
             break
         save_checkpoint({"key": key, "engine": engine.state_dict(), "next_task": t + 1, "step": step}, ckpt_path)

@@ -203,7 +203,7 @@ class SingleRun:
             self.learner.optimizer.param_groups[0]["betas"] = ramped_betas(tuple(self.cfg["optim"]["betas"]),
                                                                             epoch, self.epochs)
 
-    def end_epoch(self) -> bool:
+    def end_epoch(self, *, steps: int) -> bool:
         self.diverged = not torch.isfinite(self.loss_sum)   # one host sync per epoch, not per step
         return self.diverged
 
@@ -218,7 +218,7 @@ class SingleRun:
         self.logger.log(task_metrics(self.record["tasks"][-1]), step=step)
         return not diverged
 
-    def task_line(self, t: int) -> str:
+    def task_line(self) -> str:
         tr = self.record["tasks"][-1]
         return (f"online acc {tr['online_acc']:.4f}  end acc {tr['end_acc']:.4f}  lr {tr['lr'][0]:.3g}  "
                 f"{tr['wall_s']:.1f}s")
