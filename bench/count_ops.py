@@ -2,7 +2,7 @@
 a kernel launch, and at the paper's size a launch-bound step costs about its launch count times a few
 microseconds. A plain step (forward, backward, Adam) and a decision step (plus the probe, batched
 Lanczos and Algorithm 1) of bench_batched.py's stacked MLP (`stacked_step`), with the ops inside `eigen.ritz_step`
-(which runs on the host in every case) counted apart.
+(which runs on the host in every case) counted apart, and the decision's host round trips (one sync each).
 
     .venv/bin/python bench/count_ops.py --models 4
 """
@@ -46,7 +46,10 @@ def main() -> None:
     counter = Count()
     ritz = batched.ritz_step
 
+    rounds = [0]
+
     def host_ritz(*args, **kwargs):
+        rounds[0] += 1
         counter.host = True
         try:
             return ritz(*args, **kwargs)
@@ -61,7 +64,8 @@ def main() -> None:
         step(True)
     batched.ritz_step = ritz
     print(f"{a.models} models: plain step {plain} ops; decision step {sum(counter.ops.values())} ops outside "
-          f"eigen.ritz_step, {sum(counter.host_ops.values())} inside (host)")
+          f"eigen.ritz_step, {sum(counter.host_ops.values())} inside (host); {rounds[0]} host round trips "
+          f"(device-to-host syncs)")
     print("decision step, most frequent:", ", ".join(f"{k} {v}" for k, v in counter.ops.most_common(10)))
 
 

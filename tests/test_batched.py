@@ -199,25 +199,60 @@ def test_configs_that_cannot_share_a_batch_are_refused_naming_the_key(mnist_root
     check_batchable([a, tiny("l2-scheduled"), tiny("wass-reset"), config.deep_merge(a, {"seed": 3})])
 
 
+def _symmetric(n: int, gap: float, g: torch.Generator) -> torch.Tensor:
+    """A symmetric n x n matrix with eigenvalues spread over [-1, 3] and a top gap of `gap`."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = torch.linspace(-1, 3, n, dtype=torch.float64)
+    ev[-1] = ev[-2] + gap
+    return (q * ev) @ q.t()
+
+
+def _unit_rows(M: int, n: int, g: torch.Generator) -> torch.Tensor:
+    v = torch.randn(M, n, generator=g, dtype=torch.float64)
+    return v / v.norm(dim=1, keepdim=True)
+
+
 def test_batched_lanczos_equals_the_one_model_solver():
     """Two symmetric matrices at once, stopping at different iterations: each row equals _lanczos."""
     g = torch.Generator().manual_seed(0)
-    mats = []
-    for gap in (0.5, 0.01):
-        q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
-        ev = torch.linspace(-1, 3, 40, dtype=torch.float64)
-        ev[-1] = ev[-2] + gap
-        mats.append((q * ev) @ q.t())
-    H = torch.stack(mats)
-    v = torch.randn(2, 40, generator=g, dtype=torch.float64)
-    v = v / v.norm(dim=1, keepdim=True)
-    theta, vec, iters = batched_lanczos(lambda V: torch.einsum("mij,mj->mi", H, V), v, 1e-6, 30)
+    H = torch.stack([_symmetric(40, gap, g) for gap in (0.5, 0.01)])
+    v = _unit_rows(2, 40, g)
+    [(theta, vec, iters)] = batched_lanczos([(lambda V: torch.einsum("mij,mj->mi", H, V), v)], 1e-6, 30)
     for m in range(2):
         th, vm, it = _lanczos(lambda x: H[m] @ x, v[m], 1e-6, 30)
         assert int(iters[m]) == it
         assert theta[m].item() == pytest.approx(th, rel=1e-12)
         assert torch.allclose(vec[m], vm, atol=1e-8)
         assert th == pytest.approx(torch.linalg.eigvalsh(H[m])[-1].item(), rel=1e-5)
+
+
+def test_lockstep_problems_equal_each_solved_alone():
+    """Problems of different sizes and row counts in one call (a decision's layer blocks and the whole
+    network): each gives the bits it gives alone, though they stop at different rounds, and a problem
+    that has stopped takes no more products."""
+    g = torch.Generator().manual_seed(1)
+    specs = [(3, 40, (0.5, 0.01, 0.1)), (2, 12, (0.3, 0.02)), (1, 25, (0.001,))]
+    calls = [0, 0, 0]
+
+    def operator(p, H):
+        def hvp(V):
+            calls[p] += 1
+            return torch.einsum("mij,mj->mi", H, V)
+        return hvp
+    problems = []
+    for p, (M, n, gaps) in enumerate(specs):
+        problems.append((operator(p, torch.stack([_symmetric(n, gap, g) for gap in gaps])), _unit_rows(M, n, g)))
+    together = batched_lanczos(problems, 1e-6, 30)
+    alone_calls = []
+    for p, problem in enumerate(problems):
+        before = calls[p]
+        alone = batched_lanczos([problem], 1e-6, 30)[0]
+        alone_calls.append(calls[p] - before)
+        for x, y in zip(together[p], alone):
+            assert torch.equal(x, y)
+        assert calls[p] - before == int(alone[2].max())   # one product per iteration of its slowest row
+    assert calls == [2 * c for c in alone_calls]
+    assert len(set(alone_calls)) > 1   # the problems did stop at different rounds
 
 
 def test_stacked_windows_equal_the_float_windows_bit_for_bit():

@@ -15,9 +15,10 @@ launch-bound, and batching is how it gets near the hardware's limits.
 of `train.run` (same draws from the same seeds, the same Adam arithmetic, the same decision-step
 measurement and Algorithm 1), so each record equals the one-model-at-a-time record up to float rounding
 (tests/test_batched.py). The step loop has no host synchronisation except, as in `train.run`, one
-divergence check per epoch; a decision step sends each
-Lanczos product's M alphas and betas to the host, which solves the tiny tridiagonal problems and decides
-when every model has converged (one sync per product). Decision rows stay on the device until the end
+divergence check per epoch; a decision step runs the Lanczos of every layer block (and of the whole
+network, for measure.global) in lockstep, and each round of products sends all their alphas and betas to
+the host in one transfer, where the tiny tridiagonal problems are solved and each model's convergence is
+decided (one sync per round). Decision rows stay on the device until the end
 of the task. On CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on
 any device, `fused_adam` compiles Adam's update.
 """
@@ -334,69 +335,110 @@ class StackedWasserstein:
         return pen
 
 
-def batched_lanczos(hvp, v: torch.Tensor, tol: float, max_iter: int, min_iter: int = 2):
-    """eigen._lanczos for M independent problems at once: v (M, n) unit rows, hvp (M, n) -> (M, n).
-    Each model stops by the same rule as the one-model solver (`eigen.ritz_step`) and its result is frozen
-    there; the loop ends when every model has stopped. The vectors stay on the device; each product sends
-    its M alphas and betas to the host, where the tiny tridiagonal problems are solved (one sync per
-    product, no GPU eigh). Returns (theta (M,) float64, Ritz vectors (M, n), products (M,)) on v's device."""
-    M, n = v.shape
-    dev = v.device
-    # the Lanczos vectors (M, k, n) on the device, in one buffer grown by doubling: each product reads
-    # views of it, where stacking a list copied all k vectors again (M x k x n floats) every product
-    basis = v.new_empty(M, min(max_iter, 8), n)
-    basis[:, 0] = v
-    k, b_prev = 1, None
-    alphas_h = torch.zeros(M, max_iter, dtype=torch.float64)   # the rest on the host
-    betas_h = torch.zeros(M, max_iter, dtype=torch.float64)
-    active = torch.ones(M, dtype=torch.bool)
-    failed = torch.zeros(M, dtype=torch.bool)
-    theta = torch.full((M,), math.nan, dtype=torch.float64)
-    theta_prev = torch.full_like(theta, math.nan)
-    iters = torch.zeros(M, dtype=torch.long)
-    y_final = torch.zeros(M, max_iter, dtype=torch.float64)
-    for it in range(1, max_iter + 1):
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """x with NaN and +-inf replaced by 0: one kernel (isfinite and where took five)."""
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class _Krylov:
+    """The device side of one problem of batched_lanczos: M rows, an operator hvp (M, n) -> (M, n), and
+    the rows' Lanczos vectors (M, k, n) in one buffer grown by doubling (each product reads views of it,
+    where stacking a list copied all k vectors again every product)."""
+
+    def __init__(self, hvp, v: torch.Tensor, max_iter: int):
+        self.hvp, self.v = hvp, v
+        self.basis = v.new_empty(v.shape[0], min(max_iter, 8), v.shape[1])
+        self.basis[:, 0] = v
+        self.k, self.b_prev, self.max_iter = 1, None, max_iter
+
+    def product(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha (M,), beta (M,)) of the next product; keeps the residual w for `extend`."""
+        basis, k = self.basis, self.k
         q = basis[:, k - 1]
-        w = hvp(q)
+        w = self.hvp(q)
         a_raw = (w * q).sum(1)
-        a = torch.where(torch.isfinite(a_raw), a_raw, torch.zeros_like(a_raw))   # a failed model must
-        w = w - a.unsqueeze(1) * q - (b_prev.unsqueeze(1) * basis[:, k - 2] if k > 1 else 0.0)   # not poison w
-        Qm = basis[:, :k]                                          # (M, it, n)
+        a = _finite_or_zero(a_raw)   # a failed model must not poison w ...
+        w = w - a.unsqueeze(1) * q - (self.b_prev.unsqueeze(1) * basis[:, k - 2] if k > 1 else 0.0)
+        Qm = basis[:, :k]                                          # (M, k, n): full reorthogonalisation
         w = w - torch.einsum("mkn,mk->mn", Qm, torch.einsum("mkn,mn->mk", Qm, w))
-        b = w.norm(dim=1)
-        b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))   # ... nor eigh
-        a_h, b_h = torch.stack([a_raw, b]).double().cpu()            # the product's one sync
-        bad = active & ~torch.isfinite(a_h)
-        failed |= bad
-        iters = torch.where(bad, it, iters)
-        active = active & ~bad
-        alphas_h[:, it - 1] = torch.where(torch.isfinite(a_h), a_h, 0.0)
-        th, y, converged, exhausted = ritz_step(alphas_h[:, :it], betas_h[:, :it - 1], b_h, theta_prev, it,
-                                                tol, min_iter, n, max_iter)
-        stop = active & (converged | exhausted)
-        theta = torch.where(active, th, theta)
-        y_final[:, :it] = torch.where(active.unsqueeze(1), y, y_final[:, :it])
-        iters = torch.where(active, it, iters)
-        active = active & ~stop
-        theta_prev = th
-        if it == max_iter or (tol > 0 and not bool(active.any())):
+        self.w, self.b = w, _finite_or_zero(w.norm(dim=1))       # ... nor eigh
+        return a_raw, self.b
+
+    def extend(self, active: torch.Tensor) -> None:
+        """Append w / b to the basis for the rows still active (host bools), zeros for the others."""
+        keep = active.to(self.v.device, non_blocking=True)
+        safe_b = torch.where(keep, self.b, 1.0)
+        k = self.k
+        if k == self.basis.shape[1]:
+            grown = self.v.new_empty(self.basis.shape[0], min(2 * k, self.max_iter), self.basis.shape[2])
+            grown[:, :k] = self.basis
+            self.basis = grown
+        self.basis[:, k] = torch.where(keep.unsqueeze(1), self.w / safe_b.unsqueeze(1), 0.0)
+        self.k, self.b_prev = k + 1, self.b
+
+    def ritz_vectors(self, y: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
+        """The rows' unit Ritz vectors from their coefficients y (M, >= k) (host float64); a failed row
+        gets its start vector back."""
+        Qm = self.basis[:, :self.k]
+        ritz = torch.einsum("mkn,mk->mn", Qm, y[:, :self.k].to(Qm))
+        ritz = ritz / (ritz.norm(dim=1, keepdim=True) + 1e-30)
+        return torch.where(failed.to(self.v.device).unsqueeze(1), self.v, ritz)
+
+
+def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: int = 2) -> list[tuple]:
+    """eigen._lanczos for many independent problems in lockstep: `problems` is a list of (hvp, v), v (M_p,
+    n_p) unit rows (the sizes may differ between problems: a model's layer blocks), hvp (M_p, n_p) ->
+    (M_p, n_p). Each row stops by the same rule as the one-model solver (`eigen.ritz_step`) and its result
+    is frozen there; a problem stops when all its rows have (its products stop too), the call when every
+    problem has. The vectors stay on the device; each round of products sends all rows' alphas and betas
+    to the host in one transfer, where the tiny tridiagonal problems are solved (one sync per round: the
+    layers of a decision share their rounds, where one call per layer synced once per product of each).
+    Returns, per problem, (theta (M_p,) float64, Ritz vectors (M_p, n_p), products (M_p,)) on v's device."""
+    kry = [_Krylov(hvp, v, max_iter) for hvp, v in problems]
+    sizes = [v.shape[0] for _, v in problems]
+    starts = [sum(sizes[:p]) for p in range(len(sizes))]
+    R = sum(sizes)
+    n = torch.tensor([v.shape[1] for _, v in problems for _ in range(v.shape[0])])   # each row's dimension
+    alphas_h = torch.zeros(R, max_iter, dtype=torch.float64)   # the host side, all rows together
+    betas_h = torch.zeros(R, max_iter, dtype=torch.float64)
+    active = torch.ones(R, dtype=torch.bool)
+    failed = torch.zeros(R, dtype=torch.bool)
+    theta = torch.full((R,), math.nan, dtype=torch.float64)
+    theta_prev = torch.full_like(theta, math.nan)
+    iters = torch.zeros(R, dtype=torch.long)
+    y_final = torch.zeros(R, max_iter, dtype=torch.float64)
+    live = list(range(len(problems)))   # the problems still taking products
+    for it in range(1, max_iter + 1):
+        ab = [kry[p].product() for p in live]
+        rows = torch.cat([torch.arange(starts[p], starts[p] + sizes[p]) for p in live])
+        a_h, b_h = torch.stack([torch.cat([a for a, _ in ab]), torch.cat([b for _, b in ab])]).double().cpu()   # the round's one sync
+        act = active[rows]
+        bad = act & ~torch.isfinite(a_h)
+        failed[rows] |= bad
+        iters[rows] = torch.where(bad, it, iters[rows])
+        act = act & ~bad
+        alphas_h[rows, it - 1] = torch.where(torch.isfinite(a_h), a_h, 0.0)
+        th, y, converged, exhausted = ritz_step(alphas_h[rows, :it], betas_h[rows, :it - 1], b_h, theta_prev[rows],
+                                                it, tol, min_iter, n[rows], max_iter)
+        theta[rows] = torch.where(act, th, theta[rows])
+        y_final[rows, :it] = torch.where(act.unsqueeze(1), y, y_final[rows, :it])
+        iters[rows] = torch.where(act, it, iters[rows])
+        act = act & ~(converged | exhausted)
+        active[rows] = act
+        theta_prev[rows] = th
+        betas_h[rows, it - 1] = b_h
+        # a problem goes on while it has an active row (with tol = 0, to max_iter, as the one-model solver)
+        live = [p for p in live if it < max_iter and (tol <= 0 or bool(active[starts[p]:starts[p] + sizes[p]].any()))]
+        if not live:
             break
-        b_prev = b
-        betas_h[:, it - 1] = b_h
-        keep = active.to(dev, non_blocking=True)
-        safe_b = torch.where(keep, b, torch.ones_like(b))
-        if k == basis.shape[1]:
-            grown = v.new_empty(M, min(2 * k, max_iter), n)
-            grown[:, :k] = basis
-            basis = grown
-        basis[:, k] = torch.where(keep.unsqueeze(1), w / safe_b.unsqueeze(1), torch.zeros_like(w))
-        k += 1
-    Qm = basis[:, :k]
-    ritz = torch.einsum("mkn,mk->mn", Qm, y_final[:, :Qm.shape[1]].to(Qm))
-    ritz = ritz / (ritz.norm(dim=1, keepdim=True) + 1e-30)
+        for p in live:
+            kry[p].extend(active[starts[p]:starts[p] + sizes[p]])
     theta = torch.where(failed, math.nan, theta)
-    ritz = torch.where(failed.to(dev).unsqueeze(1), v, ritz)
-    return theta.to(dev), ritz, iters.to(dev)
+    out = []
+    for p, (_, v) in enumerate(problems):
+        sl = slice(starts[p], starts[p] + sizes[p])
+        out.append((theta[sl].to(v.device), kry[p].ritz_vectors(y_final[sl], failed[sl]), iters[sl].to(v.device)))
+    return out
 
 
 class StackedProbe:
@@ -452,46 +494,49 @@ class StackedProbe:
         flat = net.params()
         with buffers_kept(net):   # BatchNorm statistics: the probe's extra pass leaves no trace, as DecisionProbe's
             grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)
-            lam, iters = [], []
-            starts = [self._starts(l) for l in range(L)]   # drawn in DecisionProbe's order: layer by layer
-            for l in range(L):   # the Hessian block of the layer's group (W, b, BatchNorm's gamma, beta)
-                ps = net.layer_params(l)
-                i = net.weight_pos[l]
-
-                def hvp(V, ps=ps, gl=grads[i:i + len(ps)], sizes=[p[0].numel() for p in ps]):
-                    pieces = [x.reshape(p.shape) for x, p in zip(V.split(sizes, 1), ps)]
-                    hs = torch.autograd.grad(gl, ps, grad_outputs=pieces, retain_graph=True)
-                    hv = torch.cat([h.detach().flatten(1) for h in hs], 1)
-                    return hv + wd.unsqueeze(1).to(hv.dtype) * V
-
-                th, vec, it = batched_lanczos(hvp, starts[l], self.eig_tol, self.eig_max_iter)
-                self.vecs[l] = vec.detach()
-                lam.append(th)
-                iters.append(it.double())
+            # every layer's Hessian block (W, b, BatchNorm's gamma, beta), and the whole network's for the
+            # measure.global models, as one lockstep Lanczos; the starts drawn in DecisionProbe's order
+            problems = [(self._block_hvp(l, grads, wd), self._starts(l)) for l in range(L)]
+            if self.global_column and self.global_models:
+                problems.append((self._global_hvp(grads, flat, wd), self._global_start()))
+            solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter)
+            for l in range(L):
+                self.vecs[l] = solved[l][1].detach()
             out = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
-                   "alpha_agg": agg, "lam_max": torch.stack(lam, 1), "eig_iters": torch.stack(iters, 1)}
+                   "alpha_agg": agg, "lam_max": torch.stack([th for th, _, _ in solved[:L]], 1),
+                   "eig_iters": torch.stack([it.double() for _, _, it in solved[:L]], 1)}
             if self.global_column:
                 g_alpha, g_agg = self.adam.global_effective_steps()
-                g_lam, g_iters = self._global_lam(grads, flat, wd)   # its starts drawn after the layers'
+                g_lam, g_iters = self._global_lam(solved[L] if self.global_models else None)
                 whole = {"grad_sq": sum(grad_sq), "sigma2_ps": sum(sigma2), "alpha": g_alpha, "alpha_agg": g_agg,
                          "lam_max": g_lam, "eig_iters": g_iters}   # sums in layer order, as DecisionProbe's
                 out = {k: torch.cat([v, whole[k].unsqueeze(1)], 1) for k, v in out.items()}
         self.has_vec[:] = True
         return dict(out, batch_size=B)
 
-    def _global_lam(self, grads, flat, wd):
-        """(lam_max (M,), products (M,)): the whole Hessian's top eigenvalue (plus coupled L2's wd I) for
-        the models with measure.global, batched Lanczos over those models only; NaN and 0 elsewhere."""
-        M, dev = len(self.generators), flat[0].device
-        lam = torch.full((M,), math.nan, dtype=torch.float64, device=dev)
-        iters = torch.zeros(M, dtype=torch.float64, device=dev)
-        if not self.global_models:
-            return lam, iters
+    def _block_hvp(self, l: int, grads, wd):
+        """(M, n_l) -> (M, n_l): the Hessian block of layer l's group, plus coupled L2's wd I."""
+        ps = self.net.layer_params(l)
+        i = self.net.weight_pos[l]
+        gl, sizes = grads[i:i + len(ps)], [p[0].numel() for p in ps]
+
+        def hvp(V):
+            pieces = [x.reshape(p.shape) for x, p in zip(V.split(sizes, 1), ps)]
+            hs = torch.autograd.grad(gl, ps, grad_outputs=pieces, retain_graph=True)
+            hv = torch.cat([h.detach().flatten(1) for h in hs], 1)
+            return hv + wd.unsqueeze(1).to(hv.dtype) * V
+        return hvp
+
+    def _global_start(self) -> torch.Tensor:
+        """eigen._start of the whole network for the measure.global models (drawn after the layers')."""
         idx, n = self.global_idx, self.global_vecs.shape[1]
         r = torch.stack([torch.randn(n, generator=self.generators[m], device=self.generators[m].device)
-                         for m in self.global_models])
-        r = r.to(self.global_vecs)
-        start = torch.where(self.has_vec[idx].unsqueeze(1), mixed_start(r, self.global_vecs), mixed_start(r))
+                         for m in self.global_models]).to(self.global_vecs)
+        return torch.where(self.has_vec[idx].unsqueeze(1), mixed_start(r, self.global_vecs), mixed_start(r))
+
+    def _global_hvp(self, grads, flat, wd):
+        """(G, n) -> (G, n): the whole Hessian (plus coupled L2's wd I) of the G measure.global models."""
+        M, idx, n = len(self.generators), self.global_idx, self.global_vecs.shape[1]
         sizes = [p[0].numel() for p in flat]
 
         def hvp(V):
@@ -500,10 +545,19 @@ class StackedProbe:
             hs = torch.autograd.grad(grads, flat, grad_outputs=pieces, retain_graph=True)
             hv = torch.cat([h.detach().flatten(1) for h in hs], 1)[idx]
             return hv + wd[idx].unsqueeze(1).to(hv.dtype) * V
+        return hvp
 
-        th, vec, it = batched_lanczos(hvp, start, self.eig_tol, self.eig_max_iter)
+    def _global_lam(self, solved):
+        """(lam_max (M,), products (M,)): the whole Hessian's top eigenvalue for the measure.global models
+        from their Lanczos (`solved`, None without such models); NaN and 0 for the others."""
+        M, dev = len(self.generators), self.global_vecs.device
+        lam = torch.full((M,), math.nan, dtype=torch.float64, device=dev)
+        iters = torch.zeros(M, dtype=torch.float64, device=dev)
+        if solved is None:
+            return lam, iters
+        th, vec, it = solved
         self.global_vecs = vec.detach()
-        return lam.index_copy(0, idx, th), iters.index_copy(0, idx, it.double())
+        return lam.index_copy(0, self.global_idx, th), iters.index_copy(0, self.global_idx, it.double())
 
     def state_dict(self) -> dict:
         return {"vecs": self.vecs, "global_vecs": self.global_vecs, "has_vec": self.has_vec,
