@@ -254,6 +254,17 @@ def test_lockstep_problems_equal_each_solved_alone():
     assert calls == [2 * c for c in alone_calls]
     assert len(set(alone_calls)) > 1   # the problems did stop at different rounds
 
+    # skipped rows (a model that does not measure): never active, start vector back; the others unchanged
+    skip = torch.tensor([False, True, False, False, False, True])
+    calls[:] = [0, 0, 0]
+    skipped = batched_lanczos(problems, 1e-6, 30, skip=skip)
+    assert calls[2] == 0   # a problem with no row left takes no product
+    theta, vec, iters = skipped[0]
+    assert math.isnan(theta[1]) and iters[1] == 0 and torch.equal(vec[1], problems[0][1][1])
+    for m in (0, 2):
+        assert theta[m] == together[0][0][m] and torch.equal(vec[m], together[0][1][m])
+    assert math.isnan(skipped[2][0][0]) and torch.equal(skipped[1][0], together[1][0])
+
 
 def test_stacked_windows_equal_the_float_windows_bit_for_bit():
     """StackedScheduler's Eq. 1 windows against one bounds.VolatilityWindow per (model, column): the same

@@ -376,16 +376,17 @@ class _Krylov:
         self.basis[:, k] = torch.where(keep.unsqueeze(1), self.w / safe_b.unsqueeze(1), 0.0)
         self.k, self.b_prev = k + 1, self.b
 
-    def ritz_vectors(self, y: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
-        """The rows' unit Ritz vectors from their coefficients y (M, >= k) (host float64); a failed row
-        gets its start vector back."""
+    def ritz_vectors(self, y: torch.Tensor, start_back: torch.Tensor) -> torch.Tensor:
+        """The rows' unit Ritz vectors from their coefficients y (M, >= k) (host float64); the rows of
+        `start_back` (failed or skipped) get their start vector back."""
         Qm = self.basis[:, :self.k]
         ritz = torch.einsum("mkn,mk->mn", Qm, y[:, :self.k].to(Qm))
         ritz = ritz / (ritz.norm(dim=1, keepdim=True) + 1e-30)
-        return torch.where(failed.to(self.v.device).unsqueeze(1), self.v, ritz)
+        return torch.where(start_back.to(self.v.device).unsqueeze(1), self.v, ritz)
 
 
-def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: int = 2) -> list[tuple]:
+def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: int = 2,
+                    skip: torch.Tensor | None = None) -> list[tuple]:
     """eigen._lanczos for many independent problems in lockstep: `problems` is a list of (hvp, v), v (M_p,
     n_p) unit rows (the sizes may differ between problems: a model's layer blocks), hvp (M_p, n_p) ->
     (M_p, n_p). Each row stops by the same rule as the one-model solver (`eigen.ritz_step`) and its result
@@ -393,7 +394,10 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     problem has. The vectors stay on the device; each round of products sends all rows' alphas and betas
     to the host in one transfer, where the tiny tridiagonal problems are solved (one sync per round: the
     layers of a decision share their rounds, where one call per layer synced once per product of each).
-    Returns, per problem, (theta (M_p,) float64, Ritz vectors (M_p, n_p), products (M_p,)) on v's device."""
+    `skip` (host bools, one per row of all problems in order) marks rows nobody reads: they are never
+    active (theta NaN, 0 products, their start back as vector), so a model that does not measure cannot
+    keep a batch's Lanczos going. Returns, per problem, (theta (M_p,) float64, Ritz vectors (M_p, n_p),
+    products (M_p,)) on v's device."""
     kry = [_Krylov(hvp, v, max_iter) for hvp, v in problems]
     sizes = [v.shape[0] for _, v in problems]
     starts = [sum(sizes[:p]) for p in range(len(sizes))]
@@ -401,17 +405,21 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     n = torch.tensor([v.shape[1] for _, v in problems for _ in range(v.shape[0])])   # each row's dimension
     alphas_h = torch.zeros(R, max_iter, dtype=torch.float64)   # the host side, all rows together
     betas_h = torch.zeros(R, max_iter, dtype=torch.float64)
-    active = torch.ones(R, dtype=torch.bool)
+    active = torch.ones(R, dtype=torch.bool) if skip is None else ~skip
     failed = torch.zeros(R, dtype=torch.bool)
     theta = torch.full((R,), math.nan, dtype=torch.float64)
     theta_prev = torch.full_like(theta, math.nan)
     iters = torch.zeros(R, dtype=torch.long)
     y_final = torch.zeros(R, max_iter, dtype=torch.float64)
-    live = list(range(len(problems)))   # the problems still taking products
+    # the problems taking products: while one has an active row (with tol = 0, to max_iter, as _lanczos)
+    live = [p for p in range(len(problems)) if tol <= 0 or bool(active[starts[p]:starts[p] + sizes[p]].any())]
     for it in range(1, max_iter + 1):
+        if not live:
+            break
         ab = [kry[p].product() for p in live]
         rows = torch.cat([torch.arange(starts[p], starts[p] + sizes[p]) for p in live])
-        a_h, b_h = torch.stack([torch.cat([a for a, _ in ab]), torch.cat([b for _, b in ab])]).double().cpu()   # the round's one sync
+        a_h, b_h = torch.stack([torch.cat([a for a, _ in ab]),
+                                torch.cat([b for _, b in ab])]).double().cpu()   # the round's one sync
         act = active[rows]
         bad = act & ~torch.isfinite(a_h)
         failed[rows] |= bad
@@ -427,17 +435,15 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
         active[rows] = act
         theta_prev[rows] = th
         betas_h[rows, it - 1] = b_h
-        # a problem goes on while it has an active row (with tol = 0, to max_iter, as the one-model solver)
         live = [p for p in live if it < max_iter and (tol <= 0 or bool(active[starts[p]:starts[p] + sizes[p]].any()))]
-        if not live:
-            break
         for p in live:
             kry[p].extend(active[starts[p]:starts[p] + sizes[p]])
-    theta = torch.where(failed, math.nan, theta)
+    theta = torch.where(failed, math.nan, theta)   # (a skipped row's is NaN already)
+    start_back = failed if skip is None else failed | skip
     out = []
     for p, (_, v) in enumerate(problems):
         sl = slice(starts[p], starts[p] + sizes[p])
-        out.append((theta[sl].to(v.device), kry[p].ritz_vectors(y_final[sl], failed[sl]), iters[sl].to(v.device)))
+        out.append((theta[sl].to(v.device), kry[p].ritz_vectors(y_final[sl], start_back[sl]), iters[sl].to(v.device)))
     return out
 
 
@@ -447,10 +453,13 @@ class StackedProbe:
     Lanczos on the Hessian of the summed loss, which is block-diagonal across models). With
     global_column, the whole network as one more column (the probe's "global" entry): the layers' sums,
     measure._global_effective_step, and the full Hessian's lam_max for the models with measure.global
-    (NaN for the others, as DecisionProbe without global_too)."""
+    (NaN for the others, as DecisionProbe without global_too). With `measuring`, the Lanczos of a model
+    that does not measure stops at once (its lam_max is NaN: nobody reads it, and it cannot keep the
+    batch's Lanczos going)."""
 
     def __init__(self, net: StackedMLP, adam: StackedAdam, B: int, seeds: list[int], eig_tol: float,
-                 eig_max_iter: int, code_alpha_agg: list[bool], global_lam: list[bool], global_column: bool):
+                 eig_max_iter: int, code_alpha_agg: list[bool], global_lam: list[bool], global_column: bool,
+                 measuring: list[bool] | None = None):
         self.net, self.adam, self.B = net, adam, B
         self.eig_tol, self.eig_max_iter = eig_tol, eig_max_iter
         dev = net.W[0].device
@@ -468,6 +477,7 @@ class StackedProbe:
         self.global_idx = torch.tensor(self.global_models, dtype=torch.long, device=dev)
         n_all = sum(p[0].numel() for p in net.params())
         self.global_vecs = torch.zeros(len(self.global_models), n_all, device=dev)
+        self.skip = None if measuring is None or all(measuring) else ~torch.tensor(measuring)   # host bools
 
     def reset(self, m: int, seed: int) -> None:
         self.generators[m] = torch.Generator(self.vecs[0].device).manual_seed(seed)
@@ -497,9 +507,12 @@ class StackedProbe:
             # every layer's Hessian block (W, b, BatchNorm's gamma, beta), and the whole network's for the
             # measure.global models, as one lockstep Lanczos; the starts drawn in DecisionProbe's order
             problems = [(self._block_hvp(l, grads, wd), self._starts(l)) for l in range(L)]
-            if self.global_column and self.global_models:
+            skip = None if self.skip is None else [self.skip] * L
+            if self.global_column and self.global_models:   # (a measure.global model measures)
                 problems.append((self._global_hvp(grads, flat, wd), self._global_start()))
-            solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter)
+                skip = None if skip is None else skip + [torch.zeros(len(self.global_models), dtype=torch.bool)]
+            solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter,
+                                     skip=None if skip is None else torch.cat(skip))
             for l in range(L):
                 self.vecs[l] = solved[l][1].detach()
             out = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
@@ -773,7 +786,8 @@ class BatchedRuns:
         self.adam = StackedAdam(net, lr, self.wd, self.betas0, c0["optim"]["eps"], fused=c0["fused_adam"])
         self.lam_w = [c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs]
         self.wass = StackedWasserstein(net, self.lam_w) if any(x > 0 for x in self.lam_w) else None
-        # the probe runs for every model when any measures; only the measuring ones keep its rows
+        # the probe runs for every model when any measures (its Lanczos for the measuring ones only); only
+        # the measuring ones keep its rows
         self.measuring_m = [measures(c) for c in cfgs]
         self.measuring = any(self.measuring_m)
         init_seeds = [_sub_seed(c["seed"], 0) for c in cfgs]
@@ -783,7 +797,7 @@ class BatchedRuns:
         global_column = any(global_lam) or any(self.global_variant)
         self.probe = StackedProbe(net, self.adam, B, init_seeds, c0["measure"]["eig_tol"], c0["measure"]["eig_max_iter"],
                                   [c["scheduler"]["code_alpha_agg"] for c in cfgs], global_lam,
-                                  global_column) if self.measuring else None
+                                  global_column, self.measuring_m) if self.measuring else None
         self.sched = StackedScheduler(self.adam, B, [c["scheduler"] for c in cfgs],
                                       [c["arm"] == "scheduled" for c in cfgs], L + global_column) \
             if self.measuring else None
