@@ -4,9 +4,9 @@
 #
 #   bash bench/gpu_check.sh [PROBE_BUDGET_S]      # writes logs and summaries to $OUT (default bench/out/gpu)
 #
-# 1. the batched-vs-single equivalence tests (mixed batches: arms, L2 and Wasserstein, activations, the
-#    global variant, BatchNorm; fused_adam; cuda_graph against the eager step) and the measurement
-#    tests, on CUDA;
+# 1. the batched-vs-single equivalence tests, on CUDA: first the two that gate step 2's keys (cuda_graph
+#    against the eager step, fused_adam), then the rest (mixed batches: arms, L2 and Wasserstein,
+#    activations, the global variant, BatchNorm) and the measurement tests;
 # 2. the projected wall time of the whole paper scale (bench/project_paper.py): every job the Snakefile
 #    plans, timed with its own configs for short tasks, projected to 40 tasks, one job at a time and two
 #    at once (-> $OUT/projection.json), with cuda_graph and fused_adam on where step 1 passed them;
@@ -16,8 +16,8 @@
 # 5. only with PROBE_BUDGET_S > 0: the paper-scale probe (bench/paper_probe.py), the first tasks of the
 #    paper's stream, vanilla vs scheduler, L2, CReLU and Wasserstein; `bench/plot_probe.py` draws them.
 # Most important first: if the lease ends early, the later steps are the ones lost. Steps 1-4 take at
-# most 8 min 45 s (their timeouts: 150 + 180 + 150 + 45 s). DEVICE=cpu runs the same steps on the CPU as
-# a try-out of the script (PROJECT_ARGS, BENCH_MODELS and TF32_ARGS then shrink them, e.g.
+# most 9 min 35 s (their timeouts: 100 + 120 + 180 + 80 + 55 + 40 s). DEVICE=cpu runs the same steps
+# on the CPU as a try-out of the script (PROJECT_ARGS, BENCH_MODELS and TF32_ARGS then shrink them, e.g.
 # PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4",
 # BENCH_MODELS="1 3", BENCH_MODELS_MEASURE=3 and TF32_ARGS="--epochs 1 --set stream.n_images=2560").
 # Uses the interpreter in $PY (default python3, e.g. a GPU image's own PyTorch); MNIST comes from
@@ -38,12 +38,16 @@ stamp "environment"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
 
 stamp "1. equivalence and measurement tests on $DEVICE"
-# -v: a line per test as it ends, so a timeout still leaves the verdicts of the tests that ran; on CUDA
+# the two tests that gate step 2's keys first, on their own clock, so a slow rest cannot cost their
+# verdicts; -v: a line per test as it ends (a timeout keeps the verdicts of the tests that ran); on CUDA
 # the CPU stand-in of the graph (same_storages) is left out, the real graph test runs instead
+KEY_TESTS="cuda_graph_step_equals_the_eager_step or fused_adam_equals_single_runs"
 SKIP=$([ "$DEVICE" = cuda ] && echo " and not same_storages")
-TRAINABILITY_TEST_DEVICE=$DEVICE timeout 150 $PY -m pytest -o addopts= -v -rfEs -p no:cacheprovider tests/test_batched.py \
-    tests/test_measure.py "tests/test_train.py::test_resume_equals_uninterrupted" \
-    -k "not cli and not paper_scale$SKIP" 2>&1 | tee "$OUT/tests.log" | grep -v " PASSED" | tail -25
+pytest_on() { TRAINABILITY_TEST_DEVICE=$DEVICE timeout "$1" $PY -m pytest -o addopts= -v -rfEs -p no:cacheprovider "${@:2}"; }
+pytest_on 100 tests/test_batched.py -k "$KEY_TESTS" 2>&1 | tee "$OUT/tests.log" | grep -v " PASSED" | tail -12
+pytest_on 120 tests/test_batched.py tests/test_measure.py "tests/test_train.py::test_resume_equals_uninterrupted" \
+    -k "not cli and not paper_scale and not ($KEY_TESTS)$SKIP" 2>&1 | tee -a "$OUT/tests.log" \
+    | grep -v " PASSED" | tail -25
 
 # the speed-ups whose equivalence test passed in step 1 (one that failed or did not run is left out of step 2)
 KEYS=""
@@ -56,13 +60,13 @@ timeout 180 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection
 
 stamp "3. batched vs one at a time; the batched step as a CUDA graph, with Adam compiled, and both"
 GRAPH=$([ "$DEVICE" = cuda ] && echo --graph)
-timeout 90 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS:-1 93} --steps 100 --rounds 2 \
+timeout 80 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS:-1 93} --steps 100 --rounds 2 \
     $GRAPH --fused 2>&1 | grep -v "^W[0-9]" | tee "$OUT/bench.log"
-timeout 60 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS_MEASURE:-93} --steps 120 --rounds 2 \
+timeout 55 $PY bench/bench_batched.py --device "$DEVICE" --models ${BENCH_MODELS_MEASURE:-93} --steps 120 --rounds 2 \
     --measure $GRAPH --fused 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/bench.log"
 
 stamp "4. tf32: speed and the records, one short task of the paper stream"
-timeout 45 $PY bench/tf32_effect.py --device "$DEVICE" --epochs 5 ${TF32_ARGS:-} 2>&1 | tee "$OUT/tf32.log"
+timeout 40 $PY bench/tf32_effect.py --device "$DEVICE" --epochs 5 ${TF32_ARGS:-} 2>&1 | tee "$OUT/tf32.log"
 
 if [ "$BUDGET" -gt 0 ]; then
     stamp "5. paper-scale probe"

@@ -5,9 +5,11 @@
 
 For every training job that `snakemake --config scale=<scale>` would start (pipeline.run_jobs: one batched
 job per batch group, all seeds; or one job per (run, seed)), the real engine trains the job's own configs
-for one task of E and of 2E epochs without the Fig. 1 indicators, and, if the scale computes them, one
-of E epochs with them. The first two task walls give seconds per step (their difference over the step
-difference) and the end-of-task evaluation's cost; the third the indicators' cost per task. The job's
+for one task of E and of 2E epochs (epochs_factor 1) without the Fig. 1 indicators, and, if the scale
+computes them, one of E epochs with them, after an untimed warm-up task with the same step shapes on a
+stream of a few minibatches (torch.compile and the CUDA graph capture their one-off costs there). The
+first two task walls give seconds per step (their difference over the step difference) and the
+end-of-task evaluation's cost; the third the indicators' cost per task. The job's
 projection is
 
     setup + n_tasks x (steps_per_task x seconds_per_step + fixed)
@@ -16,7 +18,9 @@ with the scale's own n_tasks and steps per task. Prints each job's models, secon
 per second and its fraction of a bandwidth floor (MB_PER_MODEL_STEP counted in bench_batched.py, at
 --peak-gbs), then the whole scale one job at a time and on --slots concurrent slots (longest job first,
 each slot at --slot-speed of solo speed: 0.86 measured for two jobs on one H200, docs/gpu).
-It is a projection from measured per-step costs, not a measured end-to-end run.
+After every job the running projection is printed and --out rewritten ("complete": false until the
+last), so a run cut short still leaves the jobs it measured. It is a projection from measured per-step
+costs, not a measured end-to-end run.
 """
 from __future__ import annotations
 
@@ -38,11 +42,21 @@ from trainability.train import run as train_run
 MB_PER_MODEL_STEP = 39.0   # bench_batched.py's counted traffic of one model-step (not measured)
 
 
-def timed_task(cfgs: list[dict], out: Path, epochs: int, batched: bool, indicators: bool) -> tuple[float, float, int]:
+def warm_up_stream(cfg: dict) -> dict:
+    """A stream of two full minibatches plus the real stream's partial last one: every step shape of the
+    real stream (full, partial) in a few steps."""
+    n, B = cfg["stream"]["n_images"], cfg["batch_size"]
+    return {"stream": {"n_images": min(n, 2 * B + (0 if cfg["stream"]["drop_last"] else n % B))}}
+
+
+def timed_task(cfgs: list[dict], out: Path, epochs: int, batched: bool, indicators: bool,
+               warm_up: bool = False) -> tuple[float, float, int]:
     """(seconds for the whole call, seconds of the one task, its steps) for `cfgs` trained one task of
-    `epochs` x epochs_factor epochs, with or without the task-start indicators."""
-    cfgs = [config.validate_run(config.deep_merge(c, {"n_tasks": 1, "epochs_per_task": epochs,
-                                                      "indicators": {"enabled": indicators}})) for c in cfgs]
+    `epochs` epochs (whatever the job's epochs_factor: a step costs the same in a short or a long task),
+    with or without the task-start indicators (with warm_up, on warm_up_stream)."""
+    cfgs = [config.validate_run(config.deep_merge(c, {"n_tasks": 1, "epochs_per_task": epochs, "epochs_factor": 1.0,
+                                                      "indicators": {"enabled": indicators},
+                                                      **(warm_up_stream(c) if warm_up else {})})) for c in cfgs]
     dirs = [out / f"m{i}" for i in range(len(cfgs))]
     t0 = time.perf_counter()
     if batched:
@@ -58,7 +72,7 @@ def project_job(name: str, cfgs: list[dict], real: dict, batched: bool, epochs: 
     Seconds per step from two tasks without indicators (E and 2E epochs), after an untimed one-epoch
     task (torch.compile's one-off cost); the indicators' cost per task from a third (E epochs, with
     them) when the scale computes them."""
-    timed_task(cfgs, tmp / name / "w", 1, batched, False)   # warm-up: fused_adam compiles once per shape
+    timed_task(cfgs, tmp / name / "w", 1, batched, False, warm_up=True)   # compile, graph capture
     total1, task1, steps1 = timed_task(cfgs, tmp / name / "a", epochs, batched, False)
     _, task2, steps2 = timed_task(cfgs, tmp / name / "b", 2 * epochs, batched, False)
     s_step = (task2 - task1) / (steps2 - steps1) if steps2 > steps1 else 0.0
@@ -93,7 +107,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the scale's seeds")
     p.add_argument("--jobs", type=int, default=0, help="only the first N jobs (0: all)")
-    p.add_argument("--epochs", type=int, default=2, help="E: the timed tasks have E and 2E epochs")
+    p.add_argument("--epochs", type=int, default=1, help="E: the timed tasks have E and 2E epochs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the timed configs only (e.g. a smaller stream for a CPU try-out)")
     p.add_argument("--slots", type=int, default=2, help="jobs at once on the device")
@@ -124,20 +138,26 @@ def main() -> int:
                   f"{row['model_steps_per_s']:9.0f} model-steps/s ({100 * row['floor_fraction']:4.1f}% of the "
                   f"bandwidth floor)  fixed {row['fixed_s_per_task']:6.1f} s/task  -> {row['hours']:6.2f} h",
                   flush=True)
+            summarise(a, rows, complete=len(rows) == len(jobs))
+    return 0
+
+
+def summarise(a, rows: list[dict], complete: bool) -> None:
+    """Print the projection of the jobs measured so far and write it to --out."""
     hours = [r["hours"] for r in rows]
     model_steps = sum(r["models"] * r["n_tasks"] * r["steps_per_task"] for r in rows)
-    summary = {"scale": a.scale, "device": a.device, "jobs": rows, "sequential_hours": sum(hours),
-               "slots": a.slots, "slot_speed": a.slot_speed,
+    summary = {"scale": a.scale, "device": a.device, "complete": complete, "jobs": rows,
+               "sequential_hours": sum(hours), "slots": a.slots, "slot_speed": a.slot_speed,
                "makespan_hours": makespan(hours, a.slots, a.slot_speed),
                "model_steps": model_steps, "mix_model_steps_per_s": model_steps / (sum(hours) * 3600)}
-    print(f"[projection] {a.scale}: {len(rows)} jobs, {summary['sequential_hours']:.2f} h one at a time, "
+    print(f"[projection{'' if complete else ', so far'}] {a.scale}: {len(rows)} jobs, "
+          f"{summary['sequential_hours']:.2f} h one at a time, "
           f"{summary['makespan_hours']:.2f} h on {a.slots} slots at {a.slot_speed:.2f}x "
           f"(longest job {max(hours):.2f} h); the job mix: {model_steps / 1e6:.0f}M model-steps at "
-          f"{summary['mix_model_steps_per_s']:.0f} model-steps/s one job at a time")
+          f"{summary['mix_model_steps_per_s']:.0f} model-steps/s one job at a time", flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(summary, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
