@@ -118,11 +118,13 @@ def test_one_batch_per_model_shape_equals_single_runs(tmp_path, mnist_root):
 
 def test_global_variant_next_to_per_layer_equals_single_runs(tmp_path, mnist_root):
     """The global variant (one whole-network decision for every layer, the full Hessian's lam_max) in
-    one batch with per-layer runs and a per-layer run that also measures the whole network."""
+    one batch with per-layer runs, a per-layer run that also measures the whole network, and a vanilla
+    run with measure.global that does not measure (skipped in the whole network's Lanczos too)."""
     d = {"data": {"root": mnist_root}, "optim": {"beta_ramp": True},
          "scheduler": {"floor": 0.0, "warm_frac": 1.0, "warm_factor": 1.0}}
     cfgs = [tiny("l2-global", **d), tiny("wass-global", **d), tiny("l2-scheduled", **d),
-            tiny("l2-scheduled", **config.deep_merge(d, {"measure": {"global": True}}))]
+            tiny("l2-scheduled", **config.deep_merge(d, {"measure": {"global": True}})),
+            tiny("l2-vanilla", **config.deep_merge(d, {"measure": {"enabled": False, "global": True}}))]
     batch = _check_equal(cfgs, tmp_path)
     glob = batch[0]["decisions"]["layers"]["global"]["rule"]
     assert "warm" in glob and batch[0]["rule_counts"]["global"]["warm"] == glob.count("warm")

@@ -508,9 +508,9 @@ class StackedProbe:
             # measure.global models, as one lockstep Lanczos; the starts drawn in DecisionProbe's order
             problems = [(self._block_hvp(l, grads, wd), self._starts(l)) for l in range(L)]
             skip = None if self.skip is None else [self.skip] * L
-            if self.global_column and self.global_models:   # (a measure.global model measures)
+            if self.global_column and self.global_models:
                 problems.append((self._global_hvp(grads, flat, wd), self._global_start()))
-                skip = None if skip is None else skip + [torch.zeros(len(self.global_models), dtype=torch.bool)]
+                skip = None if skip is None else skip + [self.skip[self.global_models]]
             solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter,
                                      skip=None if skip is None else torch.cat(skip))
             for l in range(L):
