@@ -69,9 +69,9 @@ def timed_task(cfgs: list[dict], out: Path, epochs: int, batched: bool, indicato
 
 def project_job(name: str, cfgs: list[dict], real: dict, batched: bool, epochs: int, tmp: Path) -> dict:
     """One job's measured costs and projected hours; `real` is a config of the job as the scale runs it.
-    Seconds per step from two tasks without indicators (E and 2E epochs), after an untimed one-epoch
-    task (torch.compile's one-off cost); the indicators' cost per task from a third (E epochs, with
-    them) when the scale computes them."""
+    Seconds per step from two tasks without indicators (E and 2E epochs), after an untimed warm-up task
+    on warm_up_stream (torch.compile's and the graph capture's one-off costs); the indicators' cost per
+    task from a third (E epochs, with them) when the scale computes them."""
     timed_task(cfgs, tmp / name / "w", 1, batched, False, warm_up=True)   # compile, graph capture
     total1, task1, steps1 = timed_task(cfgs, tmp / name / "a", epochs, batched, False)
     _, task2, steps2 = timed_task(cfgs, tmp / name / "b", 2 * epochs, batched, False)

@@ -400,8 +400,9 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     products (M_p,)) on v's device."""
     kry = [_Krylov(hvp, v, max_iter) for hvp, v in problems]
     sizes = [v.shape[0] for _, v in problems]
-    starts = [sum(sizes[:p]) for p in range(len(sizes))]
+    spans = [slice(sum(sizes[:p]), sum(sizes[:p + 1])) for p in range(len(sizes))]   # each problem's rows
     R = sum(sizes)
+    all_rows = torch.arange(R)
     n = torch.tensor([v.shape[1] for _, v in problems for _ in range(v.shape[0])])   # each row's dimension
     alphas_h = torch.zeros(R, max_iter, dtype=torch.float64)   # the host side, all rows together
     betas_h = torch.zeros(R, max_iter, dtype=torch.float64)
@@ -411,13 +412,15 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     theta_prev = torch.full_like(theta, math.nan)
     iters = torch.zeros(R, dtype=torch.long)
     y_final = torch.zeros(R, max_iter, dtype=torch.float64)
-    # the problems taking products: while one has an active row (with tol = 0, to max_iter, as _lanczos)
-    live = [p for p in range(len(problems)) if tol <= 0 or bool(active[starts[p]:starts[p] + sizes[p]].any())]
+
+    def going(p: int) -> bool:   # a problem takes products while it has an active row (tol = 0: to max_iter)
+        return tol <= 0 or bool(active[spans[p]].any())
+    live = [p for p in range(len(problems)) if going(p)]
     for it in range(1, max_iter + 1):
         if not live:
             break
         ab = [kry[p].product() for p in live]
-        rows = torch.cat([torch.arange(starts[p], starts[p] + sizes[p]) for p in live])
+        rows = torch.cat([all_rows[spans[p]] for p in live])
         a_h, b_h = torch.stack([torch.cat([a for a, _ in ab]),
                                 torch.cat([b for _, b in ab])]).double().cpu()   # the round's one sync
         act = active[rows]
@@ -435,14 +438,14 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
         active[rows] = act
         theta_prev[rows] = th
         betas_h[rows, it - 1] = b_h
-        live = [p for p in live if it < max_iter and (tol <= 0 or bool(active[starts[p]:starts[p] + sizes[p]].any()))]
+        live = [p for p in live if it < max_iter and going(p)]
         for p in live:
-            kry[p].extend(active[starts[p]:starts[p] + sizes[p]])
+            kry[p].extend(active[spans[p]])
     theta = torch.where(failed, math.nan, theta)   # (a skipped row's is NaN already)
     start_back = failed if skip is None else failed | skip
     out = []
     for p, (_, v) in enumerate(problems):
-        sl = slice(starts[p], starts[p] + sizes[p])
+        sl = spans[p]
         out.append((theta[sl].to(v.device), kry[p].ritz_vectors(y_final[sl], start_back[sl]), iters[sl].to(v.device)))
     return out
 
@@ -477,7 +480,7 @@ class StackedProbe:
         self.global_idx = torch.tensor(self.global_models, dtype=torch.long, device=dev)
         n_all = sum(p[0].numel() for p in net.params())
         self.global_vecs = torch.zeros(len(self.global_models), n_all, device=dev)
-        self.skip = None if measuring is None or all(measuring) else ~torch.tensor(measuring)   # host bools
+        self.skip = torch.tensor([not x for x in measuring] if measuring is not None else [False] * M)   # host
 
     def reset(self, m: int, seed: int) -> None:
         self.generators[m] = torch.Generator(self.vecs[0].device).manual_seed(seed)
@@ -507,12 +510,11 @@ class StackedProbe:
             # every layer's Hessian block (W, b, BatchNorm's gamma, beta), and the whole network's for the
             # measure.global models, as one lockstep Lanczos; the starts drawn in DecisionProbe's order
             problems = [(self._block_hvp(l, grads, wd), self._starts(l)) for l in range(L)]
-            skip = None if self.skip is None else [self.skip] * L
+            skip = [self.skip] * L
             if self.global_column and self.global_models:
                 problems.append((self._global_hvp(grads, flat, wd), self._global_start()))
-                skip = None if skip is None else skip + [self.skip[self.global_models]]
-            solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter,
-                                     skip=None if skip is None else torch.cat(skip))
+                skip.append(self.skip[self.global_models])
+            solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip))
             for l in range(L):
                 self.vecs[l] = solved[l][1].detach()
             out = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
