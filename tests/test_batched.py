@@ -43,16 +43,40 @@ def _comparable(rec):
 
 # On a GPU (TRAINABILITY_TEST_DEVICE=cuda) baddbmm and addmm sum in different orders: alpha_g = B||g||^2 /
 # sigma2, a ratio of nearly cancelling sums, then differs by up to ~2e-3 (H200, torch 2.11).
-RTOL = 1e-3 if os.environ.get("TRAINABILITY_TEST_DEVICE", "cpu") == "cpu" else 5e-3
+ON_CPU = os.environ.get("TRAINABILITY_TEST_DEVICE", "cpu") == "cpu"
+RTOL = 1e-3 if ON_CPU else 5e-3
 
 
-def _check_equal(cfgs, tmp_path, rtol=RTOL):
+def _structure(x):
+    """A JSON tree with every leaf replaced by None: its keys and list lengths."""
+    if isinstance(x, dict):
+        return {k: _structure(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_structure(v) for v in x]
+    return None
+
+
+def _first_decision(rec) -> dict:
+    """A record's first decision row per layer, without the Lanczos' product counts."""
+    return {l: {f: v[:1] for f, v in row.items() if f != "eig_iters"} for l, row in rec["decisions"]["layers"].items()}
+
+
+def _check_equal(cfgs, tmp_path, rtol=RTOL, rounding_chaotic=()):
+    """Every model of one batch against its single run. On a GPU, the models in `rounding_chaotic` (Wasserstein
+    on the authors' stream) are compared in their first decision and their record's shape only: on the CPU a
+    1e-7 relative nudge of such a model's initial weights already moves its record beyond 5e-3 from its second
+    decision on (the L2 models' stays within it; bench/rounding_sensitivity.py), and the GPU's two engines
+    round differently (baddbmm against addmm)."""
     singles = [run(c, tmp_path / f"single{i}", progress=False) for i, c in enumerate(cfgs)]
     batch = run_batched(cfgs, [tmp_path / f"batch{i}" for i in range(len(cfgs))], progress=False)
     for i, (s, b) in enumerate(zip(singles, batch)):
-        diffs = _close(_comparable(s), _comparable(b), rtol)
+        s, b = _comparable(s), _comparable(b)
+        if i in rounding_chaotic and not ON_CPU:
+            assert _structure(s) == _structure(b) and s["status"] == b["status"], f"config {i}"
+            s, b = _first_decision(s), _first_decision(b)
+        diffs = _close(s, b, rtol)
         assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
-        assert b["batched"] == {"models": len(cfgs), "position": i}
+        assert batch[i]["batched"] == {"models": len(cfgs), "position": i}
     return batch
 
 
@@ -79,7 +103,7 @@ def test_the_authors_stream_equals_single_runs(tmp_path, mnist_root):
          "optim": {"beta_ramp": True}, "measure": {"every": 3},
          "scheduler": {"floor": 0.0, "warm_frac": 1.0, "warm_factor": 1.0}}
     cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
-    batch = _check_equal(cfgs, tmp_path)
+    batch = _check_equal(cfgs, tmp_path, rounding_chaotic={3})
     assert all(t["steps"] == 2 * 3 for rec in batch for t in rec["tasks"])
 
 
@@ -111,7 +135,7 @@ def test_one_batch_per_model_shape_equals_single_runs(tmp_path, mnist_root):
             tiny("l2-reset", **config.deep_merge(d, {"optim": {"beta_ramp": False}})),
             tiny("leaky-rho03", **d), tiny("linear", **d), tiny("relu-vanilla", **d)]
     check_batchable(cfgs)
-    batch = _check_equal(cfgs, tmp_path)
+    batch = _check_equal(cfgs, tmp_path, rounding_chaotic={1})
     assert batch[3]["config"]["model"]["activation"] == "leaky_relu" and batch[3]["rule_counts"] is None
     assert batch[0]["rule_counts"] is not None
 
@@ -268,9 +292,11 @@ def test_lockstep_problems_equal_each_solved_alone():
     assert math.isnan(skipped[2][0][0]) and torch.equal(skipped[1][0], together[1][0])
 
 
-def test_stacked_windows_equal_the_float_windows_bit_for_bit():
-    """StackedScheduler's Eq. 1 windows against one bounds.VolatilityWindow per (model, column): the same
-    bits through NaN skips, a full window sliding on, and a reset model (one home: bounds.window_stats)."""
+def test_stacked_windows_equal_the_float_windows():
+    """StackedScheduler's Eq. 1 windows against one bounds.VolatilityWindow per (model, column), through NaN
+    skips, a full window sliding on, and a reset model (one home: bounds.window_stats), to 1e-14: on this
+    project's CPU and torch they give the same bits, but torch 2.11 on the GPU machine's CPU rounded sigma2
+    one ulp apart (2026-11-27)."""
     from types import SimpleNamespace
     from trainability.bounds import VolatilityWindow
     M, C, W = 3, 2, 16
@@ -291,7 +317,8 @@ def test_stacked_windows_equal_the_float_windows_bit_for_bit():
                 xv = x[m, c].item()
                 want = floats[m][c].push(xv) if xv == xv else dict.fromkeys(got, math.nan)
                 for k, v in want.items():
-                    assert got[k][m, c].item() == v or math.isnan(v) and math.isnan(got[k][m, c]), (push, m, c, k)
+                    g = got[k][m, c].item()
+                    assert math.isclose(g, v, rel_tol=1e-14) or math.isnan(v) and math.isnan(g), (push, m, c, k, g, v)
 
 
 def test_cli_dry_run_and_refusal(capsys):

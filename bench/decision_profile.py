@@ -1,0 +1,234 @@
+"""Where a batched job's time goes on this device: its plain step, and its decision step split into phases.
+
+    python bench/decision_profile.py --device cuda --out bench/out/gpu/decision_profile.json
+    python bench/decision_profile.py --device cpu --jobs batch-crelu-long --set stream.n_images=2560  # try-out
+
+For each job the paper scale plans (pipeline.run_jobs; default: four of them), the real engine
+(batched.BatchedRuns, the job's own configs, cuda_graph on) trains the first steps of task 1 on the
+paper stream, then, each timed with the device synchronised before and after:
+
+- a plain step (the CUDA graph's replay on CUDA) and an eager one, each the median of 40;
+- decision steps (`--decisions` of them, a step every K apart as in a run), split into the batched
+  Lanczos (its rounds: the slowest row's products), Algorithm 1 (`StackedScheduler.step`) and the rest
+  (the step's forward and backward, the probe's statistics and its create_graph gradient, Adam);
+- the Wasserstein penalty's forward and backward alone (jobs with Wasserstein models);
+- one round of the Lanczos' products (every layer block's Hessian-vector product) eager, and the same
+  products captured once as a CUDA graph and replayed on the same autograd graph (CUDA only): what
+  capturing the rounds would save (the results are compared bit for bit);
+- on CUDA, torch.profiler over one decision step: kernels launched and the GPU's busy time, against
+  the step's wall time (a launch-bound step keeps the GPU idle most of the time).
+
+It measures; it changes nothing in the engine. The decision cost per step is (decision - plain) / K.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trainability import batched, config
+from trainability.measure import buffers_kept
+from trainability.pipeline import run_jobs
+
+JOBS = ["batch-l2-vanilla-appendix", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device):
+    """(seconds, fn's result), the device synchronised before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+class Phases:
+    """Synchronised timers around batched_lanczos and the scheduler's step, for the decision in flight."""
+
+    def __init__(self, engine, device):
+        self.device, self.lanczos_s, self.sched_s, self.rounds = device, 0.0, 0.0, 0
+        orig_lanczos, orig_sched = batched.batched_lanczos, engine.sched.step
+
+        def lanczos(*args, **kwargs):
+            s, out = timed(lambda: orig_lanczos(*args, **kwargs), device)
+            self.lanczos_s += s
+            self.rounds = max(self.rounds, max(int(it.max()) for _, _, it in out))
+            return out
+
+        def sched(*args, **kwargs):
+            s, out = timed(lambda: orig_sched(*args, **kwargs), device)
+            self.sched_s += s
+            return out
+        batched.batched_lanczos, engine.sched.step = lanczos, sched
+        self._undo = lambda: (setattr(batched, "batched_lanczos", orig_lanczos), setattr(engine.sched, "step", orig_sched))
+
+    def clear(self) -> None:
+        self.lanczos_s, self.sched_s, self.rounds = 0.0, 0.0, 0
+
+    def close(self) -> None:
+        self._undo()
+
+
+def hvp_round(engine, batch, device, reps: int) -> dict:
+    """One round of Lanczos products (every layer block's HVP) eager, and captured as a CUDA graph."""
+    net, probe = engine.net, engine.probe
+    rows = engine.sidx.unsqueeze(1)
+    xb, yb = engine.xs[rows, batch], engine.ys[rows, batch]
+    out = {}
+    with buffers_kept(net):
+        flat = net.params()
+        grads = torch.autograd.grad(engine.objective(xb, yb)[2], flat, create_graph=True)
+        hvps = [probe._block_hvp(l, grads, probe.adam.wd) for l in range(net.n_layers)]
+        q = [torch.randn(v.shape, device=device) for v in probe.vecs]
+
+        def round_():
+            return [h(v) for h, v in zip(hvps, q)]
+        round_()
+        s = [timed(round_, device)[0] for _ in range(reps)]
+        out["eager_ms"] = 1e3 * statistics.median(s)
+        want = round_()
+        if device.type == "cuda":
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        round_()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    got = round_()
+                s = [timed(graph.replay, device)[0] for _ in range(reps)]
+                out["graph_ms"] = 1e3 * statistics.median(s)
+                out["graph_equal"] = all(torch.equal(a, b) for a, b in zip(want, got))
+            except Exception as e:   # what the next session needs to know if capture fails
+                out["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def kernel_profile(engine, batch, step, device) -> dict:
+    """torch.profiler over one decision step: CUDA kernels launched, their summed time, the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = timed(lambda: engine.step(batch, step=step, frac=0.0, decide=True), device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3   # microseconds -> ms
+    return {"kernels": len(kernels), "gpu_busy_ms": busy, "wall_ms": wall * 1e3,
+            "busy_fraction": busy / (wall * 1e3)}
+
+
+def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: int, reps: int, tmp: Path) -> dict:
+    engine = batched.BatchedRuns(cfgs, device, [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
+    K = cfgs[0]["measure"]["every"]
+    engine.start_task(0)
+    engine.ramp(0)
+    batches = [b for b in engine.minibatches(0) if b.shape[1] == engine.B]
+    i = 0
+
+    def steps(n, decide_at=None):
+        nonlocal i
+        for _ in range(n):
+            engine.step(batches[i % len(batches)], step=i, frac=0.0, decide=decide_at == i)
+            i += 1
+    steps(K)   # warm-up: graph capture, a first decision (its warm starts)
+    engine.step(batches[0], step=i, frac=0.0, decide=True)
+    i += 1
+    row = {"job": name, "models": len(cfgs), "K": K,
+           "measuring": sum(engine.measuring_m), "wasserstein": sum(x > 0 for x in engine.lam_w)}
+    plain = [timed(lambda: steps(1), device)[0] for _ in range(40)]
+    row["plain_ms"] = 1e3 * statistics.median(plain)
+    graph, engine.graph = engine.graph, None
+    eager = [timed(lambda: steps(1), device)[0] for _ in range(40)]
+    engine.graph = graph
+    row["eager_ms"] = 1e3 * statistics.median(eager)
+    ph = Phases(engine, device)
+    dec = []
+    try:
+        for _ in range(decisions):
+            steps(K - 1)
+            ph.clear()
+            s, _ = timed(lambda: engine.step(batches[i % len(batches)], step=i, frac=0.0, decide=True), device)
+            i += 1
+            dec.append((s, ph.lanczos_s, ph.rounds, ph.sched_s))
+    finally:
+        ph.close()
+    row["decision_ms"] = 1e3 * statistics.median(d[0] for d in dec)
+    row["lanczos_ms"] = 1e3 * statistics.median(d[1] for d in dec)
+    row["rounds"] = [d[2] for d in dec]
+    row["ms_per_round"] = 1e3 * statistics.median(d[1] / max(d[2], 1) for d in dec)
+    row["scheduler_ms"] = 1e3 * statistics.median(d[3] for d in dec)
+    row["rest_ms"] = row["decision_ms"] - row["lanczos_ms"] - row["scheduler_ms"]
+    row["decision_share"] = (row["decision_ms"] - row["plain_ms"]) / (row["decision_ms"] + (K - 1) * row["plain_ms"])
+    if engine.wass is not None:
+        def wass():
+            engine.wass().sum().backward()
+        wass()
+        row["wasserstein_fwd_bwd_ms"] = 1e3 * statistics.median(timed(wass, device)[0] for _ in range(reps))
+        for p in engine.net.params():
+            p.grad = None
+    if engine.probe is not None:
+        row["hvp_round"] = hvp_round(engine, batches[0], device, reps)
+    if device.type == "cuda":
+        row["profile"] = kernel_profile(engine, batches[i % len(batches)], i, device)
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--scale", default="paper")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--jobs", nargs="+", default=JOBS)
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the scale's seeds")
+    p.add_argument("--decisions", type=int, default=5)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    device = torch.device(a.device)
+    params = config.load_params(a.params)
+    seeds = a.seeds or params["scales"][a.scale]["seeds"]
+    groups, _ = run_jobs(params, a.scale)
+    sets = ["wandb.mode=disabled", f"device={a.device}", "cuda_graph=true", "indicators.enabled=false", *a.set]
+    print(f"device {a.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+          f"torch {torch.__version__}", flush=True)
+    rows = []
+    for name in a.jobs:
+        cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
+        with tempfile.TemporaryDirectory() as tmp:
+            row = profile_job(name, cfgs, device, a.decisions, a.reps, Path(tmp))
+        rows.append(row)
+        h = row.get("hvp_round", {})
+        print(f"{name:>26} {row['models']:>3} models ({row['measuring']} measuring, {row['wasserstein']} Wasserstein)"
+              f"  plain {row['plain_ms']:.2f} ms, eager {row['eager_ms']:.2f} ms;  decision {row['decision_ms']:.1f} ms"
+              f" = Lanczos {row['lanczos_ms']:.1f} ({row['rounds']} rounds, {row['ms_per_round']:.2f} ms each)"
+              f" + Algorithm 1 {row['scheduler_ms']:.1f} + rest {row['rest_ms']:.1f};"
+              f"  decisions are {100 * row['decision_share']:.0f}% of the job's time", flush=True)
+        if "wasserstein_fwd_bwd_ms" in row:
+            print(f"{'':>26} Wasserstein penalty alone: {row['wasserstein_fwd_bwd_ms']:.2f} ms forward+backward (eager)")
+        if h:
+            print(f"{'':>26} one round of HVPs: eager {h['eager_ms']:.2f} ms" +
+                  (f", as a CUDA graph {h['graph_ms']:.2f} ms (bit-equal: {h['graph_equal']})" if "graph_ms" in h else "") +
+                  (f", capture failed: {h['graph_error']}" if "graph_error" in h else ""))
+        if "profile" in row:
+            pr = row["profile"]
+            print(f"{'':>26} one decision under torch.profiler: {pr['kernels']} kernels, GPU busy "
+                  f"{pr['gpu_busy_ms']:.1f} of {pr['wall_ms']:.1f} ms ({100 * pr['busy_fraction']:.0f}%)")
+        if a.out:
+            Path(a.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
