@@ -317,8 +317,8 @@ def test_stacked_windows_equal_the_float_windows():
                 xv = x[m, c].item()
                 want = floats[m][c].push(xv) if xv == xv else dict.fromkeys(got, math.nan)
                 for k, v in want.items():
-                    g = got[k][m, c].item()
-                    assert math.isclose(g, v, rel_tol=1e-14) or math.isnan(v) and math.isnan(g), (push, m, c, k, g, v)
+                    value = got[k][m, c].item()
+                    assert math.isclose(value, v, rel_tol=1e-14) or math.isnan(v) and math.isnan(value), (push, m, c, k)
 
 
 def test_cli_dry_run_and_refusal(capsys):
