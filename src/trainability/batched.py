@@ -429,15 +429,14 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
         iters[rows] = torch.where(bad, it, iters[rows])
         act = act & ~bad
         alphas_h[rows, it - 1] = torch.where(torch.isfinite(a_h), a_h, 0.0)
-        th, y, converged, exhausted = ritz_step(alphas_h[rows, :it], betas_h[rows, :it - 1], b_h, theta_prev[rows],
-                                                it, tol, min_iter, n[rows], max_iter)
-        theta[rows] = torch.where(act, th, theta[rows])
-        y_final[rows, :it] = torch.where(act.unsqueeze(1), y, y_final[rows, :it])
-        iters[rows] = torch.where(act, it, iters[rows])
-        act = act & ~(converged | exhausted)
-        active[rows] = act
-        theta_prev[rows] = th
         betas_h[rows, it - 1] = b_h
+        active[rows] = act
+        on = rows[act]   # the tridiagonal problems are solved for the active rows only (a host eigh each)
+        if len(on):
+            th, y, converged, exhausted = ritz_step(alphas_h[on, :it], betas_h[on, :it - 1], b_h[act], theta_prev[on],
+                                                    it, tol, min_iter, n[on], max_iter)
+            theta[on], theta_prev[on], y_final[on, :it], iters[on] = th, th, y, it
+            active[on] = ~(converged | exhausted)
         live = [p for p in live if it < max_iter and going(p)]
         for p in live:
             kry[p].extend(active[spans[p]])
