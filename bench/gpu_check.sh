@@ -48,28 +48,30 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 if want 1; then
     stamp "1. equivalence and measurement tests on $DEVICE"
-    # the two tests that gate the paper scale's keys first, on their own clock, so a slow rest cannot cost
+    # the tests that gate the paper scale's keys first (KEY_TESTS_ONLY=1: only those), on their own clock, so a slow rest cannot cost
     # their verdicts; -v: a line per test as it ends (a timeout keeps the verdicts of the tests that ran);
     # on CUDA the CPU stand-in of the graph (same_storages) is left out, the real graph test runs instead
-    KEY_TESTS="cuda_graph_step_equals_the_eager_step or fused_adam_equals_single_runs"
+    KEY_TESTS="cuda_graph_step_equals_the_eager_step or fused_adam_equals_single_runs or decision_graph_gives_the_eager_records"
     SKIP=$([ "$DEVICE" = cuda ] && echo " and not same_storages")
     pytest_on() { TRAINABILITY_TEST_DEVICE=$DEVICE timeout "$1" $PY -m pytest -o addopts= -v -rfEs -p no:cacheprovider "${@:2}"; }
     pytest_on 100 tests/test_batched.py -k "$KEY_TESTS" 2>&1 | tee "$OUT/tests.log" | grep -v " PASSED" | tail -12
-    pytest_on 120 tests/test_batched.py tests/test_measure.py "tests/test_train.py::test_resume_equals_uninterrupted" \
-        -k "not cli and not paper_scale and not ($KEY_TESTS)$SKIP" 2>&1 | tee -a "$OUT/tests.log" \
-        | grep -v " PASSED" | tail -25
+    [ -n "${KEY_TESTS_ONLY:-}" ] || pytest_on 120 tests/test_batched.py tests/test_measure.py \
+        "tests/test_train.py::test_resume_equals_uninterrupted" -k "not cli and not paper_scale and not ($KEY_TESTS)$SKIP" \
+        2>&1 | tee -a "$OUT/tests.log" | grep -v " PASSED" | tail -25
 fi
 
-# the paper scale runs with cuda_graph and fused_adam (params.yaml); a key whose test failed in step 1 is
-# turned off for the timings below
+# the paper scale runs with cuda_graph, decision_graph and fused_adam (params.yaml); a key whose test
+# failed in step 1 is turned off for the timings below
 KEYS=""
 if want 1; then
     grep -q "test_cuda_graph_step_equals_the_eager_step PASSED" "$OUT/tests.log" || KEYS="$KEYS --set cuda_graph=false"
     grep -q "test_fused_adam_equals_single_runs PASSED" "$OUT/tests.log" || KEYS="$KEYS --set fused_adam=false"
+    [ "$(grep -c "test_decision_graph_gives_the_eager_records.* PASSED" "$OUT/tests.log")" = 2 ] \
+        || KEYS="$KEYS --set decision_graph=false"
 fi
 
 if want 2; then
-    stamp "2. the whole paper scale, projected from each job's measured cost (${KEYS:-both keys on})"
+    stamp "2. the whole paper scale, projected from each job's measured cost (${KEYS:-all keys on})"
     timeout 180 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" $KEYS ${PROJECT_ARGS:-} \
         2>&1 | grep --line-buffered -v "^task" | tee "$OUT/projection.log"
 fi

@@ -292,6 +292,27 @@ def test_lockstep_problems_equal_each_solved_alone():
     assert math.isnan(skipped[2][0][0]) and torch.equal(skipped[1][0], together[1][0])
 
 
+def test_rounds_run_ahead_give_the_lockstep_bits():
+    """lanczos_ahead (R rounds of every row's products with no host stopping rule, what batched.DecisionGraph
+    replays) then batched_lanczos over them: the bits of the lockstep solver, with skipped rows, a row that
+    stops long before its problem (its speculative Lanczos vectors must not leak into its Ritz vector), and R
+    below, at and beyond the rounds needed (below: the rows still going continue with products)."""
+    from trainability.batched import lanczos_ahead
+    g = torch.Generator().manual_seed(3)
+    specs = [(3, 40, (0.5, 0.01, 0.1)), (2, 12, (0.3, 0.02)), (1, 25, (0.001,))]
+    problems = [(lambda V, H=torch.stack([_symmetric(n, gap, g) for gap in gaps]): torch.einsum("mij,mj->mi", H, V),
+                 _unit_rows(M, n, g)) for M, n, gaps in specs]
+    skip = torch.tensor([False, True, False, False, False, False])
+    want = batched_lanczos(problems, 1e-6, 30, skip=skip)
+    needed = max(int(it.max()) for _, _, it in want)
+    assert len({int(i) for _, _, it in want for i in it if i > 0}) > 2   # rows stop at different rounds
+    for rounds in (1, 3, needed, needed + 4):
+        got = batched_lanczos(problems, 1e-6, 30, skip=skip, ahead=lanczos_ahead(problems, rounds, 30))
+        for p in range(len(problems)):
+            for x, y in zip(want[p], got[p]):   # the same bits (a skipped row's theta: NaN in both)
+                torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True, msg=f"{rounds} rounds, problem {p}")
+
+
 def test_stacked_windows_equal_the_float_windows():
     """StackedScheduler's Eq. 1 windows against one bounds.VolatilityWindow per (model, column), through NaN
     skips, a full window sliding on, and a reset model (one home: bounds.window_stats), to 1e-14: on this
@@ -457,6 +478,30 @@ def _eager_and_graph(tmp_path, mnist_root, **over):
     for g in graph:
         g["config"]["cuda_graph"] = False
     return eager, graph
+
+
+@pytest.mark.parametrize("rounds", [3, 16])
+def test_decision_graph_gives_the_eager_records(tmp_path, mnist_root, monkeypatch, rounds):
+    """decision_graph: at each full-minibatch decision the probe's gradient and the first `rounds` Lanczos
+    rounds of every row run ahead (on CUDA replayed from one graph captured at the first decision; on the
+    CPU the same body eagerly), the host's stopping rule runs over them, and rows still going continue
+    eagerly (3 rounds: most do; 16: few). The eager engine's records, exactly: with eager decisions on the
+    partial minibatches between, a reset model, Wasserstein, a model that does not measure, and the whole
+    network's problem (l2-global), over task boundaries."""
+    monkeypatch.setattr(batched.DecisionGraph, "ROUNDS", rounds)
+    d = {"data": {"root": mnist_root}, "n_tasks": 2, "stream": {"n_images": 600, "drop_last": False},
+         "optim": {"beta_ramp": True}, "measure": {"every": 2}}   # decisions at steps 1, 3 (full) and 5 (partial)
+    cfgs = [tiny("l2-scheduled", **d), tiny("l2-reset", **d), tiny("wass-scheduled", **d), tiny("l2-global", **d),
+            tiny("linear", **d)]
+    eager = run_batched(cfgs, [tmp_path / f"eager{i}" for i in range(len(cfgs))], progress=False)
+    ahead = run_batched([config.deep_merge(c, {"decision_graph": True}) for c in cfgs],
+                        [tmp_path / f"ahead{i}" for i in range(len(cfgs))], progress=False)
+    for i, (e, a) in enumerate(zip(eager, ahead)):
+        a["config"]["decision_graph"] = False
+        diffs = _close(_comparable(e), _comparable(a), 0.0)
+        assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
+    iters = [i for l in ("1", "2", "3") for i in eager[0]["decisions"]["layers"][l]["eig_iters"]]
+    assert max(iters) > 3 and len(eager[0]["decisions"]["step"]) == 6
 
 
 def test_the_graph_step_reads_and_writes_the_same_storages_every_call(tmp_path, mnist_root, monkeypatch):

@@ -24,6 +24,7 @@ any device, `fused_adam` compiles Adam's update.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -345,9 +346,9 @@ class _Krylov:
     the rows' Lanczos vectors (M, k, n) in one buffer grown by doubling (each product reads views of it,
     where stacking a list copied all k vectors again every product)."""
 
-    def __init__(self, hvp, v: torch.Tensor, max_iter: int):
+    def __init__(self, hvp, v: torch.Tensor, max_iter: int, capacity: int = 8):
         self.hvp, self.v = hvp, v
-        self.basis = v.new_empty(v.shape[0], min(max_iter, 8), v.shape[1])
+        self.basis = v.new_empty(v.shape[0], min(max_iter, capacity), v.shape[1])
         self.basis[:, 0] = v
         self.k, self.b_prev, self.max_iter = 1, None, max_iter
 
@@ -364,29 +365,46 @@ class _Krylov:
         self.w, self.b = w, _finite_or_zero(w.norm(dim=1))       # ... nor eigh
         return a_raw, self.b
 
-    def extend(self, active: torch.Tensor) -> None:
-        """Append w / b to the basis for the rows still active (host bools), zeros for the others."""
-        keep = active.to(self.v.device, non_blocking=True)
+    def extend(self, active: torch.Tensor | None = None) -> None:
+        """Append w / b to the basis for the rows still active (host bools), zeros for the others; without
+        `active` (rounds run ahead of the host's stopping rule) for every row with b != 0."""
+        keep = self.b != 0 if active is None else active.to(self.v.device, non_blocking=True)
         safe_b = torch.where(keep, self.b, 1.0)
         k = self.k
         if k == self.basis.shape[1]:
-            grown = self.v.new_empty(self.basis.shape[0], min(2 * k, self.max_iter), self.basis.shape[2])
+            grown = self.v.new_empty(self.basis.shape[0], min(2 * k, self.max_iter + 1), self.basis.shape[2])
             grown[:, :k] = self.basis
             self.basis = grown
         self.basis[:, k] = torch.where(keep.unsqueeze(1), self.w / safe_b.unsqueeze(1), 0.0)
         self.k, self.b_prev = k + 1, self.b
 
-    def ritz_vectors(self, y: torch.Tensor, start_back: torch.Tensor) -> torch.Tensor:
-        """The rows' unit Ritz vectors from their coefficients y (M, >= k) (host float64); the rows of
-        `start_back` (failed or skipped) get their start vector back."""
-        Qm = self.basis[:, :self.k]
-        ritz = torch.einsum("mkn,mk->mn", Qm, y[:, :self.k].to(Qm))
+    def ritz_vectors(self, y: torch.Tensor, start_back: torch.Tensor, k: int) -> torch.Tensor:
+        """The rows' unit Ritz vectors from their coefficients y (M, >= k) (host float64) over the first k
+        Lanczos vectors; the rows of `start_back` (failed or skipped) get their start vector back."""
+        Qm = self.basis[:, :k]
+        ritz = torch.einsum("mkn,mk->mn", Qm, y[:, :k].to(Qm))
         ritz = ritz / (ritz.norm(dim=1, keepdim=True) + 1e-30)
         return torch.where(start_back.to(self.v.device).unsqueeze(1), self.v, ritz)
 
 
+def lanczos_ahead(problems: list[tuple], rounds: int, max_iter: int) -> tuple[list[_Krylov], torch.Tensor, torch.Tensor]:
+    """The first `rounds` rounds of batched_lanczos' products for every row of every problem, without
+    the host: no transfer, no stopping (a row that the rule would have stopped computes on, and
+    batched_lanczos reads only what the rule reads). A fixed computation, so a CUDA graph can replay it
+    (`DecisionGraph`). Returns the problems' Krylov states and every row's alphas and betas (rows, rounds)."""
+    kry = [_Krylov(hvp, v, max_iter, capacity=rounds + 1) for hvp, v in problems]
+    alphas, betas = [], []
+    for _ in range(rounds):
+        ab = [k.product() for k in kry]
+        for k in kry:
+            k.extend()
+        alphas.append(torch.cat([a for a, _ in ab]))
+        betas.append(torch.cat([b for _, b in ab]))
+    return kry, torch.stack(alphas, 1), torch.stack(betas, 1)
+
+
 def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: int = 2,
-                    skip: torch.Tensor | None = None) -> list[tuple]:
+                    skip: torch.Tensor | None = None, ahead: tuple | None = None) -> list[tuple]:
     """eigen._lanczos for many independent problems in lockstep: `problems` is a list of (hvp, v), v (M_p,
     n_p) unit rows (the sizes may differ between problems: a model's layer blocks), hvp (M_p, n_p) ->
     (M_p, n_p). Each row stops by the same rule as the one-model solver (`eigen.ritz_step`) and its result
@@ -396,9 +414,16 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     layers of a decision share their rounds, where one call per layer synced once per product of each).
     `skip` (host bools, one per row of all problems in order) marks rows nobody reads: they are never
     active (theta NaN, 0 products, their start back as vector), so a model that does not measure cannot
-    keep a batch's Lanczos going. Returns, per problem, (theta (M_p,) float64, Ritz vectors (M_p, n_p),
-    products (M_p,)) on v's device."""
-    kry = [_Krylov(hvp, v, max_iter) for hvp, v in problems]
+    keep a batch's Lanczos going. `ahead`, lanczos_ahead's output for these problems: its rounds come to
+    the host in one transfer and the rule runs over them as if they came one by one; rows still going
+    after them take more products here. The same bits either way (each row's arithmetic is its own).
+    Returns, per problem, (theta (M_p,) float64, Ritz vectors (M_p, n_p), products (M_p,)) on v's device."""
+    if ahead is None:
+        kry, done, alphas_ahead, betas_ahead = [_Krylov(hvp, v, max_iter) for hvp, v in problems], 0, None, None
+    else:
+        kry, alphas_ahead, betas_ahead = ahead
+        done = alphas_ahead.shape[1]
+        alphas_ahead, betas_ahead = torch.stack([alphas_ahead, betas_ahead]).double().cpu()   # the one sync
     sizes = [v.shape[0] for _, v in problems]
     spans = [slice(sum(sizes[:p]), sum(sizes[:p + 1])) for p in range(len(sizes))]   # each problem's rows
     R = sum(sizes)
@@ -412,6 +437,7 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     theta_prev = torch.full_like(theta, math.nan)
     iters = torch.zeros(R, dtype=torch.long)
     y_final = torch.zeros(R, max_iter, dtype=torch.float64)
+    rounds = [0] * len(problems)   # each problem's rounds of products: its Krylov space is that many vectors
 
     def going(p: int) -> bool:   # a problem takes products while it has an active row (tol = 0: to max_iter)
         return tol <= 0 or bool(active[spans[p]].any())
@@ -419,10 +445,13 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     for it in range(1, max_iter + 1):
         if not live:
             break
-        ab = [kry[p].product() for p in live]
         rows = torch.cat([all_rows[spans[p]] for p in live])
-        a_h, b_h = torch.stack([torch.cat([a for a, _ in ab]),
-                                torch.cat([b for _, b in ab])]).double().cpu()   # the round's one sync
+        if it <= done:
+            a_h, b_h = alphas_ahead[rows, it - 1], betas_ahead[rows, it - 1]
+        else:
+            ab = [kry[p].product() for p in live]
+            a_h, b_h = torch.stack([torch.cat([a for a, _ in ab]),
+                                    torch.cat([b for _, b in ab])]).double().cpu()   # the round's one sync
         act = active[rows]
         bad = act & ~torch.isfinite(a_h)
         failed[rows] |= bad
@@ -437,15 +466,19 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
                                                     it, tol, min_iter, n[on], max_iter)
             theta[on], theta_prev[on], y_final[on, :it], iters[on] = th, th, y, it
             active[on] = ~(converged | exhausted)
-        live = [p for p in live if it < max_iter and going(p)]
         for p in live:
-            kry[p].extend(active[spans[p]])
+            rounds[p] = it
+        live = [p for p in live if it < max_iter and going(p)]
+        if it > done:   # (the rounds run ahead extended every row already)
+            for p in live:
+                kry[p].extend(active[spans[p]])
     theta = torch.where(failed, math.nan, theta)   # (a skipped row's is NaN already)
     start_back = failed if skip is None else failed | skip
     out = []
     for p, (_, v) in enumerate(problems):
         sl = spans[p]
-        out.append((theta[sl].to(v.device), kry[p].ritz_vectors(y_final[sl], start_back[sl]), iters[sl].to(v.device)))
+        out.append((theta[sl].to(v.device), kry[p].ritz_vectors(y_final[sl], start_back[sl], max(rounds[p], 1)),
+                    iters[sl].to(v.device)))
     return out
 
 
@@ -491,11 +524,11 @@ class StackedProbe:
         r = torch.stack([torch.randn(n, generator=g, device=g.device) for g in self.generators]).to(self.vecs[l])
         return torch.where(self.has_vec.unsqueeze(1), mixed_start(r, self.vecs[l]), mixed_start(r))
 
-    def measure(self, inputs, outs, loss_closure) -> dict[str, torch.Tensor]:
-        """{field: (M, L) float64} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters."""
+    def measure(self, inputs, outs, loss_closure, ahead=None) -> dict[str, torch.Tensor]:
+        """{field: (M, L) float64} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters. `ahead`
+        (DecisionGraph): starts -> (problems, lanczos_ahead's rounds), in place of the eager gradient."""
         net, L = self.net, self.net.n_layers
         B = inputs[0].shape[1]   # this minibatch's size: B, or an epoch's partial last one
-        wd = self.adam.wd
         with torch.no_grad():
             grad_sq, sigma2 = [], []
             for l in range(L):   # the layer's group: W, b (and BatchNorm's gamma, beta), as DecisionProbe's
@@ -505,15 +538,19 @@ class StackedProbe:
         alpha, agg = self.adam.effective_steps(self.code_alpha_agg)
         flat = net.params()
         with buffers_kept(net):   # BatchNorm statistics: the probe's extra pass leaves no trace, as DecisionProbe's
-            grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)
             # every layer's Hessian block (W, b, BatchNorm's gamma, beta), and the whole network's for the
             # measure.global models, as one lockstep Lanczos; the starts drawn in DecisionProbe's order
-            problems = [(self._block_hvp(l, grads, wd), self._starts(l)) for l in range(L)]
+            starts = [self._starts(l) for l in range(L)]
             skip = [self.skip] * L
             if self.global_column and self.global_models:
-                problems.append((self._global_hvp(grads, flat, wd), self._global_start()))
+                starts.append(self._global_start())
                 skip.append(self.skip[self.global_models])
-            solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip))
+            if ahead is None:
+                grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)
+                problems, rounds = list(zip(self.hvps(grads), starts)), None
+            else:
+                problems, rounds = ahead(starts)
+            solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip), ahead=rounds)
             for l in range(L):
                 self.vecs[l] = solved[l][1].detach()
             out = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
@@ -527,6 +564,15 @@ class StackedProbe:
                 out = {k: torch.cat([v, whole[k].unsqueeze(1)], 1) for k, v in out.items()}
         self.has_vec[:] = True
         return dict(out, batch_size=B)
+
+    def hvps(self, grads) -> list:
+        """The Lanczos problems' operators for a create_graph gradient: every layer block's, then the whole
+        network's when a measure.global model is in the batch (the order of the starts in `measure`)."""
+        wd = self.adam.wd
+        ops = [self._block_hvp(l, grads, wd) for l in range(self.net.n_layers)]
+        if self.global_column and self.global_models:
+            ops.append(self._global_hvp(grads, self.net.params(), wd))
+        return ops
 
     def _block_hvp(self, l: int, grads, wd):
         """(M, n_l) -> (M, n_l): the Hessian block of layer l's group, plus coupled L2's wd I."""
@@ -719,6 +765,56 @@ class CudaGraphStep:
         self.graph.replay()
 
 
+class DecisionGraph:
+    """A decision step's device part as one CUDA graph (`decision_graph`): the probe's forward pass on the
+    step's minibatch, its create_graph gradient and ROUNDS rounds of every Lanczos problem's products
+    (lanczos_ahead), captured at the job's first full-minibatch decision and replayed at every later one.
+    The host then runs the stopping rule over those rounds' alphas and betas, fetched in one transfer
+    (batched_lanczos(ahead=...)), and rows still going take their next products eagerly on the replayed
+    autograd graph. Eager, a round is hundreds of kernel launches and a sync: on an H100 one round of
+    products took 1.9-5.7 ms eager and 0.5-2.5 ms replayed (bench/decision_profile.py), with decisions 72-85%
+    of a paper-scale job's time. The extra rounds that rows which have stopped compute are thrown away;
+    the records are the eager engine's bits (tests/test_batched.py). Elsewhere than CUDA the same body
+    runs eagerly at every call (a stand-in, for the tests). Partial minibatches stay eager."""
+    ROUNDS = 16   # [choice] about the rounds a paper-scale decision takes (8-20 on an H100, 2026-11-27)
+
+    def __init__(self, engine: "BatchedRuns"):
+        self.engine, self.graph, self.state = engine, None, None
+        self.capture = engine.device.type == "cuda"
+
+    def _body(self):
+        e = self.engine
+        rows = e.sidx.unsqueeze(1)
+        xb, yb = e.xs[rows, self.idx], e.ys[rows, self.idx]
+        grads = torch.autograd.grad(e.objective(xb, yb)[2], e.net.params(), create_graph=True)
+        problems = list(zip(e.probe.hvps(grads), self.starts))
+        return problems, lanczos_ahead(problems, self.ROUNDS, e.probe.eig_max_iter)
+
+    def __call__(self, bidx: torch.Tensor, starts: list[torch.Tensor]):
+        """(problems, rounds run ahead) of this decision, for StackedProbe.measure."""
+        if not self.capture:
+            self.idx, self.starts = bidx, starts
+            return self._body()
+        if self.graph is None:
+            self.idx, self.starts = bidx.clone(), [v.clone() for v in starts]
+            side = torch.cuda.Stream()   # capture's prerequisite: a warm-up on a side stream
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._body()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):   # records the body without running it
+                self.state = self._body()
+        else:
+            self.idx.copy_(bidx)
+            for mine, v in zip(self.starts, starts):
+                mine.copy_(v)
+        self.graph.replay()
+        problems, (kry, alphas, betas) = self.state
+        # fresh handles on the replayed Krylov states: rows going on past ROUNDS extend copies of them
+        return problems, ([copy.copy(k) for k in kry], alphas, betas)
+
+
 def _rows_to_dicts(rows: torch.Tensor, m: int, keys: list) -> dict:
     """One model's decision rows (F+1, C) as the scheduler's {key: {field: value}} dict: keys name the
     columns to keep (layers 1..L, then "global" for a global-variant model)."""
@@ -818,6 +914,8 @@ class BatchedRuns:
         self.correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)
         self.loss_sum = torch.zeros(M, device=device)
         self.graph = CudaGraphStep.for_device(self.plain_step, net.params(), device) if c0["cuda_graph"] else None
+        self.decision_graph = DecisionGraph(self) \
+            if c0["decision_graph"] and self.measuring and not c0["model"]["batchnorm"] else None
 
     def objective(self, xb, yb, keep=False):
         logits, inputs, outs = self.net.forward(xb, keep)
@@ -893,7 +991,8 @@ class BatchedRuns:
         xb, yb, inputs, outs = self.forward_backward(bidx, self.correct if full else self.correct_partial,
                                                      keep=decide)
         if decide:
-            meas = self.probe.measure(inputs, outs, lambda: self.objective(xb, yb)[2])
+            ahead = functools.partial(self.decision_graph, bidx) if self.decision_graph is not None and full else None
+            meas = self.probe.measure(inputs, outs, lambda: self.objective(xb, yb)[2], ahead)
             self.rows.append((step, frac, self.sched.step(meas, frac)))
         self.adam.step()
 
@@ -968,6 +1067,8 @@ class BatchedRuns:
         if self.probe is not None:
             self.probe.load_state_dict(s["probe"])
             self.sched.load_state_dict(s["sched"])
+        if self.decision_graph is not None:   # captured afresh, on the loaded tensors
+            self.decision_graph = DecisionGraph(self)
         self.records, self.rule_counts, self.alive = s["records"], s["rule_counts"], s["alive"]
 
     def finish(self, completed: bool) -> None:
