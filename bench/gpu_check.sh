@@ -21,8 +21,8 @@
 # 7. only with PROBE_BUDGET_S > 0: the paper-scale probe (bench/paper_probe.py), the first tasks of the
 #    paper's stream, vanilla vs scheduler, L2, CReLU and Wasserstein; `bench/plot_probe.py` draws them.
 # Most important first: if the lease ends early, the later steps are the ones lost. STEPS="1 3" runs only
-# those steps (default: all). On an H100 (2026-11-27) steps 1, 2, 5 and 6 took 86, 124, 82 and 27 s;
-# the timeouts of steps 1-6 add up to 9 min 30 s. DEVICE=cpu runs the same steps
+# those steps (default: all). On an H100 (2026-11-27) steps 1-6 took 86-93, 124, 48, 95, 82 and 27 s
+# (about 8 minutes); their timeouts add up to 14.5 minutes. DEVICE=cpu runs the same steps
 # on the CPU as a try-out of the script (PROJECT_ARGS, BENCH_MODELS and TF32_ARGS then shrink them, e.g.
 # PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4",
 # BENCH_MODELS="1 3", BENCH_MODELS_MEASURE=3, TF32_ARGS="--epochs 1 --set stream.n_images=2560",
@@ -60,18 +60,20 @@ if want 1; then
         2>&1 | tee -a "$OUT/tests.log" | grep -v " PASSED" | tail -25
 fi
 
-# the paper scale runs with cuda_graph, decision_graph and fused_adam (params.yaml); a key whose test
-# failed in step 1 is turned off for the timings below
+# each speed-up key on for the timings below where its test passed in step 1, off where it failed (without
+# step 1: params.yaml's paper scale as it stands)
 KEYS=""
 if want 1; then
-    grep -q "test_cuda_graph_step_equals_the_eager_step PASSED" "$OUT/tests.log" || KEYS="$KEYS --set cuda_graph=false"
-    grep -q "test_fused_adam_equals_single_runs PASSED" "$OUT/tests.log" || KEYS="$KEYS --set fused_adam=false"
-    [ "$(grep -c "test_decision_graph_gives_the_eager_records.* PASSED" "$OUT/tests.log")" = 2 ] \
-        || KEYS="$KEYS --set decision_graph=false"
+    passed() { [ "$(grep -c "test_$1.* PASSED" "$OUT/tests.log")" = "$2" ]; }
+    for k in "cuda_graph cuda_graph_step_equals_the_eager_step 1" "fused_adam fused_adam_equals_single_runs 1" \
+             "decision_graph decision_graph_gives_the_eager_records 2"; do
+        set -- $k
+        if passed "$2" "$3"; then KEYS="$KEYS --set $1=true"; else KEYS="$KEYS --set $1=false"; fi
+    done
 fi
 
 if want 2; then
-    stamp "2. the whole paper scale, projected from each job's measured cost (${KEYS:-all keys on})"
+    stamp "2. the whole paper scale, projected from each job's measured cost (${KEYS:-the keys of params.yaml})"
     timeout 180 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" $KEYS ${PROJECT_ARGS:-} \
         2>&1 | grep --line-buffered -v "^task" | tee "$OUT/projection.log"
 fi

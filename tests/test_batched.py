@@ -1,4 +1,5 @@
 """Batched training (trainability.batched) against the one-model-at-a-time engine (train.run)."""
+import contextlib
 import json
 import math
 import os
@@ -18,20 +19,22 @@ from trainability.train import run
 from test_train import strip, tiny
 
 
-def _close(a, b, rtol, path="") -> list[str]:
-    """Paths where two JSON trees differ: floats beyond rtol, anything else not equal."""
+def _close(a, b, rtol, path="", acc_atol=0.0) -> list[str]:
+    """Paths where two JSON trees differ: floats beyond rtol (accuracies `*_acc` also within acc_atol),
+    anything else not equal."""
     if isinstance(a, dict):
         if set(a) != set(b):
             return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        return [p for k in a for p in _close(a[k], b[k], rtol, f"{path}/{k}")]
+        return [p for k in a for p in _close(a[k], b[k], rtol, f"{path}/{k}", acc_atol)]
     if isinstance(a, list):
         if len(a) != len(b):
             return [f"{path}: length {len(a)} != {len(b)}"]
-        return [p for i, (x, y) in enumerate(zip(a, b)) for p in _close(x, y, rtol, f"{path}[{i}]")]
+        return [p for i, (x, y) in enumerate(zip(a, b)) for p in _close(x, y, rtol, f"{path}[{i}]", acc_atol)]
     if isinstance(a, float) or isinstance(b, float):
         if math.isnan(a) and math.isnan(b) or a == b:
             return []
-        return [] if abs(a - b) <= rtol * max(abs(a), abs(b)) else [f"{path}: {a} != {b}"]
+        tol = max(rtol * max(abs(a), abs(b)), acc_atol if path.endswith("_acc") else 0.0)
+        return [] if abs(a - b) <= tol else [f"{path}: {a} != {b}"]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
@@ -45,6 +48,9 @@ def _comparable(rec):
 # sigma2, a ratio of nearly cancelling sums, then differs by up to ~2e-3 (H200, torch 2.11).
 ON_CPU = os.environ.get("TRAINABILITY_TEST_DEVICE", "cpu") == "cpu"
 RTOL = 1e-3 if ON_CPU else 5e-3
+# and accuracies are counts over a few hundred images: one prediction near a tie flipped by that rounding
+# moves an end-of-task accuracy by 1/600 (an H100 did, for relu-vanilla's third task, 2026-11-27)
+ACC_ATOL = 0.0 if ON_CPU else 3 / 600
 
 
 def _structure(x):
@@ -74,7 +80,7 @@ def _check_equal(cfgs, tmp_path, rtol=RTOL, rounding_chaotic=()):
         if i in rounding_chaotic and not ON_CPU:
             assert _structure(s) == _structure(b) and s["status"] == b["status"], f"config {i}"
             s, b = _first_decision(s), _first_decision(b)
-        diffs = _close(s, b, rtol)
+        diffs = _close(s, b, rtol, acc_atol=ACC_ATOL)
         assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
         assert batch[i]["batched"] == {"models": len(cfgs), "position": i}
     return batch
@@ -170,9 +176,16 @@ def test_batchnorm_models_equal_single_runs(tmp_path, mnist_root):
     # The Linear bias before a BatchNorm has a true gradient of zero: what each engine computes is
     # rounding noise, which Adam scales to steps of size lr. Continuous quantities still agree to RTOL;
     # an accuracy may differ by a few of the 512 images (counts measured: at most 2).
+    # The Wasserstein model (3) adds the sort's amplification (bench/rounding_sensitivity.py): on an AMD EPYC
+    # CPU its third task's indicators differed by 0.2% between the engines (2026-11-27). It is compared in
+    # its first task and first decision, and in its record's shape.
     acc = ("online_acc", "end_acc")
     for i, (s, b) in enumerate(zip(singles, batch)):
         s, b = _comparable(s), _comparable(b)
+        if i == 3:
+            assert _structure(s) == _structure(b)
+            for rec in (s, b):
+                rec["tasks"], rec["decisions"] = rec["tasks"][:1], _first_decision(rec)
         for rec_s, rec_b in zip(s["tasks"], b["tasks"]):
             for k in acc:
                 assert abs(rec_s.pop(k) - rec_b.pop(k)) <= 5 / 512, f"config {i}: task {rec_s['task']} {k}"
@@ -489,6 +502,7 @@ def test_decision_graph_gives_the_eager_records(tmp_path, mnist_root, monkeypatc
     partial minibatches between, a reset model, Wasserstein, a model that does not measure, and the whole
     network's problem (l2-global), over task boundaries."""
     monkeypatch.setattr(batched.DecisionGraph, "ROUNDS", rounds)
+    monkeypatch.setattr(batched.DecisionGraph, "fallback", False)   # on CUDA: a failed capture fails the test
     d = {"data": {"root": mnist_root}, "n_tasks": 2, "stream": {"n_images": 600, "drop_last": False},
          "optim": {"beta_ramp": True}, "measure": {"every": 2}}   # decisions at steps 1, 3 (full) and 5 (partial)
     cfgs = [tiny("l2-scheduled", **d), tiny("l2-reset", **d), tiny("wass-scheduled", **d), tiny("l2-global", **d),
@@ -502,6 +516,45 @@ def test_decision_graph_gives_the_eager_records(tmp_path, mnist_root, monkeypatc
         assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
     iters = [i for l in ("1", "2", "3") for i in eager[0]["decisions"]["layers"][l]["eig_iters"]]
     assert max(iters) > 3 and len(eager[0]["decisions"]["step"]) == 6
+
+
+def test_a_failed_decision_graph_capture_leaves_the_decisions_eager(tmp_path, mnist_root, monkeypatch):
+    """A capture that fails (as the first one in a process did on an H100) costs a warning, and the job's
+    decisions stay eager: the records are the eager engine's. CUDA's stream and graph calls are stood in
+    for on the CPU, the capture failing at its end as a real one does."""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class FailingCapture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("operation failed due to a previous error during capture (stand-in)")
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    init = batched.DecisionGraph.__init__
+
+    def capturing(self, engine):
+        init(self, engine)
+        self.capture = True
+    monkeypatch.setattr(batched.DecisionGraph, "__init__", capturing)
+    d = {"data": {"root": mnist_root}, "n_tasks": 2, "measure": {"every": 2}}
+    cfgs = [tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
+    eager = run_batched(cfgs, [tmp_path / f"eager{i}" for i in range(len(cfgs))], progress=False)
+    with pytest.warns(UserWarning, match="decision_graph: capture failed"):
+        failed = run_batched([config.deep_merge(c, {"decision_graph": True}) for c in cfgs],
+                             [tmp_path / f"failed{i}" for i in range(len(cfgs))], progress=False)
+    for e, f in zip(eager, failed):
+        f["config"]["decision_graph"] = False
+        assert not _close(_comparable(e), _comparable(f), 0.0)
 
 
 def test_the_graph_step_reads_and_writes_the_same_storages_every_call(tmp_path, mnist_root, monkeypatch):

@@ -28,6 +28,7 @@ import copy
 import functools
 import math
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -524,9 +525,10 @@ class StackedProbe:
         r = torch.stack([torch.randn(n, generator=g, device=g.device) for g in self.generators]).to(self.vecs[l])
         return torch.where(self.has_vec.unsqueeze(1), mixed_start(r, self.vecs[l]), mixed_start(r))
 
-    def measure(self, inputs, outs, loss_closure, ahead=None) -> dict[str, torch.Tensor]:
-        """{field: (M, L) float64} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters. `ahead`
-        (DecisionGraph): starts -> (problems, lanczos_ahead's rounds), in place of the eager gradient."""
+    def measure(self, inputs, out_grads, loss_closure, ahead=None) -> dict[str, torch.Tensor]:
+        """{field: (M, L) float64} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters, from the
+        step's layer inputs and the loss gradients at the layer outputs. `ahead` (DecisionGraph): starts ->
+        (problems, lanczos_ahead's rounds) in place of the eager gradient, or None where it cannot."""
         net, L = self.net, self.net.n_layers
         B = inputs[0].shape[1]   # this minibatch's size: B, or an epoch's partial last one
         with torch.no_grad():
@@ -534,7 +536,7 @@ class StackedProbe:
             for l in range(L):   # the layer's group: W, b (and BatchNorm's gamma, beta), as DecisionProbe's
                 grad_sq.append(sum(self.adam.grad_with_decay(p).double().pow(2).flatten(1).sum(1)
                                    for p in net.layer_params(l)))
-                sigma2.append(linear_gradient_stats(inputs[l], outs[l].grad, B)[0])
+                sigma2.append(linear_gradient_stats(inputs[l], out_grads[l], B)[0])
         alpha, agg = self.adam.effective_steps(self.code_alpha_agg)
         flat = net.params()
         with buffers_kept(net):   # BatchNorm statistics: the probe's extra pass leaves no trace, as DecisionProbe's
@@ -545,11 +547,12 @@ class StackedProbe:
             if self.global_column and self.global_models:
                 starts.append(self._global_start())
                 skip.append(self.skip[self.global_models])
-            if ahead is None:
+            got = ahead(starts) if ahead is not None else None
+            if got is None:
                 grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)
                 problems, rounds = list(zip(self.hvps(grads), starts)), None
             else:
-                problems, rounds = ahead(starts)
+                problems, rounds = got
             solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip), ahead=rounds)
             for l in range(L):
                 self.vecs[l] = solved[l][1].detach()
@@ -776,10 +779,11 @@ class DecisionGraph:
     of a paper-scale job's time. The extra rounds that rows which have stopped compute are thrown away;
     the records are the eager engine's bits (tests/test_batched.py). Elsewhere than CUDA the same body
     runs eagerly at every call (a stand-in, for the tests). Partial minibatches stay eager."""
-    ROUNDS = 16   # [choice] about the rounds a paper-scale decision takes (8-20 on an H100, 2026-11-27)
+    ROUNDS = 16       # [choice] about the rounds a paper-scale decision takes (8-20 on an H100, 2026-11-27)
+    fallback = True   # a failed capture: a warning, then eager decisions for the rest of the job (tests: raise)
 
     def __init__(self, engine: "BatchedRuns"):
-        self.engine, self.graph, self.state = engine, None, None
+        self.engine, self.graph, self.state, self.failed = engine, None, None, False
         self.capture = engine.device.type == "cuda"
 
     def _body(self):
@@ -795,6 +799,8 @@ class DecisionGraph:
         if not self.capture:
             self.idx, self.starts = bidx, starts
             return self._body()
+        if self.failed:
+            return None
         if self.graph is None:
             self.idx, self.starts = bidx.clone(), [v.clone() for v in starts]
             side = torch.cuda.Stream()   # capture's prerequisite: a warm-up on a side stream
@@ -803,8 +809,15 @@ class DecisionGraph:
                 self._body()
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):   # records the body without running it
-                self.state = self._body()
+            try:
+                with torch.cuda.graph(self.graph):   # records the body without running it
+                    self.state = self._body()
+            except RuntimeError as e:   # nothing ran: the eager decision computes the same, more slowly
+                if not self.fallback:
+                    raise
+                warnings.warn(f"decision_graph: capture failed, decisions stay eager for this job: {e}")
+                self.failed, self.graph, self.state = True, None, None
+                return None
         else:
             self.idx.copy_(bidx)
             for mine, v in zip(self.starts, starts):
@@ -991,8 +1004,12 @@ class BatchedRuns:
         xb, yb, inputs, outs = self.forward_backward(bidx, self.correct if full else self.correct_partial,
                                                      keep=decide)
         if decide:
+            # values only: the step's autograd graph goes before the probe builds its own (alive, its
+            # AccumulateGrad nodes, made on the default stream, break a DecisionGraph capture on CUDA)
+            inputs, out_grads = [a.detach() for a in inputs], [z.grad for z in outs]
+            del outs
             ahead = functools.partial(self.decision_graph, bidx) if self.decision_graph is not None and full else None
-            meas = self.probe.measure(inputs, outs, lambda: self.objective(xb, yb)[2], ahead)
+            meas = self.probe.measure(inputs, out_grads, lambda: self.objective(xb, yb)[2], ahead)
             self.rows.append((step, frac, self.sched.step(meas, frac)))
         self.adam.step()
 
