@@ -307,9 +307,9 @@ def test_lockstep_problems_equal_each_solved_alone():
 
 def test_rounds_run_ahead_give_the_lockstep_bits():
     """lanczos_ahead (R rounds of every row's products with no host stopping rule, what batched.DecisionGraph
-    replays) then batched_lanczos over them: the bits of the lockstep solver, with skipped rows, a row that
-    stops long before its problem (its speculative Lanczos vectors must not leak into its Ritz vector), and R
-    below, at and beyond the rounds needed (below: the rows still going continue with products)."""
+    replays) then batched_lanczos over them: the bits of the lockstep solver, with skipped rows, rows that
+    stop long before their problem, and R below, at and beyond the rounds needed (below: the rows still
+    going continue with products)."""
     from trainability.batched import lanczos_ahead
     g = torch.Generator().manual_seed(3)
     specs = [(3, 40, (0.5, 0.01, 0.1)), (2, 12, (0.3, 0.02)), (1, 25, (0.001,))]
