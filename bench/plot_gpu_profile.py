@@ -2,7 +2,8 @@
 JSON (bench/gpu_check.sh steps 2 and 3):
 
     .venv/bin/python bench/plot_gpu_profile.py docs/gpu/h100/decision_profile_run2.json \\
-        docs/gpu/h100/projection_run1.json docs/gpu/h100/projection_run3.json --out docs/gpu/h100/profile.png
+        docs/gpu/h100/projection_run1.json docs/gpu/h100/projection_run3.json \\
+        --names "run 1 (39b5048)" "run 3 (5677bd6)" --out docs/gpu/h100/profile.png
 
 Left: per job, the time of K = 40 steps (one decision and K - 1 plain steps) split into the plain steps,
 the decision's Lanczos (host-bound rounds), Algorithm 1 and the rest of the decision step. Middle: one
