@@ -31,16 +31,12 @@ from pathlib import Path
 
 import torch
 
+from bench_batched import _sync
 from trainability import batched, config
 from trainability.measure import buffers_kept
 from trainability.pipeline import run_jobs
 
 JOBS = ["batch-l2-vanilla-appendix", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device: torch.device):
@@ -82,8 +78,7 @@ class Phases:
 def hvp_round(engine, batch, device, reps: int) -> dict:
     """One round of Lanczos products (every layer block's HVP) eager, and captured as a CUDA graph."""
     net, probe = engine.net, engine.probe
-    rows = engine.sidx.unsqueeze(1)
-    xb, yb = engine.xs[rows, batch], engine.ys[rows, batch]
+    xb, yb = engine.minibatch(batch)
     out = {}
     with buffers_kept(net):
         flat = net.params()

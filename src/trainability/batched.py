@@ -513,6 +513,7 @@ class StackedProbe:
         self.global_idx = torch.tensor(self.global_models, dtype=torch.long, device=dev)
         n_all = sum(p[0].numel() for p in net.params())
         self.global_vecs = torch.zeros(len(self.global_models), n_all, device=dev)
+        self.global_problem = global_column and bool(self.global_models)   # the whole network's Lanczos
         self.skip = torch.tensor([not x for x in measuring] if measuring is not None else [False] * M)   # host
 
     def reset(self, m: int, seed: int) -> None:
@@ -544,7 +545,7 @@ class StackedProbe:
             # measure.global models, as one lockstep Lanczos; the starts drawn in DecisionProbe's order
             starts = [self._starts(l) for l in range(L)]
             skip = [self.skip] * L
-            if self.global_column and self.global_models:
+            if self.global_problem:
                 starts.append(self._global_start())
                 skip.append(self.skip[self.global_models])
             got = ahead(starts) if ahead is not None else None
@@ -561,7 +562,7 @@ class StackedProbe:
                    "eig_iters": torch.stack([it.double() for _, _, it in solved[:L]], 1)}
             if self.global_column:
                 g_alpha, g_agg = self.adam.global_effective_steps()
-                g_lam, g_iters = self._global_lam(solved[L] if self.global_models else None)
+                g_lam, g_iters = self._global_lam(solved[L] if self.global_problem else None)
                 whole = {"grad_sq": sum(grad_sq), "sigma2_ps": sum(sigma2), "alpha": g_alpha, "alpha_agg": g_agg,
                          "lam_max": g_lam, "eig_iters": g_iters}   # sums in layer order, as DecisionProbe's
                 out = {k: torch.cat([v, whole[k].unsqueeze(1)], 1) for k, v in out.items()}
@@ -573,7 +574,7 @@ class StackedProbe:
         network's when a measure.global model is in the batch (the order of the starts in `measure`)."""
         wd = self.adam.wd
         ops = [self._block_hvp(l, grads, wd) for l in range(self.net.n_layers)]
-        if self.global_column and self.global_models:
+        if self.global_problem:
             ops.append(self._global_hvp(grads, self.net.params(), wd))
         return ops
 
@@ -788,8 +789,7 @@ class DecisionGraph:
 
     def _body(self):
         e = self.engine
-        rows = e.sidx.unsqueeze(1)
-        xb, yb = e.xs[rows, self.idx], e.ys[rows, self.idx]
+        xb, yb = e.minibatch(self.idx)
         grads = torch.autograd.grad(e.objective(xb, yb)[2], e.net.params(), create_graph=True)
         problems = list(zip(e.probe.hvps(grads), self.starts))
         return problems, lanczos_ahead(problems, self.ROUNDS, e.probe.eig_max_iter)
@@ -936,11 +936,15 @@ class BatchedRuns:
         total = ce + self.wass() if self.wass is not None else ce
         return logits, ce, total.sum(), inputs, outs
 
+    def minibatch(self, bidx):
+        """Each model's minibatch bidx (M, b), gathered on the device from its seed's stream: (xb, yb)."""
+        rows = self.sidx.unsqueeze(1)
+        return self.xs[rows, bidx], self.ys[rows, bidx]
+
     def forward_backward(self, bidx, counts, keep=False):
         """The step up to Adam: gather each model's minibatch bidx (M, b) on the device, forward, backward,
         count hits and sum the losses."""
-        rows = self.sidx.unsqueeze(1)
-        xb, yb = self.xs[rows, bidx], self.ys[rows, bidx]
+        xb, yb = self.minibatch(bidx)
         logits, ce, total, inputs, outs = self.objective(xb, yb, keep)
         total.backward()
         counts.add_((logits.argmax(2) == yb).sum(1))
