@@ -9,8 +9,10 @@ paper stream, then, each timed with the device synchronised before and after:
 
 - a plain step (the CUDA graph's replay on CUDA) and an eager one, each the median of 40;
 - decision steps (`--decisions` of them, a step every K apart as in a run), split into the batched
-  Lanczos (its rounds: the slowest row's products), Algorithm 1 (`StackedScheduler.step`) and the rest
-  (the step's forward and backward, the probe's statistics and its create_graph gradient, Adam);
+  Lanczos (its rounds: the slowest row's products; with `--set decision_graph=true` it includes the
+  DecisionGraph call, whose create_graph gradient and rounds run ahead it also reports alone), Algorithm 1
+  (`StackedScheduler.step`) and the rest (the step's forward and backward, the probe's statistics and,
+  without decision_graph, its create_graph gradient; Adam);
 - the Wasserstein penalty's forward and backward alone (jobs with Wasserstein models);
 - one round of the Lanczos' products (every layer block's Hessian-vector product) eager, and the same
   products captured once as a CUDA graph and replayed on the same autograd graph (CUDA only): what
@@ -52,8 +54,8 @@ class Phases:
     """Synchronised timers around batched_lanczos and the scheduler's step, for the decision in flight."""
 
     def __init__(self, engine, device):
-        self.device, self.lanczos_s, self.sched_s, self.rounds = device, 0.0, 0.0, 0
-        orig_lanczos, orig_sched = batched.batched_lanczos, engine.sched.step
+        self.device, self.lanczos_s, self.ahead_s, self.sched_s, self.rounds = device, 0.0, 0.0, 0.0, 0
+        orig_lanczos, orig_sched, orig_ahead = batched.batched_lanczos, engine.sched.step, engine.decision_graph
 
         def lanczos(*args, **kwargs):
             s, out = timed(lambda: orig_lanczos(*args, **kwargs), device)
@@ -65,11 +67,18 @@ class Phases:
             s, out = timed(lambda: orig_sched(*args, **kwargs), device)
             self.sched_s += s
             return out
+        def ahead(*args, **kwargs):   # decision_graph: the gradient and the rounds run ahead, part of Lanczos
+            s, out = timed(lambda: orig_ahead(*args, **kwargs), device)
+            self.ahead_s += s
+            return out
         batched.batched_lanczos, engine.sched.step = lanczos, sched
-        self._undo = lambda: (setattr(batched, "batched_lanczos", orig_lanczos), setattr(engine.sched, "step", orig_sched))
+        if orig_ahead is not None:
+            engine.decision_graph = ahead
+        self._undo = lambda: (setattr(batched, "batched_lanczos", orig_lanczos), setattr(engine.sched, "step", orig_sched),
+                              setattr(engine, "decision_graph", orig_ahead))
 
     def clear(self) -> None:
-        self.lanczos_s, self.sched_s, self.rounds = 0.0, 0.0, 0
+        self.lanczos_s, self.ahead_s, self.sched_s, self.rounds = 0.0, 0.0, 0.0, 0
 
     def close(self) -> None:
         self._undo()
@@ -155,7 +164,7 @@ def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: in
             ph.clear()
             s, _ = timed(lambda: engine.step(batches[i % len(batches)], step=i, frac=0.0, decide=True), device)
             i += 1
-            dec.append((s, ph.lanczos_s, ph.rounds, ph.sched_s))
+            dec.append((s, ph.lanczos_s + ph.ahead_s, ph.rounds, ph.sched_s, ph.ahead_s))
     finally:
         ph.close()
     row["decision_ms"] = 1e3 * statistics.median(d[0] for d in dec)
@@ -163,6 +172,7 @@ def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: in
     row["rounds"] = [d[2] for d in dec]
     row["ms_per_round"] = 1e3 * statistics.median(d[1] / max(d[2], 1) for d in dec)
     row["scheduler_ms"] = 1e3 * statistics.median(d[3] for d in dec)
+    row["ahead_ms"] = 1e3 * statistics.median(d[4] for d in dec)
     row["rest_ms"] = row["decision_ms"] - row["lanczos_ms"] - row["scheduler_ms"]
     row["decision_share"] = (row["decision_ms"] - row["plain_ms"]) / (row["decision_ms"] + (K - 1) * row["plain_ms"])
     if engine.wass is not None:
@@ -207,7 +217,9 @@ def main() -> int:
         h = row.get("hvp_round", {})
         print(f"{name:>26} {row['models']:>3} models ({row['measuring']} measuring, {row['wasserstein']} Wasserstein)"
               f"  plain {row['plain_ms']:.2f} ms, eager {row['eager_ms']:.2f} ms;  decision {row['decision_ms']:.1f} ms"
-              f" = Lanczos {row['lanczos_ms']:.1f} ({row['rounds']} rounds, {row['ms_per_round']:.2f} ms each)"
+              f" = Lanczos {row['lanczos_ms']:.1f} ({row['rounds']} rounds, {row['ms_per_round']:.2f} ms each"
+              + (f"; of it the gradient and {batched.DecisionGraph.ROUNDS} rounds run ahead {row['ahead_ms']:.1f}"
+                 if row["ahead_ms"] else "") + ")"
               f" + Algorithm 1 {row['scheduler_ms']:.1f} + rest {row['rest_ms']:.1f};"
               f"  decisions are {100 * row['decision_share']:.0f}% of the job's time", flush=True)
         if "wasserstein_fwd_bwd_ms" in row:

@@ -79,9 +79,9 @@ if want 2; then
 fi
 
 if want 3; then
-    stamp "3. where a job's time goes: plain step, decision phases, Wasserstein, HVP rounds as a graph"
+    stamp "3. where a job's time goes: plain step, decision phases, Wasserstein, HVP rounds as a graph (${KEYS:-the keys of params.yaml})"
     timeout 150 $PY bench/decision_profile.py --device "$DEVICE" --out "$OUT/decision_profile.json" \
-        ${PROFILE_ARGS:-} 2>&1 | grep -v "^W[0-9]" | tee "$OUT/decision_profile.log"
+        $KEYS ${PROFILE_ARGS:-} 2>&1 | grep -v "^W[0-9]" | tee "$OUT/decision_profile.log"
 fi
 
 if want 4; then
