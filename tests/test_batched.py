@@ -518,6 +518,31 @@ def test_decision_graph_gives_the_eager_records(tmp_path, mnist_root, monkeypatc
     assert max(iters) > 3 and len(eager[0]["decisions"]["step"]) == 6
 
 
+def test_the_decision_graphs_autograd_graph_outlives_the_in_place_steps(tmp_path, mnist_root):
+    """On CUDA the DecisionGraph's autograd graph is built once, at capture, and rows going on past ROUNDS
+    differentiate it again at later decisions, after Adam has stepped the weights in place. So its leaves
+    must not share the weights' version counters (on an H100, at 3 rounds: "one of the variables needed for
+    gradient computation has been modified by an inplace operation"). On the CPU: the body's problems,
+    then plain steps, then those problems' products; and they read the weights' storage as it is now."""
+    cfgs = [config.deep_merge(tiny(r, data={"root": mnist_root}), {"decision_graph": True})
+            for r in ("l2-scheduled", "wass-scheduled", "l2-global")]
+    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
+                                 [tmp_path / f"m{i}" for i in range(len(cfgs))])
+    engine.start_task(0)
+    engine.ramp(0)
+    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    starts = [torch.randn(v.shape, device=v.device, dtype=v.dtype) for v in engine.probe.vecs]
+    starts.append(torch.randn(engine.probe.global_vecs.shape, device=bidx.device))
+    problems, _ = engine.decision_graph(bidx, starts)
+    for i in range(2):
+        engine.step(bidx, step=i, frac=0.0, decide=False)
+    for hvp, v in problems:
+        assert torch.isfinite(hvp(v)).all()
+    w_now = [p.detach().clone() for p in engine.net.params()]
+    with engine.net.version_free():
+        assert all(torch.equal(p, w) for p, w in zip(engine.net.params(), w_now))
+
+
 def test_a_failed_decision_graph_capture_leaves_the_decisions_eager(tmp_path, mnist_root, monkeypatch):
     """A capture that fails (as the first one in a process did on an H100) costs a warning, and the job's
     decisions stay eager: the records are the eager engine's. CUDA's stream and graph calls are stood in

@@ -24,6 +24,7 @@ any device, `fused_adam` compiles Adam's update.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -116,6 +117,19 @@ class StackedMLP:
 
     def buffers(self) -> list[torch.Tensor]:
         return self.running_mean + self.running_var
+
+    @contextlib.contextmanager
+    def version_free(self):
+        """Inside, params() are leaves on the same storage under version counters of their own (p.data): an
+        autograd graph built here stays differentiable after in-place optimiser steps. DecisionGraph needs
+        that: its graph is built once, at capture, and differentiated again at later decisions, after Adam
+        has moved the weights (on an H100: "modified by an inplace operation")."""
+        kept = self.W, self.b, self.gamma, self.beta
+        self.W, self.b, self.gamma, self.beta = ([p.data.requires_grad_() for p in ts] for ts in kept)
+        try:
+            yield
+        finally:
+            self.W, self.b, self.gamma, self.beta = kept
 
     @staticmethod
     def model_tensors(model) -> tuple[list, list]:
@@ -790,8 +804,9 @@ class DecisionGraph:
     def _body(self):
         e = self.engine
         xb, yb = e.minibatch(self.idx)
-        grads = torch.autograd.grad(e.objective(xb, yb)[2], e.net.params(), create_graph=True)
-        problems = list(zip(e.probe.hvps(grads), self.starts))
+        with e.net.version_free():   # the rounds past ROUNDS differentiate this graph at every later decision
+            grads = torch.autograd.grad(e.objective(xb, yb)[2], e.net.params(), create_graph=True)
+            problems = list(zip(e.probe.hvps(grads), self.starts))
         return problems, lanczos_ahead(problems, self.ROUNDS, e.probe.eig_max_iter)
 
     def __call__(self, bidx: torch.Tensor, starts: list[torch.Tensor]):
