@@ -21,10 +21,10 @@
 # 7. only with PROBE_BUDGET_S > 0: the paper-scale probe (bench/paper_probe.py), the first tasks of the
 #    paper's stream, vanilla vs scheduler, L2, CReLU and Wasserstein; `bench/plot_probe.py` draws them.
 # Most important first: if the lease ends early, the later steps are the ones lost. STEPS="1 3" runs only
-# those steps (default: all). On an H100 (2026-11-27) steps 1-6 took 86-93, 124, 48, 95, 82 and 27 s
-# (about 8 minutes); their timeouts add up to 14.5 minutes. DEVICE=cpu runs the same steps
-# on the CPU as a try-out of the script (PROJECT_ARGS, BENCH_MODELS and TF32_ARGS then shrink them, e.g.
-# PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4",
+# those steps (default: all). On an H100 (2026-11-27) steps 1-6 took 86-93, 124-137, 48-63, 78-95, 82 and
+# 27 s (about 8 minutes; KEY_TESTS_ONLY=1: step 1 in 37-50 s); their timeouts add up to 14.5 minutes.
+# DEVICE=cpu runs the same steps on the CPU as a try-out of the script (PROJECT_ARGS, BENCH_MODELS and
+# TF32_ARGS then shrink them, e.g. PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4",
 # BENCH_MODELS="1 3", BENCH_MODELS_MEASURE=3, TF32_ARGS="--epochs 1 --set stream.n_images=2560",
 # PROFILE_ARGS="--jobs batch-crelu-long --set stream.n_images=2560" and JOB_ARGS="--set stream.n_images=2560").
 # Uses the interpreter in $PY (default python3, e.g. a GPU image's own PyTorch); MNIST comes from
