@@ -518,6 +518,40 @@ def test_decision_graph_gives_the_eager_records(tmp_path, mnist_root, monkeypatc
     assert max(iters) > 3 and len(eager[0]["decisions"]["step"]) == 6
 
 
+def test_a_sub_stack_is_its_models_rows(tmp_path, mnist_root):
+    """StackedMLP.rows, on which the whole network's Lanczos of the measure.global models runs: its
+    objective (the models' own minibatches, LeakyReLU slopes and Wasserstein penalties) and create_graph
+    gradient are those rows of the whole stack's, and so is a Hessian-vector product. To the bit on the
+    CPU; on a GPU, where a batched matmul's count of matrices may change its rounding, to 1e-5."""
+    d = {"data": {"root": mnist_root}}
+    cfgs = [tiny(r, **d) for r in ("l2-global", "linear", "wass-global", "wass-scheduled", "l2-scheduled")]
+    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
+                                 [tmp_path / f"m{i}" for i in range(len(cfgs))])
+    engine.start_task(0)
+    engine.ramp(0)
+    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    for i in range(2):   # the weights away from their start: a Wasserstein penalty above 0
+        engine.step(bidx, step=i, frac=0.0, decide=False)
+    xb, yb = engine.minibatch(bidx)
+    rows = [1, 2, 4]   # identity and relu, a Wasserstein model and a plain one
+    sub = engine.net.rows(rows)
+    full_logits, full_ce, full_total, _, _ = engine.objective(xb, yb)
+    logits, ce, total, _, _ = engine.objective(xb, yb, sub=sub)
+    flat, sub_flat = engine.net.params(), sub.params()
+    full_grads = torch.autograd.grad(full_total, flat, create_graph=True)
+    grads = torch.autograd.grad(total, sub_flat, create_graph=True)
+    vs = [torch.randn_like(p) for p in sub_flat]
+    full_vs = [torch.zeros_like(p).index_copy(0, torch.tensor(rows, device=p.device), v) for p, v in zip(flat, vs)]
+    hv = torch.autograd.grad(grads, sub_flat, grad_outputs=vs)
+    full_hv = torch.autograd.grad(full_grads, flat, grad_outputs=full_vs)
+    same = (lambda a, b: torch.equal(a, b)) if engine.device.type == "cpu" else \
+        (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+    assert same(logits, full_logits[rows]) and same(ce, full_ce[rows])
+    assert all(same(g, f[rows]) for g, f in zip(grads, full_grads))
+    assert all(same(h, f[rows]) for h, f in zip(hv, full_hv))
+    assert engine.wass(sub)[1] > 0 and engine.wass(sub)[0] == 0
+
+
 def test_the_decision_graphs_autograd_graph_outlives_the_in_place_steps(tmp_path, mnist_root):
     """On CUDA the DecisionGraph's autograd graph is built once, at capture, and rows going on past ROUNDS
     differentiate it again at later decisions, after Adam has stepped the weights in place. So its leaves

@@ -79,11 +79,13 @@ class StackedMLP:
 
     def __init__(self, models, device):
         kinds = {(m.activation, m.rho) for m in models}
+        self.models = list(range(len(models)))   # the batch's models these rows are (a sub-stack: some)
+        self.slope = None
         if len(kinds) == 1:
             self.act = activation_fn(*kinds.pop())
         else:   # relu / leaky_relu / identity mixed: each model's LeakyReLU slope (models.negative_slope)
-            slope = torch.tensor([negative_slope(m.activation, m.rho) for m in models], device=device)
-            self.act = functools.partial(_leaky_per_model, slope=slope.view(-1, 1, 1))
+            self.slope = torch.tensor([negative_slope(m.activation, m.rho) for m in models], device=device)
+            self.act = functools.partial(_leaky_per_model, slope=self.slope.view(-1, 1, 1))
         L = models[0].n_layers
 
         def stack(get, grad=True):
@@ -117,6 +119,22 @@ class StackedMLP:
 
     def buffers(self) -> list[torch.Tensor]:
         return self.running_mean + self.running_var
+
+    def rows(self, models: list[int]) -> "StackedMLP":
+        """The sub-stack of those models: their rows of every tensor as leaves of its own (differentiable
+        copies, p[idx]), its own BatchNorm statistics. A Hessian-vector product on it costs its rows only,
+        where one on the whole stack costs every model's (StackedProbe's whole-network problem, which only
+        the measure.global models have)."""
+        idx = torch.tensor(models, dtype=torch.long, device=self.W[0].device)
+        sub = copy.copy(self)
+        sub.models = [self.models[m] for m in models]
+        sub.W, sub.b, sub.gamma, sub.beta = ([p[idx].detach().requires_grad_() for p in ts]
+                                             for ts in (self.W, self.b, self.gamma, self.beta))
+        sub.running_mean, sub.running_var = ([b[idx] for b in bs] for bs in (self.running_mean, self.running_var))
+        if self.slope is not None:
+            sub.slope = self.slope[idx]
+            sub.act = functools.partial(_leaky_per_model, slope=sub.slope.view(-1, 1, 1))
+        return sub
 
     @contextlib.contextmanager
     def version_free(self):
@@ -333,14 +351,25 @@ class StackedWasserstein:
             for s, p in zip(self.sorted_init, self.net.params()):
                 s[i] = p[m].detach().flatten().sort().values
 
-    def __call__(self) -> torch.Tensor:
-        """(M,) penalties."""
-        terms = [(self._rows(p).sort(dim=1).values - p0).square().sum(1)
-                 for p, p0 in zip(self.net.params(), self.sorted_init)]
-        pen = self.lam * torch.stack(terms, 1).sum(1)
-        if len(self.models) == self.M:
-            return pen
-        return torch.zeros(self.M, dtype=pen.dtype, device=pen.device).index_add(0, self.idx, pen)
+    def __call__(self, sub: StackedMLP | None = None) -> torch.Tensor:
+        """(M,) penalties; for a sub-stack (StackedMLP.rows), its rows' penalties on its own tensors."""
+        if sub is None:
+            terms = [(self._rows(p).sort(dim=1).values - p0).square().sum(1)
+                     for p, p0 in zip(self.net.params(), self.sorted_init)]
+            pen = self.lam * torch.stack(terms, 1).sum(1)
+            if len(self.models) == self.M:
+                return pen
+            return torch.zeros(self.M, dtype=pen.dtype, device=pen.device).index_add(0, self.idx, pen)
+        R, dev = len(sub.models), sub.W[0].device
+        rows = [j for j, m in enumerate(sub.models) if m in self.models]   # the sub-stack's carrying rows
+        if not rows:
+            return torch.zeros(R, device=dev)
+        mine = torch.tensor([self.models.index(sub.models[j]) for j in rows], device=dev)
+        at = torch.tensor(rows, device=dev)
+        terms = [(p.flatten(1)[at].sort(dim=1).values - p0[mine]).square().sum(1)
+                 for p, p0 in zip(sub.params(), self.sorted_init)]
+        pen = self.lam[mine] * torch.stack(terms, 1).sum(1)
+        return torch.zeros(R, dtype=pen.dtype, device=dev).index_add(0, at, pen)
 
     def for_model(self, m: int, model) -> WassersteinPenalty:
         """Model m's penalty on its extracted copy `model` (sorted_init in model.parameters() order)."""
@@ -565,7 +594,7 @@ class StackedProbe:
             got = ahead(starts) if ahead is not None else None
             if got is None:
                 grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)
-                problems, rounds = list(zip(self.hvps(grads), starts)), None
+                problems, rounds = list(zip(self.hvps(grads, loss_closure), starts)), None
             else:
                 problems, rounds = got
             solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip), ahead=rounds)
@@ -583,13 +612,14 @@ class StackedProbe:
         self.has_vec[:] = True
         return dict(out, batch_size=B)
 
-    def hvps(self, grads) -> list:
+    def hvps(self, grads, loss_closure) -> list:
         """The Lanczos problems' operators for a create_graph gradient: every layer block's, then the whole
-        network's when a measure.global model is in the batch (the order of the starts in `measure`)."""
+        network's when a measure.global model is in the batch (the order of the starts in `measure`), on
+        the sub-stack of those models (loss_closure(sub): their summed objective)."""
         wd = self.adam.wd
         ops = [self._block_hvp(l, grads, wd) for l in range(self.net.n_layers)]
         if self.global_problem:
-            ops.append(self._global_hvp(grads, self.net.params(), wd))
+            ops.append(self._global_hvp(loss_closure, wd))
         return ops
 
     def _block_hvp(self, l: int, grads, wd):
@@ -612,17 +642,20 @@ class StackedProbe:
                          for m in self.global_models]).to(self.global_vecs)
         return torch.where(self.has_vec[idx].unsqueeze(1), mixed_start(r, self.global_vecs), mixed_start(r))
 
-    def _global_hvp(self, grads, flat, wd):
-        """(G, n) -> (G, n): the whole Hessian (plus coupled L2's wd I) of the G measure.global models."""
-        M, idx, n = len(self.generators), self.global_idx, self.global_vecs.shape[1]
-        sizes = [p[0].numel() for p in flat]
+    def _global_hvp(self, loss_closure, wd):
+        """(G, n) -> (G, n): the whole Hessian (plus coupled L2's wd I) of the G measure.global models, on
+        their own sub-stack (on the whole stack every product cost all M models' backward passes: on the
+        69-model paper job a third of a decision's memory traffic for 6 models, bench/decision_bytes.py)."""
+        sub = self.net.rows(self.global_models)
+        flat = sub.params()
+        grads = torch.autograd.grad(loss_closure(sub), flat, create_graph=True)
+        sizes, wd_g = [p[0].numel() for p in flat], wd[self.global_idx].unsqueeze(1)
 
         def hvp(V):
-            full = V.new_zeros(M, n).index_copy(0, idx, V)
-            pieces = [x.reshape(p.shape) for x, p in zip(full.split(sizes, 1), flat)]
+            pieces = [x.reshape(p.shape) for x, p in zip(V.split(sizes, 1), flat)]
             hs = torch.autograd.grad(grads, flat, grad_outputs=pieces, retain_graph=True)
-            hv = torch.cat([h.detach().flatten(1) for h in hs], 1)[idx]
-            return hv + wd[idx].unsqueeze(1).to(hv.dtype) * V
+            hv = torch.cat([h.detach().flatten(1) for h in hs], 1)
+            return hv + wd_g.to(hv.dtype) * V
         return hvp
 
     def _global_lam(self, solved):
@@ -806,7 +839,7 @@ class DecisionGraph:
         xb, yb = e.minibatch(self.idx)
         with e.net.version_free():   # the rounds past ROUNDS differentiate this graph at every later decision
             grads = torch.autograd.grad(e.objective(xb, yb)[2], e.net.params(), create_graph=True)
-            problems = list(zip(e.probe.hvps(grads), self.starts))
+            problems = list(zip(e.probe.hvps(grads, lambda sub: e.objective(xb, yb, sub=sub)[2]), self.starts))
         return problems, lanczos_ahead(problems, self.ROUNDS, e.probe.eig_max_iter)
 
     def __call__(self, bidx: torch.Tensor, starts: list[torch.Tensor]):
@@ -945,10 +978,16 @@ class BatchedRuns:
         self.decision_graph = DecisionGraph(self) \
             if c0["decision_graph"] and self.measuring and not c0["model"]["batchnorm"] else None
 
-    def objective(self, xb, yb, keep=False):
-        logits, inputs, outs = self.net.forward(xb, keep)
-        ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(self.M, -1).mean(1)
-        total = ce + self.wass() if self.wass is not None else ce
+    def objective(self, xb, yb, keep=False, sub: StackedMLP | None = None):
+        """(logits, per-model cross-entropy, the summed objective, layer inputs, layer outputs) of every model
+        on its minibatch; with `sub` (StackedMLP.rows), of that sub-stack's models only."""
+        net = self.net if sub is None else sub
+        if sub is not None:
+            rows = torch.tensor(sub.models, device=xb.device)
+            xb, yb = xb[rows], yb[rows]
+        logits, inputs, outs = net.forward(xb, keep)
+        ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(len(net.models), -1).mean(1)
+        total = ce + self.wass(sub) if self.wass is not None else ce
         return logits, ce, total.sum(), inputs, outs
 
     def minibatch(self, bidx):
@@ -1028,7 +1067,7 @@ class BatchedRuns:
             inputs, out_grads = [a.detach() for a in inputs], [z.grad for z in outs]
             del outs
             ahead = functools.partial(self.decision_graph, bidx) if self.decision_graph is not None and full else None
-            meas = self.probe.measure(inputs, out_grads, lambda: self.objective(xb, yb)[2], ahead)
+            meas = self.probe.measure(inputs, out_grads, lambda sub=None: self.objective(xb, yb, sub=sub)[2], ahead)
             self.rows.append((step, frac, self.sched.step(meas, frac)))
         self.adam.step()
 

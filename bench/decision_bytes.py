@@ -1,0 +1,126 @@
+"""Memory touched by one `decision_graph` body (a decision's gradient and its first ROUNDS Lanczos rounds),
+by phase, counted on the CPU for the paper scale's real jobs: what bounds the replayed graph on a GPU once
+its launches are gone.
+
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py                     # four jobs, ~5 min
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --jobs batch-l2-vanilla --out bytes.json
+
+For each job (its own configs, all seeds) the engine (batched.BatchedRuns, decision_graph on) runs
+DecisionGraph's body once on a full minibatch of task 1, under a dispatch mode that adds up, for every
+ATen op that is not a view, the bytes of its tensor inputs and outputs. That is an upper bound on the
+op's memory traffic (a cache or a fused kernel reads less), and its sum divided by the device's bandwidth
+a floor under the body's time. The bytes are split into the gradient (forward and create_graph
+backward), each Lanczos problem's products (every layer block's, and the whole network's for the
+measure.global models) and the Lanczos arithmetic around them (recurrence, full reorthogonalisation,
+norms, the basis). On an H100 (docs/gpu, call 5) the 69-model job's replayed body took 106 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from count_ops import VIEWS
+from trainability import batched, config
+from trainability.pipeline import run_jobs
+
+JOBS = ["batch-l2-vanilla", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla-appendix"]
+ARITHMETIC = "Lanczos arithmetic (recurrence, reorthogonalisation, basis)"
+
+
+class Bytes(TorchDispatchMode):
+    """Bytes of the tensor inputs and outputs of every non-view op, and op counts, by the phase in `phase`."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self.ops, self.phase = collections.Counter(), collections.Counter(), "gradient"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ not in VIEWS:
+            ts = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in ts)
+            self.ops[self.phase] += 1
+        return out
+
+
+def in_phase(counter: Bytes, name: str, fn):
+    """fn, with counter.phase set to name while it runs."""
+    def wrapped(*args, **kwargs):
+        outer, counter.phase = counter.phase, name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            counter.phase = outer
+    return wrapped
+
+
+def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
+    engine = batched.BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
+    engine.start_task(0)
+    engine.ramp(0)
+    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    probe, L = engine.probe, engine.net.n_layers
+    starts = [v.clone() for v in probe.vecs]
+    if probe.global_problem:
+        starts.append(torch.randn(probe.global_vecs.shape))
+    counter = Bytes()
+    hvps = probe.hvps
+    probe.hvps = lambda *args: [
+        in_phase(counter, f"products: layer {i + 1}" if i < L else "products: whole network (measure.global)", op)
+        for i, op in enumerate(hvps(*args))]
+    product, extend = batched._Krylov.product, batched._Krylov.extend
+    try:
+        batched._Krylov.product = in_phase(counter, ARITHMETIC, product)
+        batched._Krylov.extend = in_phase(counter, ARITHMETIC, extend)
+        with counter:
+            engine.decision_graph(bidx, starts)
+    finally:
+        batched._Krylov.product, batched._Krylov.extend = product, extend
+    total = sum(counter.bytes.values())
+    return {"job": name, "models": len(cfgs), "measuring": sum(engine.measuring_m),
+            "global_models": len(probe.global_models) if probe.global_problem else 0,
+            "rounds": batched.DecisionGraph.ROUNDS, "ops": sum(counter.ops.values()), "gb": total / 1e9,
+            "phases": {k: {"gb": v / 1e9, "ops": counter.ops[k]} for k, v in counter.bytes.most_common()}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--scale", default="paper")
+    p.add_argument("--jobs", nargs="+", default=JOBS)
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the scale's seeds")
+    p.add_argument("--peak-gbs", type=float, default=3350.0, help="bandwidth for the floor (H100 SXM: 3350)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    params = config.load_params(a.params)
+    seeds = a.seeds or params["scales"][a.scale]["seeds"]
+    groups, _ = run_jobs(params, a.scale)
+    # the body does not depend on the stream's length: a short one keeps the CPU's memory small
+    sets = ["wandb.mode=disabled", "device=cpu", "indicators.enabled=false", "decision_graph=true",
+            "stream.n_images=2560", *a.set]
+    rows = []
+    for name in a.jobs:
+        cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
+        with tempfile.TemporaryDirectory() as tmp:
+            row = job_bytes(name, cfgs, Path(tmp))
+        rows.append(row)
+        print(f"{name}: {row['models']} models ({row['measuring']} measuring, {row['global_models']} with the "
+              f"whole network's problem), {row['rounds']} rounds: {row['ops']} ops, {row['gb']:.1f} GB touched, "
+              f"a floor of {row['gb'] / a.peak_gbs * 1e3:.1f} ms at {a.peak_gbs:.0f} GB/s", flush=True)
+        for k, v in row["phases"].items():
+            print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB {100 * v['gb'] / row['gb']:5.1f}%")
+        if a.out:
+            Path(a.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
