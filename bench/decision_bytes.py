@@ -67,7 +67,7 @@ def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
     engine.ramp(0)
     bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
     probe, L = engine.probe, engine.net.n_layers
-    starts = [v.clone() for v in probe.vecs]
+    starts = [v.clone() if probe.block_models is None else v[probe.block_idx] for v in probe.vecs]   # as measure's
     if probe.global_problem:
         starts.append(torch.randn(probe.global_vecs.shape))
     counter = Bytes()

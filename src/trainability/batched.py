@@ -532,9 +532,9 @@ class StackedProbe:
     Lanczos on the Hessian of the summed loss, which is block-diagonal across models). With
     global_column, the whole network as one more column (the probe's "global" entry): the layers' sums,
     measure._global_effective_step, and the full Hessian's lam_max for the models with measure.global
-    (NaN for the others, as DecisionProbe without global_too). With `measuring`, the Lanczos of a model
-    that does not measure stops at once (its lam_max is NaN: nobody reads it, and it cannot keep the
-    batch's Lanczos going)."""
+    (NaN for the others, as DecisionProbe without global_too). With `measuring`, a model that does not
+    measure takes no part in the layer blocks' Lanczos, which then runs on the measuring models' sub-stack
+    (its lam_max is NaN: nobody reads it), nor in the whole network's (a skipped row there)."""
 
     def __init__(self, net: StackedMLP, adam: StackedAdam, B: int, seeds: list[int], eig_tol: float,
                  eig_max_iter: int, code_alpha_agg: list[bool], global_lam: list[bool], global_column: bool,
@@ -558,6 +558,10 @@ class StackedProbe:
         self.global_vecs = torch.zeros(len(self.global_models), n_all, device=dev)
         self.global_problem = global_column and bool(self.global_models)   # the whole network's Lanczos
         self.skip = torch.tensor([not x for x in measuring] if measuring is not None else [False] * M)   # host
+        # the layer blocks' Lanczos runs on the measuring models' sub-stack when some do not measure: their
+        # products would cost every model's backward pass (on the 69-model paper job, 12 do not measure)
+        self.block_models = None if not bool(self.skip.any()) else [m for m in range(M) if not self.skip[m]]
+        self.block_idx = None if self.block_models is None else torch.tensor(self.block_models, device=dev)
 
     def reset(self, m: int, seed: int) -> None:
         self.generators[m] = torch.Generator(self.vecs[0].device).manual_seed(seed)
@@ -582,22 +586,22 @@ class StackedProbe:
                                    for p in net.layer_params(l)))
                 sigma2.append(linear_gradient_stats(inputs[l], out_grads[l], B)[0])
         alpha, agg = self.adam.effective_steps(self.code_alpha_agg)
-        flat = net.params()
         with buffers_kept(net):   # BatchNorm statistics: the probe's extra pass leaves no trace, as DecisionProbe's
             # every layer's Hessian block (W, b, BatchNorm's gamma, beta), and the whole network's for the
             # measure.global models, as one lockstep Lanczos; the starts drawn in DecisionProbe's order
-            starts = [self._starts(l) for l in range(L)]
-            skip = [self.skip] * L
+            all_starts = [self._starts(l) for l in range(L)]
+            starts = [v if self.block_models is None else v[self.block_idx] for v in all_starts]
+            skip = [self.skip if self.block_models is None else self.skip[self.block_models]] * L
             if self.global_problem:
                 starts.append(self._global_start())
                 skip.append(self.skip[self.global_models])
             got = ahead(starts) if ahead is not None else None
             if got is None:
-                grads = torch.autograd.grad(loss_closure(), flat, create_graph=True)
-                problems, rounds = list(zip(self.hvps(grads, loss_closure), starts)), None
+                problems, rounds = list(zip(self.hvps(loss_closure), starts)), None
             else:
                 problems, rounds = got
             solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip), ahead=rounds)
+            solved = [self._all_models(sol, v) for sol, v in zip(solved[:L], all_starts)] + solved[L:]
             for l in range(L):
                 self.vecs[l] = solved[l][1].detach()
             out = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
@@ -612,20 +616,35 @@ class StackedProbe:
         self.has_vec[:] = True
         return dict(out, batch_size=B)
 
-    def hvps(self, grads, loss_closure) -> list:
-        """The Lanczos problems' operators for a create_graph gradient: every layer block's, then the whole
-        network's when a measure.global model is in the batch (the order of the starts in `measure`), on
-        the sub-stack of those models (loss_closure(sub): their summed objective)."""
+    def hvps(self, loss_closure) -> list:
+        """The Lanczos problems' operators, from create_graph gradients of loss_closure(sub) (the summed
+        objective of the whole stack, sub None, or of a StackedMLP.rows sub-stack): every layer block's,
+        on the measuring models (block_models), then the whole network's on the measure.global models'
+        sub-stack when there are such models (the order of the starts in `measure`)."""
         wd = self.adam.wd
-        ops = [self._block_hvp(l, grads, wd) for l in range(self.net.n_layers)]
+        net = self.net if self.block_models is None else self.net.rows(self.block_models)
+        grads = torch.autograd.grad(loss_closure(None if net is self.net else net), net.params(), create_graph=True)
+        wd_b = wd if self.block_models is None else wd[self.block_idx]
+        ops = [self._block_hvp(net, l, grads, wd_b) for l in range(net.n_layers)]
         if self.global_problem:
             ops.append(self._global_hvp(loss_closure, wd))
         return ops
 
-    def _block_hvp(self, l: int, grads, wd):
-        """(M, n_l) -> (M, n_l): the Hessian block of layer l's group, plus coupled L2's wd I."""
-        ps = self.net.layer_params(l)
-        i = self.net.weight_pos[l]
+    def _all_models(self, solved, start):
+        """A layer block's (theta, Ritz vectors, products) over block_models -> over all M models, the others'
+        as batched_lanczos gives a skipped row: theta NaN, its start vector back, 0 products."""
+        if self.block_models is None:
+            return solved
+        theta, vecs, iters = solved
+        M, idx = start.shape[0], self.block_idx
+        return (theta.new_full((M,), math.nan).index_copy(0, idx, theta), start.index_copy(0, idx, vecs),
+                iters.new_zeros(M).index_copy(0, idx, iters))
+
+    def _block_hvp(self, net: StackedMLP, l: int, grads, wd):
+        """(R, n_l) -> (R, n_l): the Hessian block of layer l's group of the stack `net` (R models: the
+        probe's or a sub-stack of it, `grads` its create_graph gradient), plus coupled L2's wd I."""
+        ps = net.layer_params(l)
+        i = net.weight_pos[l]
         gl, sizes = grads[i:i + len(ps)], [p[0].numel() for p in ps]
 
         def hvp(V):
@@ -838,8 +857,7 @@ class DecisionGraph:
         e = self.engine
         xb, yb = e.minibatch(self.idx)
         with e.net.version_free():   # the rounds past ROUNDS differentiate this graph at every later decision
-            grads = torch.autograd.grad(e.objective(xb, yb)[2], e.net.params(), create_graph=True)
-            problems = list(zip(e.probe.hvps(grads, lambda sub: e.objective(xb, yb, sub=sub)[2]), self.starts))
+            problems = list(zip(e.probe.hvps(lambda sub=None: e.objective(xb, yb, sub=sub)[2]), self.starts))
         return problems, lanczos_ahead(problems, self.ROUNDS, e.probe.eig_max_iter)
 
     def __call__(self, bidx: torch.Tensor, starts: list[torch.Tensor]):
