@@ -577,6 +577,31 @@ def test_the_decision_graphs_autograd_graph_outlives_the_in_place_steps(tmp_path
         assert all(torch.equal(p, w) for p, w in zip(engine.net.params(), w_now))
 
 
+def test_the_decision_graphs_body_copies_nothing_from_the_host_after_its_warm_up(tmp_path, mnist_root, monkeypatch):
+    """A CUDA graph capture cannot copy from the host, and DecisionGraph captures its body after one warm-up
+    run: from the second run on, the body (sub-stacks of the measuring and the measure.global models, a
+    Wasserstein penalty on them) makes no tensor from Python data."""
+    d = {"data": {"root": mnist_root}}
+    cfgs = [config.deep_merge(tiny(r, **d), {"decision_graph": True})
+            for r in ("l2-scheduled", "wass-global", "l2-global", "wass-scheduled", "l2-vanilla")]
+    cfgs[4] = config.deep_merge(cfgs[4], {"measure": {"enabled": False}})
+    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
+                                 [tmp_path / f"m{i}" for i in range(len(cfgs))])
+    engine.start_task(0)
+    engine.ramp(0)
+    probe = engine.probe
+    assert probe.block_models == [0, 1, 2, 3] and probe.global_models == [1, 2]
+    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    starts = [v[probe.block_idx] for v in probe.vecs] + [torch.randn(probe.global_vecs.shape, device=bidx.device)]
+    engine.decision_graph(bidx, starts)   # the warm-up
+
+    def from_host(*args, **kwargs):
+        raise AssertionError("a tensor made from host data inside the decision graph's body")
+    monkeypatch.setattr(torch, "tensor", from_host)
+    problems, _ = engine.decision_graph(bidx, starts)
+    assert len(problems) == 4
+
+
 def test_a_failed_decision_graph_capture_leaves_the_decisions_eager(tmp_path, mnist_root, monkeypatch):
     """A capture that fails (as the first one in a process did on an H100) costs a warning, and the job's
     decisions stay eager: the records are the eager engine's. CUDA's stream and graph calls are stood in

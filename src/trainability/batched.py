@@ -80,6 +80,7 @@ class StackedMLP:
     def __init__(self, models, device):
         kinds = {(m.activation, m.rho) for m in models}
         self.models = list(range(len(models)))   # the batch's models these rows are (a sub-stack: some)
+        self.idx = None   # a sub-stack's: the same on the device
         self.slope = None
         if len(kinds) == 1:
             self.act = activation_fn(*kinds.pop())
@@ -120,14 +121,16 @@ class StackedMLP:
     def buffers(self) -> list[torch.Tensor]:
         return self.running_mean + self.running_var
 
-    def rows(self, models: list[int]) -> "StackedMLP":
-        """The sub-stack of those models: their rows of every tensor as leaves of its own (differentiable
-        copies, p[idx]), its own BatchNorm statistics. A Hessian-vector product on it costs its rows only,
-        where one on the whole stack costs every model's (StackedProbe's whole-network problem, which only
-        the measure.global models have)."""
-        idx = torch.tensor(models, dtype=torch.long, device=self.W[0].device)
+    def rows(self, models: list[int], idx: torch.Tensor | None = None) -> "StackedMLP":
+        """The sub-stack of those models (idx: the same list on the device, made beforehand where this runs
+        inside a CUDA graph capture, which cannot copy from the host): their rows of every tensor as leaves
+        of its own (differentiable copies, p[idx]), its own BatchNorm statistics. A Hessian-vector product on
+        it costs its rows only, where one on the whole stack costs every model's (StackedProbe's problems)."""
+        if idx is None:
+            idx = torch.tensor(models, dtype=torch.long, device=self.W[0].device)
         sub = copy.copy(self)
         sub.models = [self.models[m] for m in models]
+        sub.idx = idx if self.idx is None else self.idx[idx]
         sub.W, sub.b, sub.gamma, sub.beta = ([p[idx].detach().requires_grad_() for p in ts]
                                              for ts in (self.W, self.b, self.gamma, self.beta))
         sub.running_mean, sub.running_var = ([b[idx] for b in bs] for bs in (self.running_mean, self.running_var))
@@ -335,6 +338,7 @@ class StackedWasserstein:
         self.net, self.M = net, len(lam)
         dev = net.W[0].device
         self.models = [m for m, x in enumerate(lam) if x > 0]
+        self._sub_rows = {}   # a sub-stack's models -> (its carrying rows, their rows of sorted_init) on the device
         self.idx = torch.tensor(self.models, device=dev)
         self.lam = torch.tensor([lam[m] for m in self.models], device=dev)
         with torch.no_grad():
@@ -361,11 +365,14 @@ class StackedWasserstein:
                 return pen
             return torch.zeros(self.M, dtype=pen.dtype, device=pen.device).index_add(0, self.idx, pen)
         R, dev = len(sub.models), sub.W[0].device
-        rows = [j for j, m in enumerate(sub.models) if m in self.models]   # the sub-stack's carrying rows
-        if not rows:
+        key = tuple(sub.models)
+        if key not in self._sub_rows:   # at a sub-stack's first call: DecisionGraph's warm-up, not its capture
+            rows = [j for j, m in enumerate(sub.models) if m in self.models]   # the sub-stack's carrying rows
+            self._sub_rows[key] = None if not rows else (
+                torch.tensor(rows, device=dev), torch.tensor([self.models.index(sub.models[j]) for j in rows], device=dev))
+        if self._sub_rows[key] is None:
             return torch.zeros(R, device=dev)
-        mine = torch.tensor([self.models.index(sub.models[j]) for j in rows], device=dev)
-        at = torch.tensor(rows, device=dev)
+        at, mine = self._sub_rows[key]
         terms = [(p.flatten(1)[at].sort(dim=1).values - p0[mine]).square().sum(1)
                  for p, p0 in zip(sub.params(), self.sorted_init)]
         pen = self.lam[mine] * torch.stack(terms, 1).sum(1)
@@ -622,7 +629,7 @@ class StackedProbe:
         on the measuring models (block_models), then the whole network's on the measure.global models'
         sub-stack when there are such models (the order of the starts in `measure`)."""
         wd = self.adam.wd
-        net = self.net if self.block_models is None else self.net.rows(self.block_models)
+        net = self.net if self.block_models is None else self.net.rows(self.block_models, self.block_idx)
         grads = torch.autograd.grad(loss_closure(None if net is self.net else net), net.params(), create_graph=True)
         wd_b = wd if self.block_models is None else wd[self.block_idx]
         ops = [self._block_hvp(net, l, grads, wd_b) for l in range(net.n_layers)]
@@ -665,7 +672,7 @@ class StackedProbe:
         """(G, n) -> (G, n): the whole Hessian (plus coupled L2's wd I) of the G measure.global models, on
         their own sub-stack (on the whole stack every product cost all M models' backward passes: on the
         69-model paper job a third of a decision's memory traffic for 6 models, bench/decision_bytes.py)."""
-        sub = self.net.rows(self.global_models)
+        sub = self.net.rows(self.global_models, self.global_idx)
         flat = sub.params()
         grads = torch.autograd.grad(loss_closure(sub), flat, create_graph=True)
         sizes, wd_g = [p[0].numel() for p in flat], wd[self.global_idx].unsqueeze(1)
@@ -1001,8 +1008,7 @@ class BatchedRuns:
         on its minibatch; with `sub` (StackedMLP.rows), of that sub-stack's models only."""
         net = self.net if sub is None else sub
         if sub is not None:
-            rows = torch.tensor(sub.models, device=xb.device)
-            xb, yb = xb[rows], yb[rows]
+            xb, yb = xb[sub.idx], yb[sub.idx]
         logits, inputs, outs = net.forward(xb, keep)
         ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(len(net.models), -1).mean(1)
         total = ce + self.wass(sub) if self.wass is not None else ce
