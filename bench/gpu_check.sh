@@ -20,13 +20,16 @@
 # 6. bench/tf32_effect.py: one 5-epoch task of the paper stream with tf32 off and on (speed, record drift);
 # 7. only with PROBE_BUDGET_S > 0: the paper-scale probe (bench/paper_probe.py), the first tasks of the
 #    paper's stream, vanilla vs scheduler, L2, CReLU and Wasserstein; `bench/plot_probe.py` draws them.
+# 8. (run right after step 2, whose projection it reads) bench/slots.py: the $SLOTS (default 4) longest jobs
+#    at once, each one's speed beside the others against alone, and the scale's makespan on 1..$SLOTS slots;
 # Most important first: if the lease ends early, the later steps are the ones lost. STEPS="1 3" runs only
 # those steps (default: all). On an H100 (2026-11-27) steps 1-6 took 86-93, 124-137, 48-63, 78-95, 82 and
 # 27 s (about 8 minutes; KEY_TESTS_ONLY=1: step 1 in 37-50 s); their timeouts add up to 14.5 minutes.
 # DEVICE=cpu runs the same steps on the CPU as a try-out of the script (PROJECT_ARGS, BENCH_MODELS and
 # TF32_ARGS then shrink them, e.g. PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4",
 # BENCH_MODELS="1 3", BENCH_MODELS_MEASURE=3, TF32_ARGS="--epochs 1 --set stream.n_images=2560",
-# PROFILE_ARGS="--jobs batch-crelu-long --set stream.n_images=2560" and JOB_ARGS="--set stream.n_images=2560").
+# PROFILE_ARGS="--jobs batch-crelu-long --set stream.n_images=2560", JOB_ARGS="--set stream.n_images=2560",
+# SLOTS=2 and SLOTS_ARGS="--seconds 3 --seeds 0 --set stream.n_images=2560 --set measure.every=4").
 # Uses the interpreter in $PY (default python3, e.g. a GPU image's own PyTorch); MNIST comes from
 # data/MNIST/raw or, if absent, from the gzip idx copies in $MNIST_GZ (default .gpu/MNIST/raw).
 set -u
@@ -39,7 +42,7 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 [ -e data/MNIST/raw/train-images-idx3-ubyte ] || cp "${MNIST_GZ:-.gpu/MNIST/raw}"/*.gz data/MNIST/raw/
 t0=$(date +%s)
 stamp() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
-STEPS=" ${STEPS:-1 2 3 4 5 6 7} "
+STEPS=" ${STEPS:-1 2 3 4 5 6 7 8} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 stamp "environment"
@@ -76,6 +79,13 @@ if want 2; then
     stamp "2. the whole paper scale, projected from each job's measured cost (${KEYS:-the keys of params.yaml})"
     timeout 180 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" $KEYS ${PROJECT_ARGS:-} \
         2>&1 | grep --line-buffered -v "^task" | tee "$OUT/projection.log"
+fi
+
+if want 8; then   # (numbered after the others, run here: it reads step 2's projection)
+    stamp "8. jobs at once on the one device: each one's speed beside the others, the makespan on 1-${SLOTS:-4} slots"
+    PROJ=$([ -e "$OUT/projection.json" ] && echo "--projection $OUT/projection.json")
+    timeout 170 $PY bench/slots.py --device "$DEVICE" --slots "${SLOTS:-4}" $PROJ --out "$OUT/slots.json" \
+        $KEYS ${SLOTS_ARGS:-} 2>&1 | grep -v "^W[0-9]" | tee "$OUT/slots.log"
 fi
 
 if want 3; then

@@ -377,7 +377,9 @@ def test_paper_scale_plan_uses_batched_jobs():
     plan = out.stdout + out.stderr
     batch_jobs = {line.split()[0] for line in plan.splitlines() if line.startswith("run_batch_")}
     # plain, CReLU and BatchNorm shapes at the paper's task length, x0.4 and x2, the appendix's stream
-    assert batch_jobs == {"run_batch_l2_vanilla", "run_batch_crelu_vanilla", "run_batch_bn_l2", "run_batch_l2_short",
+    # the 23-run plain group dealt into three jobs of at most batch_max_runs = 9 runs
+    assert batch_jobs == {"run_batch_l2_vanilla", "run_batch_l2_reset", "run_batch_l2_scheduled",
+                          "run_batch_crelu_vanilla", "run_batch_bn_l2", "run_batch_l2_short",
                           "run_batch_l2_long", "run_batch_crelu_short", "run_batch_crelu_long",
                           "run_batch_l2_vanilla_appendix"}
     singles = {line.split("run=")[1].split(",")[0] for line in plan.splitlines() if "wildcards: run=" in line}
@@ -393,6 +395,26 @@ def test_paper_scale_plan_uses_batched_jobs():
                            capture_output=True, text=True, timeout=300)
     jobs = [line for line in (smoke.stdout + smoke.stderr).splitlines() if "resources:" in line and "mem_mb=" in line]
     assert jobs and all("gpu=0" in line for line in jobs)
+
+
+def test_batch_max_runs_deals_a_large_group_into_smaller_ones():
+    """planning.batch_groups: a group larger than the scale's batch_max_runs becomes the fewest groups of
+    at most that many runs, dealt round-robin; every run is in exactly one, each stays batchable."""
+    from trainability import config
+    from trainability.pipeline import run_jobs
+    from trainability.planning import batch_key
+    params = config.load_params("params.yaml")
+    params["scales"]["paper"].pop("batch_max_runs", None)
+    whole, _ = run_jobs(params, "paper")
+    params["scales"]["paper"]["batch_max_runs"] = 9
+    dealt, _ = run_jobs(params, "paper")
+    big = max(whole.values(), key=len)
+    parts = [rs for rs in dealt.values() if set(rs) <= set(big)]
+    assert len(big) == 23 and sorted(len(rs) for rs in parts) == [7, 8, 8]
+    assert sorted(r for rs in parts for r in rs) == sorted(big) and parts[0][:2] == [big[0], big[3]]
+    assert len({batch_key(config.resolve_run(params, "paper", r, 0)) for rs in parts for r in rs}) == 1
+    assert {k: v for k, v in dealt.items() if len(v) <= 9 and not set(v) <= set(big)} == \
+        {k: v for k, v in whole.items() if v is not big}   # the groups of at most 9 runs stay whole
 
 
 def test_training_steps_read_nothing_back_to_the_host(tmp_path, mnist_root, monkeypatch):

@@ -64,9 +64,17 @@ def batch_key(cfg: dict) -> str:
 def batch_groups(params: dict, scale: str, runs: list[str]) -> dict[str, list[str]]:
     """{group name: [runs]} for `runs` at `scale`: runs with the same batch_key form one group (named
     after its first run), trained with all the scale's seeds in one job. Every run has a group: any run
-    config can be batched, if only with itself."""
-    groups: dict[str, list[str]] = {}
+    config can be batched, if only with itself. With the scale's `batch_max_runs`, a larger group is dealt
+    round-robin into the fewest groups of at most that many runs (so each gets a share of every kind of
+    run), which a device with several slots trains at once (bench/slots.py)."""
+    keyed: dict[str, list[str]] = {}
     for r in runs:
-        groups.setdefault(batch_key(config.resolve_run(params, scale, r, params["scales"][scale]["seeds"][0])),
-                          []).append(r)
-    return {f"batch-{rs[0]}": rs for rs in groups.values()}
+        keyed.setdefault(batch_key(config.resolve_run(params, scale, r, params["scales"][scale]["seeds"][0])),
+                         []).append(r)
+    most = params["scales"][scale].get("batch_max_runs")
+    groups = {}
+    for rs in keyed.values():
+        n = -(-len(rs) // most) if most else 1
+        for i in range(n):
+            groups[f"batch-{rs[i]}"] = rs[i::n]
+    return groups
