@@ -326,6 +326,46 @@ def test_rounds_run_ahead_give_the_lockstep_bits():
                 torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True, msg=f"{rounds} rounds, problem {p}")
 
 
+def test_rounds_run_ahead_give_the_lockstep_bits_at_the_edges():
+    """As above through the edges of the rule over the rounds run ahead: rows that fail (a NaN product at
+    the first round, an inf one later), rows exhausted by their dimension (n = 2, 3), a problem whose rows
+    are all skipped, tol 0 (every problem to max_iter) and a large tol, and max_iter below the rounds."""
+    from trainability.batched import lanczos_ahead
+    g = torch.Generator().manual_seed(5)
+    calls = []   # each problem's products so far
+
+    def problem(M, n, broken=None):   # broken: (row, the product from which on its hvp gives NaN or inf)
+        H, p = torch.stack([_symmetric(n, 0.05, g) for _ in range(M)]), len(calls)
+        calls.append(0)
+
+        def hvp(V):
+            calls[p] += 1
+            out = torch.einsum("mij,mj->mi", H, V)
+            if broken is not None and calls[p] >= broken[1]:
+                out[broken[0]] = math.nan if broken[1] == 1 else math.inf
+            return out
+        return hvp, _unit_rows(M, n, g)
+    problems = [problem(3, 30, (1, 1)), problem(2, 3), problem(2, 2), problem(2, 20), problem(3, 25, (2, 4))]
+    skip = torch.zeros(12, dtype=torch.bool)
+    skip[[4, 7, 8]] = True   # a row of problem 1, all of problem 3
+    for tol in (1e-6, 0.0, 1e-2):
+        for max_iter in (3, 30):
+            calls[:] = [0] * len(problems)
+            want = batched_lanczos(problems, tol, max_iter, skip=skip)
+            for rounds in (1, 4, 16):
+                calls[:] = [0] * len(problems)
+                kry, alphas, betas = lanczos_ahead(problems, rounds, max(rounds, max_iter))
+                got = batched_lanczos(problems, tol, max_iter, skip=skip, ahead=(kry, alphas, betas))
+                for p in range(len(problems)):
+                    for x, y in zip(want[p], got[p]):
+                        torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True,
+                                                   msg=f"tol {tol}, max_iter {max_iter}, {rounds} rounds, problem {p}")
+            assert want[0][2][1] == 1 and math.isnan(want[0][0][1])   # failed at the first product
+            assert int(want[2][2][0]) == 2 and int(want[3][2].max()) == 0   # exhausted at n = 2; never active
+            if tol == 0 and max_iter == 30:
+                assert want[4][2][2] == 4 and math.isnan(want[4][0][2])   # failed at the fourth
+
+
 def test_stacked_windows_equal_the_float_windows():
     """StackedScheduler's Eq. 1 windows against one bounds.VolatilityWindow per (model, column), through NaN
     skips, a full window sliding on, and a reset model (one home: bounds.window_stats), to 1e-14: on this

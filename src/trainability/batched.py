@@ -454,6 +454,50 @@ def lanczos_ahead(problems: list[tuple], rounds: int, max_iter: int) -> tuple[li
     return kry, torch.stack(alphas, 1), torch.stack(betas, 1)
 
 
+def _rule_over_ahead(alphas: torch.Tensor, betas: torch.Tensor, rounds: int, active: torch.Tensor,
+                     n: torch.Tensor, tol: float, min_iter: int, max_iter: int) -> tuple:
+    """batched_lanczos' stopping rule over the first `rounds` rounds run ahead (host float64 alphas and
+    betas (R, >= rounds) of every row, rows of dimension n (R,)), for the rows `active` at the start; the
+    loop of batched_lanczos with the host ops cut to a few per round (there, ~1 ms a round on the GPU
+    machine): the going rows' data is gathered once and compacted only in a round where some row stops.
+
+    The same bits as round by round: a row's alphas, betas and theta_prev are its own (a non-finite alpha
+    stored as 0, as the loop does: eigh never sees NaN), and the host eigh solves each small matrix on its
+    own whatever the batch. A row stops at the first round s with a non-finite alpha (failed: iters s,
+    theta and y those of round s - 1) or converged | exhausted (`ritz_step`: theta and y of round s, iters
+    s); rows not stopped by `rounds` stay active with round `rounds`' values. Returns (theta (R,), y
+    (R, rounds), iters (R,), failed (R,), active (R,)); rows never active: theta NaN, y 0, iters 0."""
+    R = alphas.shape[0]
+    theta = alphas.new_full((R,), math.nan)
+    y_out = alphas.new_zeros(R, rounds)
+    iters = torch.zeros(R, dtype=torch.long)
+    failed = torch.zeros(R, dtype=torch.bool)
+    on = active.nonzero().squeeze(1)   # the rows going, and their data
+    bad = ~torch.isfinite(alphas[on, :rounds])
+    a, b, n_on = torch.where(bad, 0.0, alphas[on, :rounds]), betas[on, :rounds], n[on]
+    theta_prev = theta[on]   # NaN
+    for k in range(1, rounds + 1):
+        if not len(on):
+            break
+        th, y, converged, exhausted = ritz_step(a[:, :k], b[:, :k - 1], b[:, k - 1], theta_prev, k, tol, min_iter,
+                                                n_on, max_iter)
+        ok = ~bad[:, k - 1]
+        if not ok.all():   # failed rows: stopped, their round-k results dropped
+            failed[on[~ok]], iters[on[~ok]] = True, k
+            on, a, b, n_on, bad, th, y, converged, exhausted = (
+                x[ok] for x in (on, a, b, n_on, bad, th, y, converged, exhausted))
+        theta[on], y_out[on, :k] = th, y
+        stop = converged | exhausted
+        if stop.any():
+            iters[on[stop]] = k
+            on, a, b, n_on, bad, th = (x[~stop] for x in (on, a, b, n_on, bad, th))
+        theta_prev = th
+    iters[on] = rounds
+    still = torch.zeros(R, dtype=torch.bool)
+    still[on] = True
+    return theta, y_out, iters, failed, still
+
+
 def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: int = 2,
                     skip: torch.Tensor | None = None, ahead: tuple | None = None) -> list[tuple]:
     """eigen._lanczos for many independent problems in lockstep: `problems` is a list of (hvp, v), v (M_p,
@@ -493,16 +537,24 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     def going(p: int) -> bool:   # a problem takes products while it has an active row (tol = 0: to max_iter)
         return tol <= 0 or bool(active[spans[p]].any())
     live = [p for p in range(len(problems)) if going(p)]
-    for it in range(1, max_iter + 1):
+    done = min(done, max_iter)
+    if done and live:   # the rounds run ahead: their rule in a few host ops a round, then on as if round by round
+        theta, y, iters, failed, active = _rule_over_ahead(alphas_ahead, betas_ahead, done, active, n, tol,
+                                                           min_iter, max_iter)
+        theta_prev = theta.clone()
+        y_final[:, :done] = y
+        alphas_h[:, :done] = torch.where(torch.isfinite(alphas_ahead[:, :done]), alphas_ahead[:, :done], 0.0)
+        betas_h[:, :done] = betas_ahead[:, :done]
+        # a problem's rounds: through its last row's stop (tol = 0: all); those with a row left go on
+        rounds = [done if tol <= 0 else int(iters[spans[p]].max()) for p in range(len(problems))]
+        live = [p for p in range(len(problems)) if done < max_iter and going(p)]
+    for it in range(done + 1, max_iter + 1):   # eager rounds: one round of products, one sync each
         if not live:
             break
         rows = torch.cat([all_rows[spans[p]] for p in live])
-        if it <= done:
-            a_h, b_h = alphas_ahead[rows, it - 1], betas_ahead[rows, it - 1]
-        else:
-            ab = [kry[p].product() for p in live]
-            a_h, b_h = torch.stack([torch.cat([a for a, _ in ab]),
-                                    torch.cat([b for _, b in ab])]).double().cpu()   # the round's one sync
+        ab = [kry[p].product() for p in live]
+        a_h, b_h = torch.stack([torch.cat([a for a, _ in ab]),
+                                torch.cat([b for _, b in ab])]).double().cpu()   # the round's one sync
         act = active[rows]
         bad = act & ~torch.isfinite(a_h)
         failed[rows] |= bad
@@ -520,9 +572,8 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
         for p in live:
             rounds[p] = it
         live = [p for p in live if it < max_iter and going(p)]
-        if it > done:   # (the rounds run ahead extended every row already)
-            for p in live:
-                kry[p].extend(active[spans[p]])
+        for p in live:
+            kry[p].extend(active[spans[p]])
     theta = torch.where(failed, math.nan, theta)   # (a skipped row's is NaN already)
     start_back = failed if skip is None else failed | skip
     out = []
