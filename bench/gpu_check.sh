@@ -77,7 +77,7 @@ fi
 
 if want 2; then
     stamp "2. the whole paper scale, projected from each job's measured cost (${KEYS:-the keys of params.yaml})"
-    timeout 180 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" $KEYS ${PROJECT_ARGS:-} \
+    timeout 240 $PY bench/project_paper.py --device "$DEVICE" --out "$OUT/projection.json" $KEYS ${PROJECT_ARGS:-} \
         2>&1 | grep --line-buffered -v "^task" | tee "$OUT/projection.log"
 fi
 
