@@ -24,7 +24,9 @@
 #    at once, each one's speed beside the others against alone, and the scale's makespan on 1..$SLOTS slots;
 # Most important first: if the lease ends early, the later steps are the ones lost. STEPS="1 3" runs only
 # those steps (default: all). On an H100 (2026-11-27) steps 1-6 took 86-93, 124-137, 48-63, 78-95, 82 and
-# 27 s (about 8 minutes; KEY_TESTS_ONLY=1: step 1 in 37-50 s); their timeouts add up to 14.5 minutes.
+# 27 s (about 8 minutes; KEY_TESTS_ONLY=1: step 1 in 37-50 s); on an H200 (2026-11-27, third session) step 2
+# with project_paper's tasks of 3 and 6 epochs took 125 s and step 8 at SLOTS=5 (8 s phases) 108 s. Their
+# timeouts add up to 17.5 minutes.
 # DEVICE=cpu runs the same steps on the CPU as a try-out of the script (PROJECT_ARGS, BENCH_MODELS and
 # TF32_ARGS then shrink them, e.g. PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4",
 # BENCH_MODELS="1 3", BENCH_MODELS_MEASURE=3, TF32_ARGS="--epochs 1 --set stream.n_images=2560",

@@ -17,7 +17,9 @@ projection is
 with the scale's own n_tasks and steps per task. Prints each job's models, seconds per step, model-steps
 per second and its fraction of a bandwidth floor (MB_PER_MODEL_STEP counted in bench_batched.py, at
 --peak-gbs), then the whole scale one job at a time and on --slots concurrent slots (longest job first,
-each slot at --slot-speed of solo speed: 0.86 measured for two jobs on one H200, docs/gpu).
+each slot at --slot-speed of solo speed: 0.60 measured for two paper-scale jobs on one H200 by bench/slots.py,
+docs/gpu). Tasks of 3 and 6 epochs by default: with 1 and 2 the difference of two short walls swung a
+job's seconds per step by up to 40% between two runs on one machine (docs/gpu).
 After every job the running projection is printed and --out rewritten ("complete": false until the
 last), so a run cut short still leaves the jobs it measured. It is a projection from measured per-step
 costs, not a measured end-to-end run.
@@ -107,11 +109,11 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the scale's seeds")
     p.add_argument("--jobs", type=int, default=0, help="only the first N jobs (0: all)")
-    p.add_argument("--epochs", type=int, default=1, help="E: the timed tasks have E and 2E epochs")
+    p.add_argument("--epochs", type=int, default=3, help="E: the timed tasks have E and 2E epochs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the timed configs only (e.g. a smaller stream for a CPU try-out)")
     p.add_argument("--slots", type=int, default=2, help="jobs at once on the device")
-    p.add_argument("--slot-speed", type=float, default=0.86, help="each slot's speed relative to solo")
+    p.add_argument("--slot-speed", type=float, default=0.60, help="each slot's speed relative to solo (bench/slots.py)")
     p.add_argument("--peak-gbs", type=float, default=3350.0, help="device memory bandwidth (H100 SXM: 3350)")
     p.add_argument("--out", default=None, help="write the projection here as JSON")
     a = p.parse_args()

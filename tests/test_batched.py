@@ -417,9 +417,7 @@ def test_paper_scale_plan_uses_batched_jobs():
     plan = out.stdout + out.stderr
     batch_jobs = {line.split()[0] for line in plan.splitlines() if line.startswith("run_batch_")}
     # plain, CReLU and BatchNorm shapes at the paper's task length, x0.4 and x2, the appendix's stream
-    # the 23-run plain group dealt into three jobs of at most batch_max_runs = 9 runs
-    assert batch_jobs == {"run_batch_l2_vanilla", "run_batch_l2_reset", "run_batch_l2_scheduled",
-                          "run_batch_crelu_vanilla", "run_batch_bn_l2", "run_batch_l2_short",
+    assert batch_jobs == {"run_batch_l2_vanilla", "run_batch_crelu_vanilla", "run_batch_bn_l2", "run_batch_l2_short",
                           "run_batch_l2_long", "run_batch_crelu_short", "run_batch_crelu_long",
                           "run_batch_l2_vanilla_appendix"}
     singles = {line.split("run=")[1].split(",")[0] for line in plan.splitlines() if "wildcards: run=" in line}
