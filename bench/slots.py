@@ -17,6 +17,9 @@ one job at a time. Every rate is measured in this one run, side by side.
 With --projection (bench/project_paper.py's JSON, jobs timed alone), the scale's makespan on j slots for
 j = 1..K: longest job first, each slot at the slot speed measured for j (project_paper.makespan). A
 projection, like project_paper's: a real run's jobs overlap for hours, these phases for seconds.
+--plot draws the speeds; --replot JSON draws them from an earlier --out without measuring:
+
+    python bench/slots.py --replot docs/gpu/h200/slots_run8.json --plot docs/gpu/h200/slots.png
 """
 from __future__ import annotations
 
@@ -114,6 +117,28 @@ def measure(jobs: list[tuple[str, list[dict]]], device: str, seconds: float) -> 
     return out
 
 
+def plot(out: dict, path: str) -> None:
+    """Each job's speed beside j - 1 others (dots) and the throughput against one at a time (bars), j = 1..K;
+    `out` as read back from --out's JSON (string keys)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    js = sorted(int(j) for j in out["slot_speed"])
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.bar(js, [j * out["slot_speed"][str(j)] for j in js], color="#9ecae1", label="throughput against one job at a time")
+    for n in out["jobs"]:
+        pts = [(1, 1.0)] + [(int(j), v[n]) for j, v in out.get("speed_beside", {}).items() if n in v]
+        ax.plot(*zip(*sorted(pts)), "o-", ms=4, label=f"{n}: speed against alone")
+    ax.axhline(1.0, color="k", lw=0.6)
+    ax.set_xticks(js)
+    ax.set_xlabel("jobs at once on the one GPU")
+    ax.set_ylabel("x")
+    ax.set_title(f"batched jobs side by side ({out.get('device_name', out['device'])})", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
@@ -126,7 +151,12 @@ def main() -> int:
     p.add_argument("--projection", default=None, help="project_paper.py's JSON: jobs to pick, hours to schedule")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every job")
     p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw the speeds and throughputs here")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
     a = p.parse_args()
+    if a.replot:
+        plot(json.loads(Path(a.replot).read_text()), a.plot)
+        return 0
     params = config.load_params(a.params)
     seeds = a.seeds or params["scales"][a.scale]["seeds"]
     groups, _ = run_jobs(params, a.scale)
@@ -140,6 +170,7 @@ def main() -> int:
           f"({torch.cuda.get_device_name() if a.device == 'cuda' else 'CPU'}), {a.seconds:g} s a phase: "
           + ", ".join(f"{n} ({len(c)} models)" for n, c in jobs), flush=True)
     out = measure(jobs, a.device, a.seconds)
+    out["device_name"] = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
     for n in names:
         print(f"{n:>28} alone {out['solo_steps_per_s'][n]:7.1f} steps/s" + "".join(
             f";  beside {j - 1}: {out['speed_beside'][j][n]:.2f}x" for j in out.get("speed_beside", {})
@@ -156,6 +187,8 @@ def main() -> int:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=1))
+    if a.plot:
+        plot(json.loads(json.dumps(out)), a.plot)   # (as --replot reads it: the JSON's string keys)
     return 0
 
 
