@@ -32,15 +32,11 @@ from pathlib import Path
 
 import torch
 
+from bench_batched import _sync
 from project_paper import makespan
 from trainability import batched, config
 from trainability.planning import check_batchable
 from trainability.pipeline import run_jobs
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _train_for(engine, clock: dict, seconds: float) -> tuple[int, float]:
@@ -74,8 +70,7 @@ def worker(w: int, name: str, cfgs: list[dict], device: str, phases: list[list[i
            barrier, results) -> None:
     """One job: build and warm up, then at each phase's barrier train for `seconds` if w takes part."""
     dev = torch.device(device)
-    cfgs = [config.validate_run(c) for c in cfgs]
-    check_batchable(cfgs)
+    check_batchable(cfgs)   # (resolve_with_sets validated each)
     with tempfile.TemporaryDirectory() as tmp:
         engine = batched.BatchedRuns(cfgs, dev, [{} for _ in cfgs], [Path(tmp) / f"m{i}" for i in range(len(cfgs))])
         engine.start_task(0)
@@ -110,10 +105,9 @@ def measure(jobs: list[tuple[str, list[dict]]], device: str, seconds: float) -> 
     out = {"device": device, "seconds": seconds, "jobs": [n for n, _ in jobs], "phases": rows,
            "solo_steps_per_s": {jobs[w][0]: v for w, v in solo.items()}, "slot_speed": {1: 1.0}}
     for j in range(2, K + 1):
-        speeds = [r["steps"] / r["seconds"] / solo[r["worker"]] for r in rows if r["together"] == j]
-        out["slot_speed"][j] = sum(speeds) / len(speeds)
-        out.setdefault("speed_beside", {})[j] = {jobs[r["worker"]][0]: r["steps"] / r["seconds"] / solo[r["worker"]]
-                                                  for r in rows if r["together"] == j}
+        beside = {jobs[r["worker"]][0]: r["steps"] / r["seconds"] / solo[r["worker"]] for r in rows if r["together"] == j}
+        out.setdefault("speed_beside", {})[j] = beside
+        out["slot_speed"][j] = sum(beside.values()) / len(beside)
     return out
 
 
