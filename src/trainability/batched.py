@@ -454,48 +454,60 @@ def lanczos_ahead(problems: list[tuple], rounds: int, max_iter: int) -> tuple[li
     return kry, torch.stack(alphas, 1), torch.stack(betas, 1)
 
 
-def _rule_over_ahead(alphas: torch.Tensor, betas: torch.Tensor, rounds: int, active: torch.Tensor,
-                     n: torch.Tensor, tol: float, min_iter: int, max_iter: int) -> tuple:
-    """batched_lanczos' stopping rule over the first `rounds` rounds run ahead (host float64 alphas and
-    betas (R, >= rounds) of every row, rows of dimension n (R,)), for the rows `active` at the start; the
-    loop of batched_lanczos with the host ops cut to a few per round (there, ~1 ms a round on the GPU
-    machine): the going rows' data is gathered once and compacted only in a round where some row stops.
+class _RowRule:
+    """The host side of batched_lanczos, every row of every problem together (R rows, float64 CPU tensors):
+    the alphas (a non-finite one stored as 0: eigh never sees NaN) and betas so far, and each row's Ritz
+    value, previous Ritz value, Ritz vector coefficients, products, failed and active flags. `rounds` runs
+    the stopping rule (eigen.ritz_step) over a span of rounds: one round after each eager round of
+    products, all the rounds run ahead (DecisionGraph) at once."""
 
-    The same bits as round by round: a row's alphas, betas and theta_prev are its own (a non-finite alpha
-    stored as 0, as the loop does: eigh never sees NaN), and the host eigh solves each small matrix on its
-    own whatever the batch. A row stops at the first round s with a non-finite alpha (failed: iters s,
-    theta and y those of round s - 1) or converged | exhausted (`ritz_step`: theta and y of round s, iters
-    s); rows not stopped by `rounds` stay active with round `rounds`' values. Returns (theta (R,), y
-    (R, rounds), iters (R,), failed (R,), active (R,)); rows never active: theta NaN, y 0, iters 0."""
-    R = alphas.shape[0]
-    theta = alphas.new_full((R,), math.nan)
-    y_out = alphas.new_zeros(R, rounds)
-    iters = torch.zeros(R, dtype=torch.long)
-    failed = torch.zeros(R, dtype=torch.bool)
-    on = active.nonzero().squeeze(1)   # the rows going, and their data
-    bad = ~torch.isfinite(alphas[on, :rounds])
-    a, b, n_on = torch.where(bad, 0.0, alphas[on, :rounds]), betas[on, :rounds], n[on]
-    theta_prev = theta[on]   # NaN
-    for k in range(1, rounds + 1):
-        if not len(on):
-            break
-        th, y, converged, exhausted = ritz_step(a[:, :k], b[:, :k - 1], b[:, k - 1], theta_prev, k, tol, min_iter,
-                                                n_on, max_iter)
-        ok = ~bad[:, k - 1]
-        if not ok.all():   # failed rows: stopped, their round-k results dropped
-            failed[on[~ok]], iters[on[~ok]] = True, k
-            on, a, b, n_on, bad, th, y, converged, exhausted = (
-                x[ok] for x in (on, a, b, n_on, bad, th, y, converged, exhausted))
-        theta[on], y_out[on, :k] = th, y
-        stop = converged | exhausted
-        if stop.any():
-            iters[on[stop]] = k
-            on, a, b, n_on, bad, th = (x[~stop] for x in (on, a, b, n_on, bad, th))
-        theta_prev = th
-    iters[on] = rounds
-    still = torch.zeros(R, dtype=torch.bool)
-    still[on] = True
-    return theta, y_out, iters, failed, still
+    def __init__(self, n: torch.Tensor, active: torch.Tensor, tol: float, min_iter: int, max_iter: int):
+        R = len(n)
+        self.n, self.active, self.tol, self.min_iter, self.max_iter = n, active, tol, min_iter, max_iter
+        self.alphas = torch.zeros(R, max_iter, dtype=torch.float64)
+        self.betas = torch.zeros(R, max_iter, dtype=torch.float64)
+        self.theta = torch.full((R,), math.nan, dtype=torch.float64)
+        self.theta_prev = self.theta.clone()
+        self.y = torch.zeros(R, max_iter, dtype=torch.float64)
+        self.iters = torch.zeros(R, dtype=torch.long)
+        self.failed = torch.zeros(R, dtype=torch.bool)
+
+    def rounds(self, rows: torch.Tensor, alphas: torch.Tensor, betas: torch.Tensor, k0: int) -> None:
+        """Rounds k0 .. k0 + K - 1 of the rows `rows` (their alphas and betas (len(rows), K) as the products
+        gave them), then the rule over them for the active rows, as if round by round: a row stops at its
+        first round with a non-finite alpha (failed: its products that round, theta and y those of the
+        round before) or converged | exhausted (theta and y of that round); the others go on with the last
+        round's. A few host ops a round (on the GPU machine's host ~1 ms a round, where each round indexed
+        every row's state): the going rows' data is gathered once and compacted only in a round where
+        some row stops; the host eigh solves each small matrix on its own whatever the batch, so the
+        bits do not depend on how the rounds are grouped."""
+        K, k1 = alphas.shape[1], k0 + alphas.shape[1] - 1
+        finite = torch.isfinite(alphas)
+        self.alphas[rows, k0 - 1:k1] = torch.where(finite, alphas, 0.0)
+        self.betas[rows, k0 - 1:k1] = betas
+        bad = torch.zeros(len(self.n), K, dtype=torch.bool)
+        bad[rows] = ~finite
+        on = self.active.nonzero().squeeze(1)   # the rows going, and their data
+        a, b, n_on, bad, theta_prev = self.alphas[on, :k1], self.betas[on, :k1], self.n[on], bad[on], self.theta_prev[on]
+        for k in range(k0, k1 + 1):
+            if not len(on):
+                break
+            th, y, converged, exhausted = ritz_step(a[:, :k], b[:, :k - 1], b[:, k - 1], theta_prev, k, self.tol,
+                                                    self.min_iter, n_on, self.max_iter)
+            ok = ~bad[:, k - k0]
+            if not ok.all():   # failed rows: stopped, their round-k results dropped
+                out = on[~ok]
+                self.failed[out], self.iters[out], self.active[out] = True, k, False
+                on, a, b, n_on, bad, th, y, converged, exhausted = (
+                    x[ok] for x in (on, a, b, n_on, bad, th, y, converged, exhausted))
+            self.theta[on], self.y[on, :k] = th, y
+            stop = converged | exhausted
+            if stop.any():
+                out = on[stop]
+                self.iters[out], self.active[out] = k, False
+                on, a, b, n_on, bad, th = (x[~stop] for x in (on, a, b, n_on, bad, th))
+            theta_prev = th
+        self.iters[on], self.theta_prev[on] = k1, theta_prev
 
 
 def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: int = 2,
@@ -510,43 +522,31 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     `skip` (host bools, one per row of all problems in order) marks rows nobody reads: they are never
     active (theta NaN, 0 products, their start back as vector), so a model that does not measure cannot
     keep a batch's Lanczos going. `ahead`, lanczos_ahead's output for these problems: its rounds come to
-    the host in one transfer and the rule runs over them as if they came one by one; rows still going
-    after them take more products here. The same bits either way (each row's arithmetic is its own).
-    Returns, per problem, (theta (M_p,) float64, Ritz vectors (M_p, n_p), products (M_p,)) on v's device."""
-    if ahead is None:
-        kry, done, alphas_ahead, betas_ahead = [_Krylov(hvp, v, max_iter) for hvp, v in problems], 0, None, None
-    else:
-        kry, alphas_ahead, betas_ahead = ahead
-        done = alphas_ahead.shape[1]
-        alphas_ahead, betas_ahead = torch.stack([alphas_ahead, betas_ahead]).double().cpu()   # the one sync
+    the host in one transfer and the rule runs over them as if they came one by one (`_RowRule.rounds`);
+    rows still going after them take more products here. The same bits either way (each row's arithmetic
+    is its own). Returns, per problem, (theta (M_p,) float64, Ritz vectors (M_p, n_p), products (M_p,)) on
+    v's device."""
     sizes = [v.shape[0] for _, v in problems]
     spans = [slice(sum(sizes[:p]), sum(sizes[:p + 1])) for p in range(len(sizes))]   # each problem's rows
     R = sum(sizes)
     all_rows = torch.arange(R)
     n = torch.tensor([v.shape[1] for _, v in problems for _ in range(v.shape[0])])   # each row's dimension
-    alphas_h = torch.zeros(R, max_iter, dtype=torch.float64)   # the host side, all rows together
-    betas_h = torch.zeros(R, max_iter, dtype=torch.float64)
-    active = torch.ones(R, dtype=torch.bool) if skip is None else ~skip
-    failed = torch.zeros(R, dtype=torch.bool)
-    theta = torch.full((R,), math.nan, dtype=torch.float64)
-    theta_prev = torch.full_like(theta, math.nan)
-    iters = torch.zeros(R, dtype=torch.long)
-    y_final = torch.zeros(R, max_iter, dtype=torch.float64)
+    rule = _RowRule(n, torch.ones(R, dtype=torch.bool) if skip is None else ~skip, tol, min_iter, max_iter)
     rounds = [0] * len(problems)   # each problem's rounds of products: its Krylov space is that many vectors
 
     def going(p: int) -> bool:   # a problem takes products while it has an active row (tol = 0: to max_iter)
-        return tol <= 0 or bool(active[spans[p]].any())
+        return tol <= 0 or bool(rule.active[spans[p]].any())
     live = [p for p in range(len(problems)) if going(p)]
-    done = min(done, max_iter)
-    if done and live:   # the rounds run ahead: their rule in a few host ops a round, then on as if round by round
-        theta, y, iters, failed, active = _rule_over_ahead(alphas_ahead, betas_ahead, done, active, n, tol,
-                                                           min_iter, max_iter)
-        theta_prev = theta.clone()
-        y_final[:, :done] = y
-        alphas_h[:, :done] = torch.where(torch.isfinite(alphas_ahead[:, :done]), alphas_ahead[:, :done], 0.0)
-        betas_h[:, :done] = betas_ahead[:, :done]
+    if ahead is None:
+        kry, done = [_Krylov(hvp, v, max_iter) for hvp, v in problems], 0
+    else:
+        kry, alphas, betas = ahead
+        done = min(alphas.shape[1], max_iter)
+    if done and live:   # the rounds run ahead, in one transfer, then on as if round by round
+        alphas, betas = torch.stack([alphas[:, :done], betas[:, :done]]).double().cpu()   # the one sync
+        rule.rounds(all_rows, alphas, betas, 1)
         # a problem's rounds: through its last row's stop (tol = 0: all); those with a row left go on
-        rounds = [done if tol <= 0 else int(iters[spans[p]].max()) for p in range(len(problems))]
+        rounds = [done if tol <= 0 else int(rule.iters[spans[p]].max()) for p in range(len(problems))]
         live = [p for p in range(len(problems)) if done < max_iter and going(p)]
     for it in range(done + 1, max_iter + 1):   # eager rounds: one round of products, one sync each
         if not live:
@@ -555,32 +555,19 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
         ab = [kry[p].product() for p in live]
         a_h, b_h = torch.stack([torch.cat([a for a, _ in ab]),
                                 torch.cat([b for _, b in ab])]).double().cpu()   # the round's one sync
-        act = active[rows]
-        bad = act & ~torch.isfinite(a_h)
-        failed[rows] |= bad
-        iters[rows] = torch.where(bad, it, iters[rows])
-        act = act & ~bad
-        alphas_h[rows, it - 1] = torch.where(torch.isfinite(a_h), a_h, 0.0)
-        betas_h[rows, it - 1] = b_h
-        active[rows] = act
-        on = rows[act]   # the tridiagonal problems are solved for the active rows only (a host eigh each)
-        if len(on):
-            th, y, converged, exhausted = ritz_step(alphas_h[on, :it], betas_h[on, :it - 1], b_h[act], theta_prev[on],
-                                                    it, tol, min_iter, n[on], max_iter)
-            theta[on], theta_prev[on], y_final[on, :it], iters[on] = th, th, y, it
-            active[on] = ~(converged | exhausted)
+        rule.rounds(rows, a_h.unsqueeze(1), b_h.unsqueeze(1), it)
         for p in live:
             rounds[p] = it
         live = [p for p in live if it < max_iter and going(p)]
         for p in live:
-            kry[p].extend(active[spans[p]])
-    theta = torch.where(failed, math.nan, theta)   # (a skipped row's is NaN already)
-    start_back = failed if skip is None else failed | skip
+            kry[p].extend(rule.active[spans[p]])
+    theta = torch.where(rule.failed, math.nan, rule.theta)   # (a skipped row's is NaN already)
+    start_back = rule.failed if skip is None else rule.failed | skip
     out = []
     for p, (_, v) in enumerate(problems):
         sl = spans[p]
-        out.append((theta[sl].to(v.device), kry[p].ritz_vectors(y_final[sl], start_back[sl], max(rounds[p], 1)),
-                    iters[sl].to(v.device)))
+        out.append((theta[sl].to(v.device), kry[p].ritz_vectors(rule.y[sl], start_back[sl], max(rounds[p], 1)),
+                    rule.iters[sl].to(v.device)))
     return out
 
 
