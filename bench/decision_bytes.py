@@ -13,6 +13,12 @@ a floor under the body's time. The bytes are split into the gradient (forward an
 backward), each Lanczos problem's products (every layer block's, and the whole network's for the
 measure.global models) and the Lanczos arithmetic around them (recurrence, full reorthogonalisation,
 norms, the basis). On an H100 (docs/gpu, call 5) the 69-model job's replayed body took 106 ms.
+
+With --plain, a plain training step instead (what CudaGraphStep replays between decisions: the minibatch
+gather, forward, backward, the Wasserstein penalty's gradient, Adam), split by ATen op; the Adam update
+is the eager one (fused_adam's compiled kernels read each tensor once).
+
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --plain --jobs batch-l2-vanilla batch-l2-long
 """
 from __future__ import annotations
 
@@ -90,6 +96,31 @@ def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
             "phases": {k: {"gb": v / 1e9, "ops": counter.ops[k]} for k, v in counter.bytes.most_common()}}
 
 
+class OpBytes(Bytes):
+    """Bytes as Bytes counts them, by ATen op name."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.phase = func.overloadpacket.__name__
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def plain_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
+    engine = batched.BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
+    engine.start_task(0)
+    engine.ramp(0)
+    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    engine.step(bidx, step=0, frac=0.0, decide=False)   # Adam's state, as in a run
+    counter = OpBytes()
+    for p in engine.net.params():
+        p.grad = None
+    with counter:
+        engine.plain_step(bidx)
+    total = sum(counter.bytes.values())
+    return {"job": name, "models": len(cfgs), "wasserstein": len(engine.wass.models) if engine.wass else 0,
+            "ops": sum(counter.ops.values()), "gb": total / 1e9,
+            "phases": {k: {"gb": v / 1e9, "ops": counter.ops[k]} for k, v in counter.bytes.most_common()}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
@@ -98,6 +129,7 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the scale's seeds")
     p.add_argument("--peak-gbs", type=float, default=3350.0, help="bandwidth for the floor (H100 SXM: 3350)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--plain", action="store_true", help="a plain training step, by ATen op")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     params = config.load_params(a.params)
@@ -110,13 +142,19 @@ def main() -> int:
     for name in a.jobs:
         cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
         with tempfile.TemporaryDirectory() as tmp:
-            row = job_bytes(name, cfgs, Path(tmp))
+            row = (plain_step_bytes if a.plain else job_bytes)(name, cfgs, Path(tmp))
         rows.append(row)
-        print(f"{name}: {row['models']} models ({row['measuring']} measuring, {row['global_models']} with the "
-              f"whole network's problem), {row['rounds']} rounds: {row['ops']} ops, {row['gb']:.1f} GB touched, "
-              f"a floor of {row['gb'] / a.peak_gbs * 1e3:.1f} ms at {a.peak_gbs:.0f} GB/s", flush=True)
-        for k, v in row["phases"].items():
-            print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB {100 * v['gb'] / row['gb']:5.1f}%")
+        if a.plain:
+            print(f"{name}: {row['models']} models ({row['wasserstein']} Wasserstein), plain step: {row['ops']} ops, "
+                  f"{row['gb']:.2f} GB touched ({1e3 * row['gb'] / row['models']:.1f} MB a model-step)", flush=True)
+            for k, v in list(row["phases"].items())[:12]:
+                print(f"    {k:30s} {v['ops']:5d} ops {v['gb']:7.3f} GB {100 * v['gb'] / row['gb']:5.1f}%")
+        else:
+            print(f"{name}: {row['models']} models ({row['measuring']} measuring, {row['global_models']} with the "
+                  f"whole network's problem), {row['rounds']} rounds: {row['ops']} ops, {row['gb']:.1f} GB touched, "
+                  f"a floor of {row['gb'] / a.peak_gbs * 1e3:.1f} ms at {a.peak_gbs:.0f} GB/s", flush=True)
+            for k, v in row["phases"].items():
+                print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB {100 * v['gb'] / row['gb']:5.1f}%")
         if a.out:
             Path(a.out).write_text(json.dumps(rows, indent=1))
     return 0

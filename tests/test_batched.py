@@ -612,6 +612,36 @@ def test_a_sub_stack_is_its_models_rows(tmp_path, mnist_root):
     assert engine.wass(sub)[1] > 0 and engine.wass(sub)[0] == 0
 
 
+@pytest.mark.parametrize("regs", [("wass-scheduled", "l2-scheduled", "wass-global"), ("wass-scheduled", "wass-global")])
+def test_the_steps_wasserstein_gradient_is_autograds(tmp_path, mnist_root, regs):
+    """The training step adds the Wasserstein penalty's gradient itself (StackedWasserstein.add_grad, no
+    full-size zero tensors): the bits of backward through the penalty, next to models without it and with
+    every model carrying it. A step's gradient only, so on a GPU too (the same kernels: sort, then one
+    product and one sum per entry)."""
+    d = {"data": {"root": mnist_root}}
+    cfgs = [tiny(r, **d) for r in regs]
+    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
+                                 [tmp_path / f"m{i}" for i in range(len(cfgs))])
+    engine.start_task(0)
+    engine.ramp(0)
+    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    for i in range(2):   # the weights away from their start: the penalty and its gradient above 0
+        engine.step(bidx, step=i, frac=0.0, decide=False)
+    assert engine.wass()[0] > 0
+    params = engine.net.params()
+    for p in params:
+        p.grad = None
+    xb, yb = engine.minibatch(bidx)
+    engine.objective(xb, yb)[2].backward()
+    want = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    engine.forward_backward(bidx, engine.correct)
+    assert all(torch.equal(p.grad, w) for p, w in zip(params, want))
+    without = torch.autograd.grad(engine.objective(xb, yb, penalty=False)[2], params)
+    assert not torch.equal(without[0][0], want[0][0])   # the penalty's part is there
+
+
 def test_the_decision_graphs_autograd_graph_outlives_the_in_place_steps(tmp_path, mnist_root):
     """On CUDA the DecisionGraph's autograd graph is built once, at capture, and rows going on past ROUNDS
     differentiate it again at later decisions, after Adam has stepped the weights in place. So its leaves
