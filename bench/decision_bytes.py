@@ -18,14 +18,16 @@ With --plain, a plain training step instead (what CudaGraphStep replays between 
 gather, forward, backward, the Wasserstein penalty's gradient, Adam), split by ATen op; the Adam update
 is the eager one (fused_adam's compiled kernels read each tensor once).
 
-    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --plain --jobs batch-l2-vanilla batch-l2-long
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --plain --time 10 --jobs batch-l2-vanilla batch-l2-long
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -104,7 +106,7 @@ class OpBytes(Bytes):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-def plain_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
+def plain_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_reps: int = 0) -> dict:
     engine = batched.BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
     engine.start_task(0)
     engine.ramp(0)
@@ -116,9 +118,33 @@ def plain_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
     with counter:
         engine.plain_step(bidx)
     total = sum(counter.bytes.values())
-    return {"job": name, "models": len(cfgs), "wasserstein": len(engine.wass.models) if engine.wass else 0,
-            "ops": sum(counter.ops.values()), "gb": total / 1e9,
-            "phases": {k: {"gb": v / 1e9, "ops": counter.ops[k]} for k, v in counter.bytes.most_common()}}
+    row = {"job": name, "models": len(cfgs), "wasserstein": len(engine.wass.models) if engine.wass else 0,
+           "ops": sum(counter.ops.values()), "gb": total / 1e9,
+           "phases": {k: {"gb": v / 1e9, "ops": counter.ops[k]} for k, v in counter.bytes.most_common()}}
+    if time_reps and engine.wass is not None:
+        row["fwd_bwd_ms"] = time_penalty_gradient(engine, bidx, time_reps)
+    return row
+
+
+def time_penalty_gradient(engine, bidx, reps: int) -> dict:
+    """Median ms of the step's forward and backward with the Wasserstein gradient through autograd (the
+    penalty in the objective) and written out (StackedWasserstein.add_grad, the step's route), interleaved."""
+    xb, yb = engine.minibatch(bidx)
+
+    def autograd():
+        engine.objective(xb, yb)[2].backward()
+
+    def written_out():
+        engine.forward_backward(bidx, engine.correct.clone())
+    times = {"autograd": [], "add_grad": []}
+    for _ in range(reps):
+        for k, fn in (("autograd", autograd), ("add_grad", written_out)):
+            for p in engine.net.params():
+                p.grad = None
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main() -> int:
@@ -130,8 +156,13 @@ def main() -> int:
     p.add_argument("--peak-gbs", type=float, default=3350.0, help="bandwidth for the floor (H100 SXM: 3350)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--plain", action="store_true", help="a plain training step, by ATen op")
+    p.add_argument("--time", type=int, default=0, metavar="N",
+                   help="with --plain: also time forward+backward, the penalty's gradient through autograd against "
+                        "add_grad, N interleaved repeats (one thread)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    if a.time:
+        torch.set_num_threads(1)
     params = config.load_params(a.params)
     seeds = a.seeds or params["scales"][a.scale]["seeds"]
     groups, _ = run_jobs(params, a.scale)
@@ -142,13 +173,18 @@ def main() -> int:
     for name in a.jobs:
         cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
         with tempfile.TemporaryDirectory() as tmp:
-            row = (plain_step_bytes if a.plain else job_bytes)(name, cfgs, Path(tmp))
+            row = plain_step_bytes(name, cfgs, Path(tmp), a.time) if a.plain else job_bytes(name, cfgs, Path(tmp))
         rows.append(row)
         if a.plain:
             print(f"{name}: {row['models']} models ({row['wasserstein']} Wasserstein), plain step: {row['ops']} ops, "
                   f"{row['gb']:.2f} GB touched ({1e3 * row['gb'] / row['models']:.1f} MB a model-step)", flush=True)
             for k, v in list(row["phases"].items())[:12]:
                 print(f"    {k:30s} {v['ops']:5d} ops {v['gb']:7.3f} GB {100 * v['gb'] / row['gb']:5.1f}%")
+            if "fwd_bwd_ms" in row:
+                t = row["fwd_bwd_ms"]
+                print(f"    forward+backward: the penalty's gradient through autograd {t['autograd']:.1f} ms, "
+                      f"written out (add_grad) {t['add_grad']:.1f} ms: {t['autograd'] / t['add_grad']:.2f}x "
+                      f"(medians of {a.time}, interleaved)")
         else:
             print(f"{name}: {row['models']} models ({row['measuring']} measuring, {row['global_models']} with the "
                   f"whole network's problem), {row['rounds']} rounds: {row['ops']} ops, {row['gb']:.1f} GB touched, "

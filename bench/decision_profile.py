@@ -145,9 +145,11 @@ def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: in
         for _ in range(n):
             engine.step(batches[i % len(batches)], step=i, frac=0.0, decide=decide_at == i)
             i += 1
-    steps(K)   # warm-up: graph capture, a first decision (its warm starts)
-    engine.step(batches[0], step=i, frac=0.0, decide=True)
-    i += 1
+    steps(K)   # warm-up: graph capture, a first decision (its warm starts), decision_step_graph's eager calls
+    step_graph = engine.decision_step_graph
+    for _ in range(1 + (step_graph.warmup if step_graph is not None else 0)):
+        engine.step(batches[0], step=i, frac=0.0, decide=True)
+        i += 1
     row = {"job": name, "models": len(cfgs), "K": K,
            "measuring": sum(engine.measuring_m), "wasserstein": sum(x > 0 for x in engine.lam_w)}
     plain = [timed(lambda: steps(1), device)[0] for _ in range(40)]

@@ -521,8 +521,8 @@ class _StorageCheckedStep(batched.CudaGraphStep):
     calls = 0
 
     @classmethod
-    def for_device(cls, step, params, device):
-        return cls(step, params)
+    def for_device(cls, step, params, device, **kwargs):
+        return cls(step, params, **kwargs)
 
     def __call__(self, idx):
         if self.idx is None:
@@ -530,26 +530,30 @@ class _StorageCheckedStep(batched.CudaGraphStep):
         self.idx.copy_(idx)
         self._clear_grads()
         with _Storages() as seen:
-            self.step(self.idx)
+            out = self.step(self.idx)
         if self.graph is None:
             self.graph = seen.outside
         assert seen.outside == self.graph, "the step touched other storages than at its first call"
         type(self).calls += 1
+        return out
 
 
-def _eager_and_graph(tmp_path, mnist_root, **over):
-    """The records of one batch trained eagerly and with cuda_graph: 3 tasks x 3 epochs x 5 steps (4 full
-    minibatches, then 76 images), a decision every third step, so eager decisions and partial minibatches
-    fall between graph steps; a reset model, the beta ramp and Wasserstein's sort. cuda_graph is set
-    back to False in the graph records' configs, so the two can be compared."""
+GRAPH_KEYS = ("cuda_graph", "decision_graph", "decision_step_graph")   # the paper scale's
+
+
+def _eager_and_graph(tmp_path, mnist_root, keys=("cuda_graph",), **over):
+    """The records of one batch trained eagerly and with the graph `keys` on: 3 tasks x 3 epochs x 5 steps
+    (4 full minibatches, then 76 images), a decision every third step, so decisions and partial minibatches
+    fall between plain steps; a reset model, the beta ramp and Wasserstein's sort. The keys are set back to
+    False in the graph records' configs, so the two can be compared."""
     d = config.deep_merge({"data": {"root": mnist_root}, "epochs_per_task": 3, "measure": {"every": 3},
                            "stream": {"n_images": 1100, "drop_last": False}, "optim": {"beta_ramp": True}}, over)
     cfgs = [tiny("l2-vanilla", **d), tiny("l2-reset", **d), tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
     eager = run_batched(cfgs, [tmp_path / f"eager{i}" for i in range(len(cfgs))], progress=False)
-    graph = run_batched([config.deep_merge(c, {"cuda_graph": True}) for c in cfgs],
+    graph = run_batched([config.deep_merge(c, dict.fromkeys(keys, True)) for c in cfgs],
                         [tmp_path / f"graph{i}" for i in range(len(cfgs))], progress=False)
     for g in graph:
-        g["config"]["cuda_graph"] = False
+        g["config"].update(dict.fromkeys(keys, False))
     return eager, graph
 
 
@@ -742,6 +746,33 @@ def test_the_graph_step_reads_and_writes_the_same_storages_every_call(tmp_path, 
     assert _StorageCheckedStep.calls == sum(s % 5 < 4 and (s + 1) % 3 != 0 for s in range(45)) == 24
     for e, c in zip(eager, checked):
         assert _comparable(e) == _comparable(c)
+
+
+def test_the_decision_step_graph_reads_and_writes_the_same_storages_every_call(tmp_path, mnist_root, monkeypatch):
+    """decision_step_graph (with cuda_graph and decision_graph, as at the paper scale) on the CPU, with the
+    stand-in above: the full-minibatch decision steps' forward and backward (the layer activations kept, the
+    probe reading them after) touch the same outside storages at every call, and the records equal the
+    eager engine's exactly."""
+    monkeypatch.setattr(batched, "CudaGraphStep", _StorageCheckedStep)
+    monkeypatch.setattr(_StorageCheckedStep, "calls", 0)
+    eager, checked = _eager_and_graph(tmp_path, mnist_root, keys=GRAPH_KEYS)
+    full_decisions = sum(s % 5 < 4 and (s + 1) % 3 == 0 for s in range(45))
+    assert full_decisions == 12 and _StorageCheckedStep.calls == 24 + full_decisions
+    for e, c in zip(eager, checked):
+        assert _comparable(e) == _comparable(c)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+def test_decision_step_graph_equals_the_eager_step(tmp_path, mnist_root, monkeypatch):
+    """decision_step_graph: the full-minibatch decision steps' forward and backward replayed from a graph of
+    their own (captured at the fourth, after three eager ones; Adam, the probe and Algorithm 1 eager after
+    it), next to the plain steps' graph and the decision graph (a failed capture fails the test), as at the
+    paper scale: the eager engine's records."""
+    monkeypatch.setattr(batched.DecisionGraph, "fallback", False)
+    eager, graph = _eager_and_graph(tmp_path, mnist_root, keys=GRAPH_KEYS, device="cuda")
+    for i, (e, g) in enumerate(zip(eager, graph)):
+        diffs = _close(_comparable(e), _comparable(g), 1e-6)
+        assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")

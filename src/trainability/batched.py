@@ -35,6 +35,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 
 from . import bounds, config
 from .data import load_mnist
@@ -362,8 +363,8 @@ class StackedWasserstein:
         backward), added to the carrying rows only. The same bits as autograd (each entry is the one
         product, then grad + it), without the full-size zero tensors of index's and sort's backward, the
         full-size sum and the forward's square and sum: a plain step of the 69-model paper job has 181 ops
-        where it had 213 (bench/decision_bytes.py --plain), and its forward and backward ran 1.11x faster on
-        the 2-core CPU. The training step's route; the Hessian products keep autograd's."""
+        (kernels, in the replayed graph) where it had 213 (bench/decision_bytes.py --plain); on the CPU, where
+        the matmuls dominate, the same speed. The training step's route; the Hessian products keep autograd's."""
         for p, p0 in zip(self.net.params(), self.sorted_init):
             values, order = self._rows(p).sort(dim=1)
             g = self.lam.unsqueeze(1) * (2 * (values - p0))
@@ -863,40 +864,52 @@ class CudaGraphStep:
     calls run eagerly on a side stream (capture's prerequisite), the next is captured and replayed, later
     ones copy idx into the captured index tensor and replay. Every call is a real training step, so a
     run's records do not depend on when the capture happens. `step` may only update tensors that outlive
-    the graph, in place (parameters, Adam state, accumulators), and idx keeps its shape."""
+    the graph, in place (parameters, Adam state, accumulators), and idx keeps its shape. A call returns
+    what step returned (after the capture: the captured tensors, which each replay writes again).
+    keeps_grads: the step leaves its gradients in .grad for the caller (a decision step's forward and
+    backward, Adam eager after it), so each replay points .grad back at the captured ones."""
 
-    def __init__(self, step, params: list[torch.Tensor], warmup: int = 3):
-        self.step, self.params, self.warmup = step, params, warmup
-        self.graph, self.idx, self.eager_calls = None, None, 0
+    def __init__(self, step, params: list[torch.Tensor], warmup: int = 3, keeps_grads: bool = False):
+        self.step, self.params, self.warmup, self.keeps_grads = step, params, warmup, keeps_grads
+        self.graph, self.idx, self.eager_calls, self.out, self.grads = None, None, 0, None, None
 
     @classmethod
-    def for_device(cls, step, params: list[torch.Tensor], device: torch.device):
+    def for_device(cls, step, params: list[torch.Tensor], device: torch.device, **kwargs):
         """One on CUDA; None elsewhere (no CUDA graphs: the caller runs the step eagerly)."""
-        return cls(step, params) if device.type == "cuda" else None
+        return cls(step, params, **kwargs) if device.type == "cuda" else None
 
     def _clear_grads(self) -> None:
         for p in self.params:
             p.grad = None
 
-    def __call__(self, idx: torch.Tensor) -> None:
+    def __call__(self, idx: torch.Tensor):
         if self.graph is not None:
             self.idx.copy_(idx)
             self.graph.replay()
-            return
+            if self.keeps_grads:   # .grad may point elsewhere since (an eager step, another graph's capture)
+                for p, g in zip(self.params, self.grads):
+                    p.grad = g
+            return self.out
         self._clear_grads()
         if self.eager_calls < self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.step(idx)
+                out = self.step(idx)
             torch.cuda.current_stream().wait_stream(side)
+            # made on the side stream, read on this one: not to be reused before this stream is done with them
+            for t in tree_flatten(out)[0] + [p.grad for p in self.params]:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(torch.cuda.current_stream())
             self.eager_calls += 1
-            return
+            return out
         self.idx = idx.clone()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):   # records the step without running it
-            self.step(self.idx)
+            self.out = self.step(self.idx)
+        self.grads = [p.grad for p in self.params]
         self.graph.replay()
+        return self.out
 
 
 class DecisionGraph:
@@ -1057,6 +1070,9 @@ class BatchedRuns:
         self.correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)
         self.loss_sum = torch.zeros(M, device=device)
         self.graph = CudaGraphStep.for_device(self.plain_step, net.params(), device) if c0["cuda_graph"] else None
+        self.decision_step_graph = CudaGraphStep.for_device(self.decision_forward_backward, net.params(), device,
+                                                            keeps_grads=True) \
+            if c0["decision_step_graph"] and self.measuring else None
         self.decision_graph = DecisionGraph(self) \
             if c0["decision_graph"] and self.measuring and not c0["model"]["batchnorm"] else None
 
@@ -1093,6 +1109,14 @@ class BatchedRuns:
         """A full-minibatch step without a decision: what the CUDA graph captures."""
         self.forward_backward(bidx, self.correct)
         self.adam.step()
+
+    def decision_forward_backward(self, bidx, counts=None):
+        """A decision step up to the probe: forward_backward with the layer activations kept, as values
+        (xb, yb, layer inputs, loss gradients at the layer outputs): what `decision_step_graph` captures.
+        Values only: the step's autograd graph goes before the probe builds its own (alive, its
+        AccumulateGrad nodes, made on the default stream, break a DecisionGraph capture on CUDA)."""
+        xb, yb, inputs, outs = self.forward_backward(bidx, self.correct if counts is None else counts, keep=True)
+        return xb, yb, [a.detach() for a in inputs], [z.grad for z in outs]
 
     def start_task(self, t: int) -> None:
         net, M = self.net, self.M
@@ -1140,20 +1164,26 @@ class BatchedRuns:
         if self.graph is not None and full and not decide:
             self.graph(bidx)
             return
-        # eager: decision steps (the probe needs the step's activations) and partial minibatches
-        for p in self.net.params():
-            p.grad = None
-        xb, yb, inputs, outs = self.forward_backward(bidx, self.correct if full else self.correct_partial,
-                                                     keep=decide)
-        if decide:
-            # values only: the step's autograd graph goes before the probe builds its own (alive, its
-            # AccumulateGrad nodes, made on the default stream, break a DecisionGraph capture on CUDA)
-            inputs, out_grads = [a.detach() for a in inputs], [z.grad for z in outs]
-            del outs
+        # eager: partial minibatches, and decision steps (the probe needs the step's activations) unless
+        # decision_step_graph replays their forward and backward
+        counts = self.correct if full else self.correct_partial
+        if not decide:
+            self._clear_grads()
+            self.forward_backward(bidx, counts)
+        else:
+            if self.decision_step_graph is not None and full:
+                xb, yb, inputs, out_grads = self.decision_step_graph(bidx)
+            else:
+                self._clear_grads()
+                xb, yb, inputs, out_grads = self.decision_forward_backward(bidx, counts)
             ahead = functools.partial(self.decision_graph, bidx) if self.decision_graph is not None and full else None
             meas = self.probe.measure(inputs, out_grads, lambda sub=None: self.objective(xb, yb, sub=sub)[2], ahead)
             self.rows.append((step, frac, self.sched.step(meas, frac)))
         self.adam.step()
+
+    def _clear_grads(self) -> None:
+        for p in self.net.params():
+            p.grad = None
 
     def ramp(self, epoch: int) -> None:
         if not self.ramping:

@@ -208,7 +208,8 @@ def resolve_with_sets(params: dict, scale: str, run: str, seed: int, assignments
 
 # how a run executes, not what it computes (the same records, or equal up to float rounding as between
 # devices): left out of config_hash
-EXECUTION_KEYS = ("wandb", "device", "threads", "data", "cuda_graph", "decision_graph", "fused_adam")
+EXECUTION_KEYS = ("wandb", "device", "threads", "data", "cuda_graph", "decision_graph", "decision_step_graph",
+                  "fused_adam")
 
 
 def config_hash(cfg: dict) -> str:
