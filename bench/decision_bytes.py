@@ -69,11 +69,21 @@ def in_phase(counter: Bytes, name: str, fn):
     return wrapped
 
 
-def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
+def engine_at_task_start(cfgs: list[dict], tmp: Path):
+    """The job's engine on the CPU at the start of task 1, and its first full minibatch."""
     engine = batched.BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
     engine.start_task(0)
     engine.ramp(0)
-    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    return engine, next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+
+
+def by_phase(counter: Bytes) -> dict:
+    """{phase: {gb, ops}}, the most bytes first."""
+    return {k: {"gb": v / 1e9, "ops": counter.ops[k]} for k, v in counter.bytes.most_common()}
+
+
+def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
+    engine, bidx = engine_at_task_start(cfgs, tmp)
     probe, L = engine.probe, engine.net.n_layers
     starts = [v.clone() if probe.block_models is None else v[probe.block_idx] for v in probe.vecs]   # as measure's
     if probe.global_problem:
@@ -95,7 +105,7 @@ def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
     return {"job": name, "models": len(cfgs), "measuring": sum(engine.measuring_m),
             "global_models": len(probe.global_models) if probe.global_problem else 0,
             "rounds": batched.DecisionGraph.ROUNDS, "ops": sum(counter.ops.values()), "gb": total / 1e9,
-            "phases": {k: {"gb": v / 1e9, "ops": counter.ops[k]} for k, v in counter.bytes.most_common()}}
+            "phases": by_phase(counter)}
 
 
 class OpBytes(Bytes):
@@ -107,20 +117,15 @@ class OpBytes(Bytes):
 
 
 def plain_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_reps: int = 0) -> dict:
-    engine = batched.BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
-    engine.start_task(0)
-    engine.ramp(0)
-    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    engine, bidx = engine_at_task_start(cfgs, tmp)
     engine.step(bidx, step=0, frac=0.0, decide=False)   # Adam's state, as in a run
     counter = OpBytes()
-    for p in engine.net.params():
-        p.grad = None
+    batched._clear_grads(engine.net.params())
     with counter:
         engine.plain_step(bidx)
     total = sum(counter.bytes.values())
     row = {"job": name, "models": len(cfgs), "wasserstein": len(engine.wass.models) if engine.wass else 0,
-           "ops": sum(counter.ops.values()), "gb": total / 1e9,
-           "phases": {k: {"gb": v / 1e9, "ops": counter.ops[k]} for k, v in counter.bytes.most_common()}}
+           "ops": sum(counter.ops.values()), "gb": total / 1e9, "phases": by_phase(counter)}
     if time_reps and engine.wass is not None:
         row["fwd_bwd_ms"] = time_penalty_gradient(engine, bidx, time_reps)
     return row
@@ -139,8 +144,7 @@ def time_penalty_gradient(engine, bidx, reps: int) -> dict:
     times = {"autograd": [], "add_grad": []}
     for _ in range(reps):
         for k, fn in (("autograd", autograd), ("add_grad", written_out)):
-            for p in engine.net.params():
-                p.grad = None
+            batched._clear_grads(engine.net.params())
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)

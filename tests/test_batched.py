@@ -528,7 +528,7 @@ class _StorageCheckedStep(batched.CudaGraphStep):
         if self.idx is None:
             self.idx = idx.clone()
         self.idx.copy_(idx)
-        self._clear_grads()
+        batched._clear_grads(self.params)
         with _Storages() as seen:
             out = self.step(self.idx)
         if self.graph is None:
@@ -582,6 +582,15 @@ def test_decision_graph_gives_the_eager_records(tmp_path, mnist_root, monkeypatc
     assert max(iters) > 3 and len(eager[0]["decisions"]["step"]) == 6
 
 
+def _engine_at_task_start(cfgs, tmp_path):
+    """A BatchedRuns of cfgs at the start of task 1 (the beta ramp's first epoch), and its first full minibatch."""
+    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
+                                 [tmp_path / f"m{i}" for i in range(len(cfgs))])
+    engine.start_task(0)
+    engine.ramp(0)
+    return engine, next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+
+
 def test_a_sub_stack_is_its_models_rows(tmp_path, mnist_root):
     """StackedMLP.rows, on which the whole network's Lanczos of the measure.global models runs: its
     objective (the models' own minibatches, LeakyReLU slopes and Wasserstein penalties) and create_graph
@@ -589,11 +598,7 @@ def test_a_sub_stack_is_its_models_rows(tmp_path, mnist_root):
     CPU; on a GPU, where a batched matmul's count of matrices may change its rounding, to 1e-5."""
     d = {"data": {"root": mnist_root}}
     cfgs = [tiny(r, **d) for r in ("l2-global", "linear", "wass-global", "wass-scheduled", "l2-scheduled")]
-    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
-                                 [tmp_path / f"m{i}" for i in range(len(cfgs))])
-    engine.start_task(0)
-    engine.ramp(0)
-    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    engine, bidx = _engine_at_task_start(cfgs, tmp_path)
     for i in range(2):   # the weights away from their start: a Wasserstein penalty above 0
         engine.step(bidx, step=i, frac=0.0, decide=False)
     xb, yb = engine.minibatch(bidx)
@@ -624,22 +629,16 @@ def test_the_steps_wasserstein_gradient_is_autograds(tmp_path, mnist_root, regs)
     product and one sum per entry)."""
     d = {"data": {"root": mnist_root}}
     cfgs = [tiny(r, **d) for r in regs]
-    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
-                                 [tmp_path / f"m{i}" for i in range(len(cfgs))])
-    engine.start_task(0)
-    engine.ramp(0)
-    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    engine, bidx = _engine_at_task_start(cfgs, tmp_path)
     for i in range(2):   # the weights away from their start: the penalty and its gradient above 0
         engine.step(bidx, step=i, frac=0.0, decide=False)
     assert engine.wass()[0] > 0
     params = engine.net.params()
-    for p in params:
-        p.grad = None
+    batched._clear_grads(params)
     xb, yb = engine.minibatch(bidx)
     engine.objective(xb, yb)[2].backward()
     want = [p.grad for p in params]
-    for p in params:
-        p.grad = None
+    batched._clear_grads(params)
     engine.forward_backward(bidx, engine.correct)
     assert all(torch.equal(p.grad, w) for p, w in zip(params, want))
     without = torch.autograd.grad(engine.objective(xb, yb, penalty=False)[2], params)
@@ -654,11 +653,7 @@ def test_the_decision_graphs_autograd_graph_outlives_the_in_place_steps(tmp_path
     then plain steps, then those problems' products; and they read the weights' storage as it is now."""
     cfgs = [config.deep_merge(tiny(r, data={"root": mnist_root}), {"decision_graph": True})
             for r in ("l2-scheduled", "wass-scheduled", "l2-global")]
-    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
-                                 [tmp_path / f"m{i}" for i in range(len(cfgs))])
-    engine.start_task(0)
-    engine.ramp(0)
-    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
+    engine, bidx = _engine_at_task_start(cfgs, tmp_path)
     starts = [torch.randn(v.shape, device=v.device, dtype=v.dtype) for v in engine.probe.vecs]
     starts.append(torch.randn(engine.probe.global_vecs.shape, device=bidx.device))
     problems, _ = engine.decision_graph(bidx, starts)
@@ -679,13 +674,9 @@ def test_the_decision_graphs_body_copies_nothing_from_the_host_after_its_warm_up
     cfgs = [config.deep_merge(tiny(r, **d), {"decision_graph": True})
             for r in ("l2-scheduled", "wass-global", "l2-global", "wass-scheduled", "l2-vanilla")]
     cfgs[4] = config.deep_merge(cfgs[4], {"measure": {"enabled": False}})
-    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
-                                 [tmp_path / f"m{i}" for i in range(len(cfgs))])
-    engine.start_task(0)
-    engine.ramp(0)
+    engine, bidx = _engine_at_task_start(cfgs, tmp_path)
     probe = engine.probe
     assert probe.block_models == [0, 1, 2, 3] and probe.global_models == [1, 2]
-    bidx = next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
     starts = [v[probe.block_idx] for v in probe.vecs] + [torch.randn(probe.global_vecs.shape, device=bidx.device)]
     engine.decision_graph(bidx, starts)   # the warm-up
 

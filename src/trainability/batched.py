@@ -858,6 +858,11 @@ class StackedScheduler:
         self.values, self.count = s["values"].clone(), s["count"].clone()
 
 
+def _clear_grads(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
 class CudaGraphStep:
     """step(idx) captured once as a CUDA graph (torch.cuda.graphs' whole-network capture: forward,
     backward and optimiser step) and replayed: one launch instead of ~110 per step. The first `warmup`
@@ -878,10 +883,6 @@ class CudaGraphStep:
         """One on CUDA; None elsewhere (no CUDA graphs: the caller runs the step eagerly)."""
         return cls(step, params, **kwargs) if device.type == "cuda" else None
 
-    def _clear_grads(self) -> None:
-        for p in self.params:
-            p.grad = None
-
     def __call__(self, idx: torch.Tensor):
         if self.graph is not None:
             self.idx.copy_(idx)
@@ -890,7 +891,7 @@ class CudaGraphStep:
                 for p, g in zip(self.params, self.grads):
                     p.grad = g
             return self.out
-        self._clear_grads()
+        _clear_grads(self.params)
         if self.eager_calls < self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -1167,23 +1168,19 @@ class BatchedRuns:
         # eager: partial minibatches, and decision steps (the probe needs the step's activations) unless
         # decision_step_graph replays their forward and backward
         counts = self.correct if full else self.correct_partial
-        if not decide:
-            self._clear_grads()
-            self.forward_backward(bidx, counts)
+        if decide and self.decision_step_graph is not None and full:
+            xb, yb, inputs, out_grads = self.decision_step_graph(bidx)
         else:
-            if self.decision_step_graph is not None and full:
-                xb, yb, inputs, out_grads = self.decision_step_graph(bidx)
-            else:
-                self._clear_grads()
+            _clear_grads(self.net.params())
+            if decide:
                 xb, yb, inputs, out_grads = self.decision_forward_backward(bidx, counts)
+            else:
+                self.forward_backward(bidx, counts)
+        if decide:
             ahead = functools.partial(self.decision_graph, bidx) if self.decision_graph is not None and full else None
             meas = self.probe.measure(inputs, out_grads, lambda sub=None: self.objective(xb, yb, sub=sub)[2], ahead)
             self.rows.append((step, frac, self.sched.step(meas, frac)))
         self.adam.step()
-
-    def _clear_grads(self) -> None:
-        for p in self.net.params():
-            p.grad = None
 
     def ramp(self, epoch: int) -> None:
         if not self.ramping:
