@@ -55,7 +55,8 @@ def stacked_step(M, device, B, measure, graph=False, fused=False, seed=0):
     net = StackedMLP(models, device)
     lr = torch.full((M, net.n_layers), 1e-3, dtype=torch.float64, device=device)
     adam = StackedAdam(net, lr, torch.full((M,), 1e-3, device=device), (0.9, 0.999), 1e-8, fused=fused)
-    probe = StackedProbe(net, adam, B, list(range(M)), 1e-4, 100, [False] * M, [False] * M, False) if measure else None
+    probe = StackedProbe(net, adam, B, list(range(M)), 1e-4, 100, [False] * M, [False] * M, False, None,
+                         adam.wd) if measure else None
     sched = StackedScheduler(adam, B, [SCHED] * M, [True] * M, net.n_layers) if measure else None
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, B, 784, generator=g).to(device)

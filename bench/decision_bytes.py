@@ -137,7 +137,7 @@ def time_penalty_gradient(engine, bidx, reps: int) -> dict:
     xb, yb = engine.minibatch(bidx)
 
     def autograd():
-        engine.objective(xb, yb)[2].backward()
+        (engine.objective(xb, yb)[2] + engine.wass().sum()).backward()
 
     def written_out():
         engine.forward_backward(bidx, engine.correct.clone())

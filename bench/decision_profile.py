@@ -92,7 +92,7 @@ def hvp_round(engine, batch, device, reps: int) -> dict:
     with buffers_kept(net):
         flat = net.params()
         grads = torch.autograd.grad(engine.objective(xb, yb)[2], flat, create_graph=True)
-        hvps = [probe._block_hvp(net, l, grads, probe.adam.wd) for l in range(net.n_layers)]
+        hvps = [probe._block_hvp(net, l, grads, probe.shift) for l in range(net.n_layers)]
         q = [torch.randn(v.shape, device=device) for v in probe.vecs]
 
         def round_():

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainability.models import build_model, param_groups
-from trainability.regularizers import WassersteinPenalty, adam_weight_decay, build_regularizer
+from trainability.regularizers import WassersteinPenalty, adam_weight_decay, build_regularizer, hessian_shift
 
 
 class Tiny(nn.Module):
@@ -86,6 +86,28 @@ def test_wasserstein_state_dict_and_reset():
     assert pen(m).item() == 0.0
     with pytest.raises(ValueError):
         other.load_state_dict(WassersteinPenalty(build_model({"widths": [9]}, input_dim=4), 1.0).state_dict())
+
+
+def test_the_wasserstein_penaltys_hessian_is_2_lam_identity():
+    """hessian_shift's claim, checked by autograd: the penalty's Hessian-vector product (through the sort,
+    twice) is 2 lam v, to the bit (x2 is exact), on an MLP moved away from its start so that the sort's
+    permutation is not the identity; and coupled L2's shift is its lam (Adam's weight_decay)."""
+    torch.manual_seed(0)
+    m = build_model({"widths": [6, 5]}, input_dim=4)
+    cfg = {"kind": "wasserstein", "lam": 3e-3}
+    pen = build_regularizer(cfg, m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = list(m.parameters())
+    grads = torch.autograd.grad(pen(m), params, create_graph=True)
+    vs = [torch.randn_like(p) for p in params]
+    hv = torch.autograd.grad(grads, params, grad_outputs=vs)
+    assert pen(m) > 0
+    assert all(torch.equal(h, hessian_shift(cfg) * v) for h, v in zip(hv, vs))
+    assert hessian_shift(cfg) == 6e-3
+    assert hessian_shift({"kind": "l2", "lam": 1e-3}) == adam_weight_decay({"kind": "l2", "lam": 1e-3}) == 1e-3
+    assert hessian_shift({"kind": "none", "lam": 5.0}) == 0.0
 
 
 def test_build_regularizer_and_adam_weight_decay():

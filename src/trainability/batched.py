@@ -46,7 +46,7 @@ from .models import activation_fn, build_model, negative_slope
 from .loop import measures, steps_per_task, train_stream
 from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record,
                      new_record)
-from .regularizers import WassersteinPenalty
+from .regularizers import WassersteinPenalty, hessian_shift
 from .scheduler import ROW_FIELDS, algorithm1_rule, layer_bounds
 from .streams import epoch_order, input_dim, make_stream
 from .optim import ramped_betas
@@ -69,8 +69,10 @@ def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _leaky_per_model(z: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     """F.leaky_relu with a negative slope per model: z (M, B, n), slope (M, 1, 1); slope 0 is relu's
-    value and gradient, slope 1 the identity's."""
-    return torch.where(z > 0, z, z * slope)
+    value and gradient, slope 1 the identity's. Written as z times a factor that carries no gradient:
+    the same values and first derivatives as where(z > 0, z, z * slope), whose backward took two wheres,
+    a product and a sum, and twice that in every Hessian-vector product (bench/decision_bytes.py)."""
+    return z * torch.where(z > 0, 1.0, slope)
 
 
 class StackedMLP:
@@ -339,7 +341,6 @@ class StackedWasserstein:
         self.net, self.M = net, len(lam)
         dev = net.W[0].device
         self.models = [m for m, x in enumerate(lam) if x > 0]
-        self._sub_rows = {}   # a sub-stack's models -> (its carrying rows, their rows of sorted_init) on the device
         self.idx = torch.tensor(self.models, device=dev)
         self.lam = torch.tensor([lam[m] for m in self.models], device=dev)
         with torch.no_grad():
@@ -364,7 +365,8 @@ class StackedWasserstein:
         product, then grad + it), without the full-size zero tensors of index's and sort's backward, the
         full-size sum and the forward's square and sum: a plain step of the 69-model paper job has 181 ops
         (kernels, in the replayed graph) where it had 213 (bench/decision_bytes.py --plain); on the CPU, where
-        the matmuls dominate, the same speed. The training step's route; the Hessian products keep autograd's."""
+        the matmuls dominate, the same speed. The probe's Hessian products add the penalty's Hessian, 2 lam V,
+        instead (StackedProbe's shift)."""
         for p, p0 in zip(self.net.params(), self.sorted_init):
             values, order = self._rows(p).sort(dim=1)
             g = self.lam.unsqueeze(1) * (2 * (values - p0))
@@ -375,28 +377,15 @@ class StackedWasserstein:
             else:
                 grad.index_add_(0, self.idx, g)
 
-    def __call__(self, sub: StackedMLP | None = None) -> torch.Tensor:
-        """(M,) penalties; for a sub-stack (StackedMLP.rows), its rows' penalties on its own tensors."""
-        if sub is None:
-            terms = [(self._rows(p).sort(dim=1).values - p0).square().sum(1)
-                     for p, p0 in zip(self.net.params(), self.sorted_init)]
-            pen = self.lam * torch.stack(terms, 1).sum(1)
-            if len(self.models) == self.M:
-                return pen
-            return torch.zeros(self.M, dtype=pen.dtype, device=pen.device).index_add(0, self.idx, pen)
-        R, dev = len(sub.models), sub.W[0].device
-        key = tuple(sub.models)
-        if key not in self._sub_rows:   # at a sub-stack's first call: DecisionGraph's warm-up, not its capture
-            rows = [j for j, m in enumerate(sub.models) if m in self.models]   # the sub-stack's carrying rows
-            self._sub_rows[key] = None if not rows else (
-                torch.tensor(rows, device=dev), torch.tensor([self.models.index(sub.models[j]) for j in rows], device=dev))
-        if self._sub_rows[key] is None:
-            return torch.zeros(R, device=dev)
-        at, mine = self._sub_rows[key]
-        terms = [(p.flatten(1)[at].sort(dim=1).values - p0[mine]).square().sum(1)
-                 for p, p0 in zip(sub.params(), self.sorted_init)]
-        pen = self.lam[mine] * torch.stack(terms, 1).sum(1)
-        return torch.zeros(R, dtype=pen.dtype, device=dev).index_add(0, at, pen)
+    def __call__(self) -> torch.Tensor:
+        """(M,) penalties (0 for the models that carry none): the value whose gradient add_grad writes out
+        and whose Hessian is 2 lam I (regularizers.hessian_shift); the engine's objective leaves it out."""
+        terms = [(self._rows(p).sort(dim=1).values - p0).square().sum(1)
+                 for p, p0 in zip(self.net.params(), self.sorted_init)]
+        pen = self.lam * torch.stack(terms, 1).sum(1)
+        if len(self.models) == self.M:
+            return pen
+        return torch.zeros(self.M, dtype=pen.dtype, device=pen.device).index_add(0, self.idx, pen)
 
     def for_model(self, m: int, model) -> WassersteinPenalty:
         """Model m's penalty on its extracted copy `model` (sorted_init in model.parameters() order)."""
@@ -599,12 +588,15 @@ class StackedProbe:
     measure._global_effective_step, and the full Hessian's lam_max for the models with measure.global
     (NaN for the others, as DecisionProbe without global_too). With `measuring`, a model that does not
     measure takes no part in the layer blocks' Lanczos, which then runs on the measuring models' sub-stack
-    (its lam_max is NaN: nobody reads it), nor in the whole network's (a skipped row there)."""
+    (its lam_max is NaN: nobody reads it), nor in the whole network's (a skipped row there). The
+    products are the cross-entropy's Hessian's plus `shift` (M,) times V: each model's regulariser
+    adds a multiple of I to its Hessian (regularizers.hessian_shift), so the Wasserstein penalty's sort
+    is not differentiated twice in every product."""
 
     def __init__(self, net: StackedMLP, adam: StackedAdam, B: int, seeds: list[int], eig_tol: float,
                  eig_max_iter: int, code_alpha_agg: list[bool], global_lam: list[bool], global_column: bool,
-                 measuring: list[bool] | None = None):
-        self.net, self.adam, self.B = net, adam, B
+                 measuring: list[bool] | None, shift: torch.Tensor):
+        self.net, self.adam, self.B, self.shift = net, adam, B, shift
         self.eig_tol, self.eig_max_iter = eig_tol, eig_max_iter
         dev = net.W[0].device
         self.code_alpha_agg = code_alpha_agg[0] if len(set(code_alpha_agg)) == 1 else \
@@ -683,10 +675,11 @@ class StackedProbe:
 
     def hvps(self, loss_closure) -> list:
         """The Lanczos problems' operators, from create_graph gradients of loss_closure(sub) (the summed
-        objective of the whole stack, sub None, or of a StackedMLP.rows sub-stack): every layer block's,
+        cross-entropy of the whole stack, sub None, or of a StackedMLP.rows sub-stack; the regularisers
+        enter as `shift`): every layer block's,
         on the measuring models (block_models), then the whole network's on the measure.global models'
         sub-stack when there are such models (the order of the starts in `measure`)."""
-        wd = self.adam.wd
+        wd = self.shift
         net = self.net if self.block_models is None else self.net.rows(self.block_models, self.block_idx)
         grads = torch.autograd.grad(loss_closure(None if net is self.net else net), net.params(), create_graph=True)
         wd_b = wd if self.block_models is None else wd[self.block_idx]
@@ -707,7 +700,7 @@ class StackedProbe:
 
     def _block_hvp(self, net: StackedMLP, l: int, grads, wd):
         """(R, n_l) -> (R, n_l): the Hessian block of layer l's group of the stack `net` (R models: the
-        probe's or a sub-stack of it, `grads` its create_graph gradient), plus coupled L2's wd I."""
+        probe's or a sub-stack of it, `grads` its create_graph gradient), plus the regularisers' wd I."""
         ps = net.layer_params(l)
         i = net.weight_pos[l]
         gl, sizes = grads[i:i + len(ps)], [p[0].numel() for p in ps]
@@ -727,7 +720,7 @@ class StackedProbe:
         return torch.where(self.has_vec[idx].unsqueeze(1), mixed_start(r, self.global_vecs), mixed_start(r))
 
     def _global_hvp(self, loss_closure, wd):
-        """(G, n) -> (G, n): the whole Hessian (plus coupled L2's wd I) of the G measure.global models, on
+        """(G, n) -> (G, n): the whole Hessian (plus the regularisers' wd I) of the G measure.global models, on
         their own sub-stack (on the whole stack every product cost all M models' backward passes: on the
         69-model paper job a third of a decision's memory traffic for 6 models, bench/decision_bytes.py)."""
         sub = self.net.rows(self.global_models, self.global_idx)
@@ -1051,7 +1044,9 @@ class BatchedRuns:
         global_column = any(global_lam) or any(self.global_variant)
         self.probe = StackedProbe(net, self.adam, B, init_seeds, c0["measure"]["eig_tol"], c0["measure"]["eig_max_iter"],
                                   [c["scheduler"]["code_alpha_agg"] for c in cfgs], global_lam,
-                                  global_column, self.measuring_m) if self.measuring else None
+                                  global_column, self.measuring_m,
+                                  torch.tensor([hessian_shift(c["regularizer"]) for c in cfgs], device=device)) \
+            if self.measuring else None
         self.sched = StackedScheduler(self.adam, B, [c["scheduler"] for c in cfgs],
                                       [c["arm"] == "scheduled" for c in cfgs], L + global_column) \
             if self.measuring else None
@@ -1077,17 +1072,17 @@ class BatchedRuns:
         self.decision_graph = DecisionGraph(self) \
             if c0["decision_graph"] and self.measuring and not c0["model"]["batchnorm"] else None
 
-    def objective(self, xb, yb, keep=False, sub: StackedMLP | None = None, penalty: bool = True):
-        """(logits, per-model cross-entropy, the summed objective, layer inputs, layer outputs) of every model
-        on its minibatch; with `sub` (StackedMLP.rows), of that sub-stack's models only. penalty=False
-        leaves the Wasserstein penalty out (the step adds its gradient itself: StackedWasserstein.add_grad)."""
+    def objective(self, xb, yb, keep=False, sub: StackedMLP | None = None):
+        """(logits, per-model cross-entropy, their sum, layer inputs, layer outputs) of every model on its
+        minibatch; with `sub` (StackedMLP.rows), of that sub-stack's models only. The Wasserstein penalty
+        is not in it: the step adds its gradient (StackedWasserstein.add_grad), the probe its Hessian
+        (2 lam I, in StackedProbe's shift)."""
         net = self.net if sub is None else sub
         if sub is not None:
             xb, yb = xb[sub.idx], yb[sub.idx]
         logits, inputs, outs = net.forward(xb, keep)
         ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(len(net.models), -1).mean(1)
-        total = ce + self.wass(sub) if self.wass is not None and penalty else ce
-        return logits, ce, total.sum(), inputs, outs
+        return logits, ce, ce.sum(), inputs, outs
 
     def minibatch(self, bidx):
         """Each model's minibatch bidx (M, b), gathered on the device from its seed's stream: (xb, yb)."""
@@ -1098,7 +1093,7 @@ class BatchedRuns:
         """The step up to Adam: gather each model's minibatch bidx (M, b) on the device, forward, backward,
         count hits and sum the losses."""
         xb, yb = self.minibatch(bidx)
-        logits, ce, total, inputs, outs = self.objective(xb, yb, keep, penalty=False)
+        logits, ce, total, inputs, outs = self.objective(xb, yb, keep)
         total.backward()
         if self.wass is not None:
             self.wass.add_grad()

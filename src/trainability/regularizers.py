@@ -6,7 +6,9 @@
   `weight_decay` (models.param_groups). tests/test_regularizers.py checks the equivalence.
 - Wasserstein-to-initialisation (Lewandowski et al., arXiv 2312.00246 / 2406.06811) [code]:
   R = lambda_W * sum over parameter tensors p (biases included) of ||sort(vec p) - sort(vec p0)||^2,
-  p0 = the parameters at construction, sorted once.
+  p0 = the parameters at construction, sorted once. Its Hessian is 2 lambda_W I wherever the sort's
+  permutation P is locally constant (almost everywhere): R = lambda_W ||P p - p0||^2 has Hessian
+  2 lambda_W P^T P. So both penalties add a multiple of I to the loss's Hessian (`hessian_shift`).
 """
 from __future__ import annotations
 
@@ -59,6 +61,19 @@ class WassersteinPenalty:
         # keep the current device (a checkpoint may be loaded with another map_location)
         self.sorted_init = [t.detach().to(old.device, old.dtype).clone()
                             for t, old in zip(new, self.sorted_init)]
+
+
+def hessian_shift(cfg: dict) -> float:
+    """c such that the regulariser adds c I to the training objective's Hessian: coupled L2's lambda
+    (Adam's weight_decay), Wasserstein's 2 lambda_W (the sort is piecewise constant, see the module's
+    docstring), 0 for none. The batched engine's curvature probe adds c V to the cross-entropy's
+    Hessian-vector products instead of differentiating the penalty twice (the sort's backward through
+    full-size tensors in every Lanczos product); autograd's value is the same up to the order of a sum
+    (tests/test_regularizers.py, tests/test_batched.py)."""
+    kind = cfg["kind"]
+    if kind == "wasserstein":
+        return 2.0 * float(cfg["lam"])
+    return adam_weight_decay(cfg)
 
 
 def build_regularizer(cfg: dict, model: nn.Module) -> WassersteinPenalty | None:
