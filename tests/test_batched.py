@@ -662,12 +662,15 @@ def test_the_probes_products_are_autograds_through_the_whole_objective(tmp_path,
     flat = net.params()
     grads = torch.autograd.grad(engine.objective(xb, yb)[2] + engine.wass().sum(), flat, create_graph=True)
     wd = engine.adam.wd
-    lam_w = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs])
+    dev = bidx.device
+    lam_w = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs],
+                         device=dev)
     gen = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(dev)   # the same draws on any device
 
     def autograds(ps, rows, V):
         """autograd's (H + wd I) V on the rows `rows` of the stack's tensors ps (the other rows' V zero)."""
-        at = torch.tensor(rows)
+        at = torch.tensor(rows, device=dev)
         pieces = [torch.zeros_like(p).index_copy(0, at, x.reshape(len(rows), *p.shape[1:]))
                   for x, p in zip(V.split([p[0].numel() for p in ps], 1), ps)]
         i = next(j for j, q in enumerate(flat) if q is ps[0])
@@ -676,15 +679,16 @@ def test_the_probes_products_are_autograds_through_the_whole_objective(tmp_path,
 
     rows = probe.block_models
     assert rows == [0, 1, 3, 4] and probe.global_models == [1, 3]
-    wass_rows = lam_w[rows] > 0
+    rows_at = torch.tensor(rows, device=dev)
+    wass_rows = lam_w[rows_at] > 0
     for l in range(net.n_layers):
         ps = net.layer_params(l)
-        V = torch.randn(len(rows), sum(p[0].numel() for p in ps), generator=gen)
+        V = randn(len(rows), sum(p[0].numel() for p in ps))
         want, got = autograds(ps, rows, V), ops[l](V)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), f"layer {l + 1}"
-        off = (got - 2 * lam_w[rows].unsqueeze(1) * V - want).abs().amax(1)   # the shift carries the curvature
+        off = (got - 2 * lam_w[rows_at].unsqueeze(1) * V - want).abs().amax(1)   # the shift carries the curvature
         assert bool((off[wass_rows] > 1e-4).all()) and bool((off[~wass_rows] < 1e-4).all())
-    V = torch.randn(2, sum(p[0].numel() for p in flat), generator=gen)
+    V = randn(2, sum(p[0].numel() for p in flat))
     assert torch.allclose(ops[-1](V), autograds(flat, probe.global_models, V), rtol=1e-5, atol=1e-6)
 
 
