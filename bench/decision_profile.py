@@ -10,9 +10,9 @@ paper stream, then, each timed with the device synchronised before and after:
 - a plain step (the CUDA graph's replay on CUDA) and an eager one, each the median of 40;
 - decision steps (`--decisions` of them, a step every K apart as in a run), split into the batched
   Lanczos (its rounds: the slowest row's products; with `--set decision_graph=true` it includes the
-  DecisionGraph call, whose create_graph gradient and rounds run ahead it also reports alone), Algorithm 1
+  DecisionGraph call, whose forward pass and rounds run ahead it also reports alone), Algorithm 1
   (`StackedScheduler.step`) and the rest (the step's forward and backward, the probe's statistics and,
-  without decision_graph, its create_graph gradient; Adam);
+  without decision_graph, the products' setup; Adam);
 - the Wasserstein penalty's forward and backward alone (jobs with Wasserstein models);
 - one round of the Lanczos' products (every layer block's Hessian-vector product) eager, and the same
   products captured once as a CUDA graph and replayed on the same autograd graph (CUDA only): what
@@ -90,10 +90,11 @@ def hvp_round(engine, batch, device, reps: int) -> dict:
     xb, yb = engine.minibatch(batch)
     out = {}
     with buffers_kept(net):
-        flat = net.params()
-        grads = torch.autograd.grad(engine.objective(xb, yb)[2], flat, create_graph=True)
-        hvps = [probe._block_hvp(net, l, grads, probe.shift) for l in range(net.n_layers)]
-        q = [torch.randn(v.shape, device=device) for v in probe.vecs]
+        with torch.no_grad():
+            inputs = net.forward(xb, keep=True)[1]
+        hvps = probe.hvps(lambda sub=None: engine.objective(xb, yb, sub=sub)[2], inputs)[:net.n_layers]
+        rows = len(probe.block_models) if probe.block_models is not None else engine.M
+        q = [torch.randn(rows, v.shape[1], device=device) for v in probe.vecs]
 
         def round_():
             return [h(v) for h, v in zip(hvps, q)]

@@ -93,12 +93,15 @@ class StackedMLP:
         self.idx = None   # a sub-stack's: the same on the device
         self.slope = None
         if len(kinds) == 1:
-            self.act = activation_fn(*kinds.pop())
+            activation, rho = kinds.pop()
+            self.act = activation_fn(activation, rho)
             if self.act is crelu:
                 self.act = _crelu_stacked
+            else:
+                self.slope = negative_slope(activation, rho)   # a float: one for all
         else:   # relu / leaky_relu / identity mixed: each model's LeakyReLU slope (models.negative_slope)
-            self.slope = torch.tensor([negative_slope(m.activation, m.rho) for m in models], device=device)
-            self.act = functools.partial(_leaky_per_model, slope=self.slope.view(-1, 1, 1))
+            self.slope = torch.tensor([negative_slope(m.activation, m.rho) for m in models], device=device).view(-1, 1, 1)
+            self.act = functools.partial(_leaky_per_model, slope=self.slope)
         L = models[0].n_layers
 
         def stack(get, grad=True):
@@ -146,10 +149,30 @@ class StackedMLP:
         sub.W, sub.b, sub.gamma, sub.beta = ([p[idx].detach().requires_grad_() for p in ts]
                                              for ts in (self.W, self.b, self.gamma, self.beta))
         sub.running_mean, sub.running_var = ([b[idx] for b in bs] for bs in (self.running_mean, self.running_var))
-        if self.slope is not None:
+        if isinstance(self.slope, torch.Tensor):
             sub.slope = self.slope[idx]
-            sub.act = functools.partial(_leaky_per_model, slope=sub.slope.view(-1, 1, 1))
+            sub.act = functools.partial(_leaky_per_model, slope=sub.slope)
         return sub
+
+    def act_factor(self, a: torch.Tensor) -> torch.Tensor:
+        """The activation's derivative at a hidden layer, from that layer's output a = act(z) (the next
+        layer's input): where(a > 0, 1, slope) for relu / leaky_relu / identity (a > 0 exactly where
+        z > 0), and CReLU's 0/1 mask of relu(cat(z, -z)). What jvp_act and vjp_act multiply by."""
+        if self.act is _crelu_stacked:
+            return (a > 0).to(a.dtype)
+        return torch.where(a > 0, 1.0, self.slope)   # a float slope stays a scalar: no host copy in a capture
+
+    def jvp_act(self, factor: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        """The activation's Jacobian at the factor's point times dz (R, b, h): CReLU's is (R, b, 2h)."""
+        return (torch.cat((dz, -dz), dim=-1) if self.act is _crelu_stacked else dz) * factor
+
+    def vjp_act(self, factor: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The Jacobian's transpose times g (R, b, h): CReLU's from (R, b, 2h) back to (R, b, h)."""
+        t = g * factor
+        if self.act is not _crelu_stacked:
+            return t
+        h = t.shape[-1] // 2
+        return t[..., :h] - t[..., h:]
 
     @contextlib.contextmanager
     def version_free(self):
@@ -209,7 +232,8 @@ class StackedMLP:
             z = torch.baddbmm(self.b[l].unsqueeze(1), x, self.W[l].transpose(1, 2))
             if keep:
                 inputs.append(x.detach())
-                z.retain_grad()
+                if z.requires_grad:   # not under no_grad (DecisionGraph's forward for the products)
+                    z.retain_grad()
                 outs.append(z)
             if l < len(self.gamma):
                 z = self._batchnorm(l, z, train)
@@ -664,7 +688,7 @@ class StackedProbe:
                 skip.append(self.skip[self.global_models])
             got = ahead(starts) if ahead is not None else None
             if got is None:
-                problems, rounds = list(zip(self.hvps(loss_closure), starts)), None
+                problems, rounds = list(zip(self.hvps(loss_closure, inputs), starts)), None
             else:
                 problems, rounds = got
             solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip), ahead=rounds)
@@ -683,20 +707,54 @@ class StackedProbe:
         self.has_vec[:] = True
         return dict(out, batch_size=B)
 
-    def hvps(self, loss_closure) -> list:
-        """The Lanczos problems' operators, from create_graph gradients of loss_closure(sub) (the summed
-        cross-entropy of the whole stack, sub None, or of a StackedMLP.rows sub-stack; the regularisers
-        enter as `shift`): every layer block's,
-        on the measuring models (block_models), then the whole network's on the measure.global models'
-        sub-stack when there are such models (the order of the starts in `measure`)."""
+    def hvps(self, loss_closure, inputs: list[torch.Tensor]) -> list:
+        """The Lanczos problems' operators: every layer block's, on the measuring models (block_models), then
+        the whole network's on the measure.global models' sub-stack when there are such models (the order
+        of the starts in `measure`). `inputs`: the stack's layer inputs on this minibatch (StackedMLP.forward
+        with keep); loss_closure(sub): the summed cross-entropy of the whole stack (sub None) or of a
+        StackedMLP.rows sub-stack, whose create_graph gradient the whole network's products (and a
+        BatchNorm stack's blocks) differentiate. The regularisers enter as `shift`."""
         wd = self.shift
         net = self.net if self.block_models is None else self.net.rows(self.block_models, self.block_idx)
-        grads = torch.autograd.grad(loss_closure(None if net is self.net else net), net.params(), create_graph=True)
         wd_b = wd if self.block_models is None else wd[self.block_idx]
-        ops = [self._block_hvp(net, l, grads, wd_b) for l in range(net.n_layers)]
+        if net.gamma:   # BatchNorm is not piecewise linear in the layer's weights: autograd's second derivative
+            grads = torch.autograd.grad(loss_closure(None if net is self.net else net), net.params(), create_graph=True)
+            ops = [self._block_hvp(net, l, grads, wd_b) for l in range(net.n_layers)]
+        else:
+            ops = self._gauss_newton_hvps(net, inputs if net is self.net else [a[net.idx] for a in inputs], wd_b)
         if self.global_problem:
             ops.append(self._global_hvp(loss_closure, wd))
         return ops
+
+    @staticmethod
+    def _gauss_newton_hvps(net: StackedMLP, inputs: list[torch.Tensor], wd: torch.Tensor) -> list:
+        """Every layer block's (R, n_l) -> (R, n_l) Hessian-vector product (plus wd I) for a stack without
+        BatchNorm, from its layer inputs on the minibatch (R, b, .): the network's output is piecewise linear
+        in one layer's weights (its activations are), so that block of the Hessian is its Gauss-Newton
+        block J^T H_CE J, J the output's Jacobian in the block, H_CE = (diag(p) - p p^T) / b the mean
+        cross-entropy's Hessian in the logits. A product is a forward pass of the direction from the layer
+        up (jvp) and a backward pass down to it (vjp): no create_graph gradient, no second derivative of
+        autograd's (which computes the same up to rounding, tests/test_batched.py), about half its kernels."""
+        L, b = net.n_layers, inputs[0].shape[1]
+        with torch.no_grad():
+            Ws = [W.detach() for W in net.W]
+            factors = [net.act_factor(a) for a in inputs[1:]]   # factor k: the activation after layer k
+            p = torch.softmax(torch.baddbmm(net.b[-1].detach().unsqueeze(1), inputs[-1], Ws[-1].transpose(1, 2)), -1)
+
+        def block(l: int):
+            n_w = Ws[l][0].numel()
+
+            def hvp(V):
+                dz = torch.baddbmm(V[:, n_w:].unsqueeze(1), inputs[l], V[:, :n_w].reshape(Ws[l].shape).transpose(1, 2))
+                for k in range(l + 1, L):
+                    dz = torch.bmm(net.jvp_act(factors[k - 1], dz), Ws[k].transpose(1, 2))
+                g = p * (dz - (p * dz).sum(-1, keepdim=True)) / b
+                for k in range(L - 1, l, -1):
+                    g = net.vjp_act(factors[k - 1], torch.bmm(g, Ws[k]))
+                hv = torch.cat([torch.bmm(g.transpose(1, 2), inputs[l]).flatten(1), g.sum(1)], 1)
+                return hv + wd.unsqueeze(1).to(hv.dtype) * V
+            return hvp
+        return [block(l) for l in range(L)]
 
     def _all_models(self, solved, start):
         """A layer block's (theta, Ritz vectors, products) over block_models -> over all M models, the others'
@@ -918,11 +976,11 @@ class CudaGraphStep:
 
 class DecisionGraph:
     """A decision step's device part as one CUDA graph (`decision_graph`): the probe's forward pass on the
-    step's minibatch, its create_graph gradient and ROUNDS rounds of every Lanczos problem's products
-    (lanczos_ahead), captured at the job's first full-minibatch decision and replayed at every later one.
-    The host then runs the stopping rule over those rounds' alphas and betas, fetched in one transfer
-    (batched_lanczos(ahead=...)), and rows still going take their next products eagerly on the replayed
-    autograd graph. Eager, a round is hundreds of kernel launches and a sync: on an H100 one round of
+    step's minibatch (and the whole network's create_graph gradient, for measure.global models) and ROUNDS
+    rounds of every Lanczos problem's products (lanczos_ahead), captured at the job's first full-minibatch
+    decision and replayed at every later one. The host then runs the stopping rule over those rounds'
+    alphas and betas, fetched in one transfer (batched_lanczos(ahead=...)), and rows still going take their
+    next products eagerly on the replayed tensors (and autograd graph). Eager, a round is hundreds of kernel launches and a sync: on an H100 one round of
     products took 1.9-5.7 ms eager and 0.5-2.5 ms replayed (bench/decision_profile.py), with decisions 72-85%
     of a paper-scale job's time. The extra rounds that rows which have stopped compute are thrown away;
     the records are the eager engine's bits (tests/test_batched.py). Elsewhere than CUDA the same body
@@ -938,7 +996,9 @@ class DecisionGraph:
         e = self.engine
         xb, yb = e.minibatch(self.idx)
         with e.net.version_free():   # the rounds past ROUNDS differentiate this graph at every later decision
-            problems = list(zip(e.probe.hvps(lambda sub=None: e.objective(xb, yb, sub=sub)[2]), self.starts))
+            with torch.no_grad():
+                inputs = e.net.forward(xb, keep=True)[1]
+            problems = list(zip(e.probe.hvps(lambda sub=None: e.objective(xb, yb, sub=sub)[2], inputs), self.starts))
         return problems, lanczos_ahead(problems, self.ROUNDS, e.probe.eig_max_iter)
 
     def __call__(self, bidx: torch.Tensor, starts: list[torch.Tensor]):
