@@ -157,22 +157,26 @@ class StackedMLP:
     def act_factor(self, a: torch.Tensor) -> torch.Tensor:
         """The activation's derivative at a hidden layer, from that layer's output a = act(z) (the next
         layer's input): where(a > 0, 1, slope) for relu / leaky_relu / identity (a > 0 exactly where
-        z > 0), and CReLU's 0/1 mask of relu(cat(z, -z)). What jvp_act and vjp_act multiply by."""
+        z > 0); for CReLU, relu(cat(z, -z))'s 0/1 mask with the second half's sign folded in, (R, b, 2, h).
+        What jvp_act and vjp_act multiply by."""
         if self.act is _crelu_stacked:
-            return (a > 0).to(a.dtype)
+            mask = (a > 0).to(a.dtype)
+            h = a.shape[-1] // 2
+            return torch.stack((mask[..., :h], -mask[..., h:]), dim=2)
         return torch.where(a > 0, 1.0, self.slope)   # a float slope stays a scalar: no host copy in a capture
 
     def jvp_act(self, factor: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-        """The activation's Jacobian at the factor's point times dz (R, b, h): CReLU's is (R, b, 2h)."""
-        return (torch.cat((dz, -dz), dim=-1) if self.act is _crelu_stacked else dz) * factor
+        """The activation's Jacobian at the factor's point times dz (R, b, h): CReLU's is (R, b, 2h),
+        [dz, -dz] masked, one broadcast product."""
+        if self.act is _crelu_stacked:
+            return (dz.unsqueeze(2) * factor).flatten(2)
+        return dz * factor
 
     def vjp_act(self, factor: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The Jacobian's transpose times g (R, b, h): CReLU's from (R, b, 2h) back to (R, b, h)."""
-        t = g * factor
-        if self.act is not _crelu_stacked:
-            return t
-        h = t.shape[-1] // 2
-        return t[..., :h] - t[..., h:]
+        if self.act is _crelu_stacked:
+            return (g.unflatten(2, (2, -1)) * factor).sum(2)
+        return g * factor
 
     @contextlib.contextmanager
     def version_free(self):
@@ -740,6 +744,7 @@ class StackedProbe:
             Ws = [W.detach() for W in net.W]
             factors = [net.act_factor(a) for a in inputs[1:]]   # factor k: the activation after layer k
             p = torch.softmax(torch.baddbmm(net.b[-1].detach().unsqueeze(1), inputs[-1], Ws[-1].transpose(1, 2)), -1)
+            p_mean = p / b   # the minibatch mean's 1 / b, folded in once
 
         def block(l: int):
             n_w = Ws[l][0].numel()
@@ -748,11 +753,11 @@ class StackedProbe:
                 dz = torch.baddbmm(V[:, n_w:].unsqueeze(1), inputs[l], V[:, :n_w].reshape(Ws[l].shape).transpose(1, 2))
                 for k in range(l + 1, L):
                     dz = torch.bmm(net.jvp_act(factors[k - 1], dz), Ws[k].transpose(1, 2))
-                g = p * (dz - (p * dz).sum(-1, keepdim=True)) / b
+                g = p_mean * (dz - (p * dz).sum(-1, keepdim=True))
                 for k in range(L - 1, l, -1):
                     g = net.vjp_act(factors[k - 1], torch.bmm(g, Ws[k]))
                 hv = torch.cat([torch.bmm(g.transpose(1, 2), inputs[l]).flatten(1), g.sum(1)], 1)
-                return hv + wd.unsqueeze(1).to(hv.dtype) * V
+                return torch.addcmul(hv, wd.unsqueeze(1).to(hv.dtype), V)
             return hvp
         return [block(l) for l in range(L)]
 
