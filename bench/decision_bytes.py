@@ -19,6 +19,11 @@ gather, forward, backward, the Wasserstein penalty's gradient, Adam), split by A
 is the eager one (fused_adam's compiled kernels read each tensor once).
 
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --plain --time 10 --jobs batch-l2-vanilla batch-l2-long
+
+With --decision, a whole decision step by phase: what the graphs replay, what runs eagerly (a launch and
+Python's dispatch each), and the host's stopping rule (host tensors, no launch).
+
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --jobs batch-l2-long batch-crelu-long
 """
 from __future__ import annotations
 
@@ -108,6 +113,37 @@ def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
             "phases": by_phase(counter)}
 
 
+EAGER_REST = "eager: the rest (the probe's statistics, bookkeeping)"
+
+
+def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
+    """One whole decision step (the job's second, past the first's cold start), by phase: what a CUDA
+    graph replays (the decision graph's body; the step's forward and backward with decision_step_graph)
+    and what runs eagerly, a launch and Python's dispatch each (most of a small job's decision on call 7's
+    H100), the host's stopping rule on host tensors apart."""
+    engine, bidx = engine_at_task_start(cfgs, tmp)
+    engine.step(bidx, step=0, frac=0.0, decide=True)
+    counter = Bytes()
+    counter.phase = EAGER_REST
+    patched = [(engine, "decision_forward_backward", "graph (decision_step_graph): the step's forward and backward"),
+               (engine.decision_graph, "_body", "graph (decision_graph): the body"),
+               (batched, "batched_lanczos", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
+               (batched, "ritz_step", "host: the stopping rule's tridiagonal solves (host tensors)"),
+               (engine.sched, "step", "eager: Algorithm 1"), (engine.adam, "step", "eager: Adam"),
+               (engine.probe, "_starts", "eager: start vectors"), (engine.probe, "_global_start", "eager: start vectors")]
+    kept = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
+    try:
+        for obj, attr, phase in patched:
+            setattr(obj, attr, in_phase(counter, phase, getattr(obj, attr)))
+        with counter:
+            engine.step(bidx, step=1, frac=0.0, decide=True)
+    finally:
+        for obj, attr, fn in kept:
+            setattr(obj, attr, fn)
+    return {"job": name, "models": len(cfgs), "ops": sum(counter.ops.values()),
+            "gb": sum(counter.bytes.values()) / 1e9, "phases": by_phase(counter)}
+
+
 class OpBytes(Bytes):
     """Bytes as Bytes counts them, by ATen op name."""
 
@@ -160,6 +196,8 @@ def main() -> int:
     p.add_argument("--peak-gbs", type=float, default=3350.0, help="bandwidth for the floor (H100 SXM: 3350)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--plain", action="store_true", help="a plain training step, by ATen op")
+    p.add_argument("--decision", action="store_true",
+                   help="a whole decision step by phase: what graphs replay, what runs eagerly, the host's rule")
     p.add_argument("--time", type=int, default=0, metavar="N",
                    help="with --plain: also time forward+backward, the penalty's gradient through autograd against "
                         "add_grad, N interleaved repeats (one thread)")
@@ -177,9 +215,14 @@ def main() -> int:
     for name in a.jobs:
         cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
         with tempfile.TemporaryDirectory() as tmp:
-            row = plain_step_bytes(name, cfgs, Path(tmp), a.time) if a.plain else job_bytes(name, cfgs, Path(tmp))
+            row = plain_step_bytes(name, cfgs, Path(tmp), a.time) if a.plain else \
+                decision_step_bytes(name, cfgs, Path(tmp)) if a.decision else job_bytes(name, cfgs, Path(tmp))
         rows.append(row)
-        if a.plain:
+        if a.decision:
+            print(f"{name}: {row['models']} models, a decision step: {row['ops']} ops, {row['gb']:.1f} GB touched", flush=True)
+            for k, v in row["phases"].items():
+                print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB")
+        elif a.plain:
             print(f"{name}: {row['models']} models ({row['wasserstein']} Wasserstein), plain step: {row['ops']} ops, "
                   f"{row['gb']:.2f} GB touched ({1e3 * row['gb'] / row['models']:.1f} MB a model-step)", flush=True)
             for k, v in list(row["phases"].items())[:12]:
