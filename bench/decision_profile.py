@@ -221,7 +221,7 @@ def main() -> int:
         print(f"{name:>26} {row['models']:>3} models ({row['measuring']} measuring, {row['wasserstein']} Wasserstein)"
               f"  plain {row['plain_ms']:.2f} ms, eager {row['eager_ms']:.2f} ms;  decision {row['decision_ms']:.1f} ms"
               f" = Lanczos {row['lanczos_ms']:.1f} ({row['rounds']} rounds, {row['ms_per_round']:.2f} ms each"
-              + (f"; of it the gradient and {batched.DecisionGraph.ROUNDS} rounds run ahead {row['ahead_ms']:.1f}"
+              + (f"; of it the graph body ({batched.DecisionGraph.ROUNDS} rounds run ahead) {row['ahead_ms']:.1f}"
                  if row["ahead_ms"] else "") + ")"
               f" + Algorithm 1 {row['scheduler_ms']:.1f} + rest {row['rest_ms']:.1f};"
               f"  decisions are {100 * row['decision_share']:.0f}% of the job's time", flush=True)
