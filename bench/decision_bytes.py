@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 from count_ops import VIEWS
 from trainability import batched, config
-from trainability.pipeline import run_jobs
+from trainability.planning import stacks
 
 JOBS = ["batch-l2-vanilla", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla-appendix"]
 ARITHMETIC = "Lanczos arithmetic (recurrence, reorthogonalisation, basis)"
@@ -77,8 +77,8 @@ def in_phase(counter: Bytes, name: str, fn):
 def engine_at_task_start(cfgs: list[dict], tmp: Path):
     """The job's engine on the CPU at the start of task 1, and its first full minibatch."""
     engine = batched.BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
-    engine.start_task(0)
-    engine.ramp(0)
+    engine.start_task(dict.fromkeys(range(engine.M), 0))
+    engine.ramp([0] * engine.M)
     return engine, next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
 
 
@@ -122,7 +122,7 @@ def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
     and what runs eagerly, a launch and Python's dispatch each (most of a small job's decision on call 7's
     H100), the host's stopping rule on host tensors apart."""
     engine, bidx = engine_at_task_start(cfgs, tmp)
-    engine.step(bidx, step=0, frac=0.0, decide=True)
+    engine.step(bidx, step=0, frac=[0.0] * engine.M, decide=True)
     counter = Bytes()
     counter.phase = EAGER_REST
     patched = [(engine, "decision_forward_backward", "graph (decision_step_graph): the step's forward and backward"),
@@ -136,7 +136,7 @@ def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
         for obj, attr, phase in patched:
             setattr(obj, attr, in_phase(counter, phase, getattr(obj, attr)))
         with counter:
-            engine.step(bidx, step=1, frac=0.0, decide=True)
+            engine.step(bidx, step=1, frac=[0.0] * engine.M, decide=True)
     finally:
         for obj, attr, fn in kept:
             setattr(obj, attr, fn)
@@ -154,7 +154,7 @@ class OpBytes(Bytes):
 
 def plain_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_reps: int = 0) -> dict:
     engine, bidx = engine_at_task_start(cfgs, tmp)
-    engine.step(bidx, step=0, frac=0.0, decide=False)   # Adam's state, as in a run
+    engine.step(bidx, step=0, frac=[0.0] * engine.M, decide=False)   # Adam's state, as in a run
     counter = OpBytes()
     batched._clear_grads(engine.net.params())
     with counter:
@@ -207,7 +207,7 @@ def main() -> int:
         torch.set_num_threads(1)
     params = config.load_params(a.params)
     seeds = a.seeds or params["scales"][a.scale]["seeds"]
-    groups, _ = run_jobs(params, a.scale)
+    groups = stacks(params, a.scale)   # the jobs and the stacks they shrink to
     # the body does not depend on the stream's length: a short one keeps the CPU's memory small
     sets = ["wandb.mode=disabled", "device=cpu", "indicators.enabled=false", "decision_graph=true",
             "stream.n_images=2560", *a.set]

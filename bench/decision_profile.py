@@ -35,8 +35,8 @@ import torch
 
 from bench_batched import _sync
 from trainability import batched, config
+from trainability.planning import stacks
 from trainability.measure import buffers_kept
-from trainability.pipeline import run_jobs
 
 JOBS = ["batch-l2-vanilla-appendix", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla"]
 
@@ -126,7 +126,7 @@ def kernel_profile(engine, batch, step, device) -> dict:
     from torch.profiler import ProfilerActivity, profile
     _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall, _ = timed(lambda: engine.step(batch, step=step, frac=0.0, decide=True), device)
+        wall, _ = timed(lambda: engine.step(batch, step=step, frac=[0.0] * engine.M, decide=True), device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / 1e3   # microseconds -> ms
     return {"kernels": len(kernels), "gpu_busy_ms": busy, "wall_ms": wall * 1e3,
@@ -136,20 +136,20 @@ def kernel_profile(engine, batch, step, device) -> dict:
 def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: int, reps: int, tmp: Path) -> dict:
     engine = batched.BatchedRuns(cfgs, device, [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
     K = cfgs[0]["measure"]["every"]
-    engine.start_task(0)
-    engine.ramp(0)
+    engine.start_task(dict.fromkeys(range(engine.M), 0))
+    engine.ramp([0] * engine.M)
     batches = [b for b in engine.minibatches(0) if b.shape[1] == engine.B]
     i = 0
 
     def steps(n, decide_at=None):
         nonlocal i
         for _ in range(n):
-            engine.step(batches[i % len(batches)], step=i, frac=0.0, decide=decide_at == i)
+            engine.step(batches[i % len(batches)], step=i, frac=[0.0] * engine.M, decide=decide_at == i)
             i += 1
     steps(K)   # warm-up: graph capture, a first decision (its warm starts), decision_step_graph's eager calls
     step_graph = engine.decision_step_graph
     for _ in range(1 + (step_graph.warmup if step_graph is not None else 0)):
-        engine.step(batches[0], step=i, frac=0.0, decide=True)
+        engine.step(batches[0], step=i, frac=[0.0] * engine.M, decide=True)
         i += 1
     row = {"job": name, "models": len(cfgs), "K": K,
            "measuring": sum(engine.measuring_m), "wasserstein": sum(x > 0 for x in engine.lam_w)}
@@ -165,7 +165,7 @@ def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: in
         for _ in range(decisions):
             steps(K - 1)
             ph.clear()
-            s, _ = timed(lambda: engine.step(batches[i % len(batches)], step=i, frac=0.0, decide=True), device)
+            s, _ = timed(lambda: engine.step(batches[i % len(batches)], step=i, frac=[0.0] * engine.M, decide=True), device)
             i += 1
             dec.append((s, ph.lanczos_s + ph.ahead_s, ph.rounds, ph.sched_s, ph.ahead_s))
     finally:
@@ -207,7 +207,7 @@ def main() -> int:
     device = torch.device(a.device)
     params = config.load_params(a.params)
     seeds = a.seeds or params["scales"][a.scale]["seeds"]
-    groups, _ = run_jobs(params, a.scale)
+    groups = stacks(params, a.scale)   # the jobs and the stacks they shrink to
     sets = ["wandb.mode=disabled", f"device={a.device}", "cuda_graph=true", "indicators.enabled=false", *a.set]
     print(f"device {a.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}", flush=True)

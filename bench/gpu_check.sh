@@ -8,13 +8,14 @@
 #    against the eager step, fused_adam), then the rest (mixed batches: arms, L2 and Wasserstein,
 #    activations, the global variant, BatchNorm) and the measurement tests;
 # 2. the projected wall time of the whole paper scale (bench/project_paper.py): every job the Snakefile
-#    plans, timed with its own configs for short tasks, projected to 40 tasks, one job at a time and two
+#    plans, timed with its own configs for short tasks (a job of several task lengths phase by phase, its
+#    stack shrinking as they end), projected to 40 tasks, one job at a time and two
 #    at once (-> $OUT/projection.json), with cuda_graph and fused_adam on where step 1 passed them;
 # 3. where a job's time goes (bench/decision_profile.py): plain and eager step, the decision step split
 #    into Lanczos rounds, Algorithm 1 and the rest, the Wasserstein penalty alone, one round of Hessian-
 #    vector products eager and as a CUDA graph, and a profiler's count of one decision's kernels;
-# 4. the first two tasks of one whole job actually run (batch-crelu-short, the paper's configs), to set
-#    against step 2's projection of it (-> $OUT/whole_job.log);
+# 4. the first two tasks of crelu-short's runs actually run (batched, the paper's configs: 2 x 23,500
+#    steps of 3 models), to set against step 2's per-step costs (-> $OUT/whole_job.log);
 # 5. bench_batched: one at a time vs batched vs the batched step as a CUDA graph, with Adam compiled,
 #    and both, for 1 and 93 models; then 93 models with a decision every K = 40;
 # 6. bench/tf32_effect.py: one 5-epoch task of the paper stream with tf32 off and on (speed, record drift);
@@ -98,7 +99,7 @@ if want 3; then
 fi
 
 if want 4; then
-    stamp "4. the first two tasks of one whole job (batch-crelu-short), against step 2's projection"
+    stamp "4. the first two tasks of crelu-short's runs (the first phase's shortest tasks; batched, the paper's configs)"
     rm -rf results/paper/runs/crelu-short
     timeout 150 $PY -m trainability.batched --scale paper --runs crelu-short --fresh --no-progress \
         --set n_tasks=2 --set device="$DEVICE" --set wandb.mode=disabled $KEYS ${JOB_ARGS:-} 2>&1 \

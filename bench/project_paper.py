@@ -9,12 +9,13 @@ for one task of E and of 2E epochs (epochs_factor 1) without the Fig. 1 indicato
 computes them, one of E epochs with them, after an untimed warm-up task with the same step shapes on a
 stream of a few minibatches (torch.compile and the CUDA graph capture their one-off costs there). The
 first two task walls give seconds per step (their difference over the step difference) and the
-end-of-task evaluation's cost; the third the indicators' cost per task. The job's
-projection is
+end-of-task evaluation's cost; the third the indicators' cost per task. A job whose runs
+have several task lengths is timed phase by phase, its stack shrinking as the shorter lengths end
+(`planning.stack_phases`). The job's projection is
 
-    setup + n_tasks x (steps_per_task x seconds_per_step + fixed)
+    setup + sum over phases (epochs x steps_per_epoch x seconds_per_step + task ends x fixed)
 
-with the scale's own n_tasks and steps per task. Prints each job's models, seconds per step, model-steps
+with the scale's own n_tasks and task lengths. Prints each job's models, seconds per step, model-steps
 per second and its fraction of a bandwidth floor (MB_PER_MODEL_STEP counted in bench_batched.py, at
 --peak-gbs), then the whole scale one job at a time and on --slots concurrent slots (longest job first,
 each slot at --slot-speed of solo speed: 0.60 measured for two paper-scale jobs on one H200 by bench/slots.py,
@@ -39,6 +40,7 @@ from trainability import config
 from trainability.batched import run_batched
 from trainability.loop import steps_per_task
 from trainability.pipeline import run_jobs
+from trainability.planning import stack_phases
 from trainability.train import run as train_run
 
 MB_PER_MODEL_STEP = 39.0   # bench_batched.py's counted traffic of one model-step (not measured)
@@ -69,27 +71,36 @@ def timed_task(cfgs: list[dict], out: Path, epochs: int, batched: bool, indicato
     return total, max(r["tasks"][0]["wall_s"] for r in recs), steps_per_task(cfgs[0])[2]
 
 
-def project_job(name: str, cfgs: list[dict], real: dict, batched: bool, epochs: int, tmp: Path) -> dict:
-    """One job's measured costs and projected hours; `real` is a config of the job as the scale runs it.
-    Seconds per step from two tasks without indicators (E and 2E epochs), after an untimed warm-up task
-    on warm_up_stream (torch.compile's and the graph capture's one-off costs); the indicators' cost per
-    task from a third (E epochs, with them) when the scale computes them."""
-    timed_task(cfgs, tmp / name / "w", 1, batched, False, warm_up=True)   # compile, graph capture
-    total1, task1, steps1 = timed_task(cfgs, tmp / name / "a", epochs, batched, False)
-    _, task2, steps2 = timed_task(cfgs, tmp / name / "b", 2 * epochs, batched, False)
-    s_step = (task2 - task1) / (steps2 - steps1) if steps2 > steps1 else 0.0
-    if s_step <= 0:
-        raise SystemExit(f"{name}: tasks of {epochs} and {2 * epochs} epochs gave no usable difference "
-                         f"({task1:.2f} s, {task2:.2f} s); raise --epochs")
-    fixed = max(0.0, task1 - steps1 * s_step)   # the end-of-task evaluation
-    if real["indicators"]["enabled"]:
-        fixed += max(0.0, timed_task(cfgs, tmp / name / "c", epochs, batched, True)[1] - task1)
-    setup = max(0.0, total1 - task1)
-    task_steps = steps_per_task(real)[2]
-    hours = (setup + real["n_tasks"] * (task_steps * s_step + fixed)) / 3600
-    return {"job": name, "models": len(cfgs), "n_tasks": real["n_tasks"], "steps_per_task": task_steps,
-            "s_per_step": s_step, "fixed_s_per_task": fixed, "setup_s": setup,
-            "model_steps_per_s": len(cfgs) / s_step, "hours": hours}
+def project_job(name: str, cfgs: list[dict], reals: list[dict], batched: bool, epochs: int, tmp: Path) -> dict:
+    """One job's measured costs and projected hours; `reals` are its configs as the scale runs them.
+    For each phase of the job (its models shrinking as the shorter task lengths end,
+    `planning.stack_phases`): seconds per step from two tasks without indicators (E and 2E epochs),
+    after an untimed warm-up task on warm_up_stream (torch.compile's and the graph capture's one-off
+    costs); the indicators' cost per task from a third (E epochs, with them) when the scale computes
+    them."""
+    real, per_epoch = reals[0], steps_per_task(reals[0])[1]
+    seconds, setup, rows = 0.0, 0.0, []
+    for k, (models, n_epochs, task_ends) in enumerate(stack_phases(reals)):
+        sub, where = [cfgs[m] for m in models], tmp / name / f"phase{k}"
+        timed_task(sub, where / "w", 1, batched, False, warm_up=True)   # compile, graph capture
+        total1, task1, steps1 = timed_task(sub, where / "a", epochs, batched, False)
+        _, task2, steps2 = timed_task(sub, where / "b", 2 * epochs, batched, False)
+        s_step = (task2 - task1) / (steps2 - steps1) if steps2 > steps1 else 0.0
+        if s_step <= 0:
+            raise SystemExit(f"{name}: tasks of {epochs} and {2 * epochs} epochs gave no usable difference "
+                             f"({task1:.2f} s, {task2:.2f} s); raise --epochs")
+        fixed = max(0.0, task1 - steps1 * s_step)   # the end-of-task evaluation
+        if real["indicators"]["enabled"]:
+            fixed += max(0.0, timed_task(sub, where / "c", epochs, batched, True)[1] - task1)
+        setup += max(0.0, total1 - task1)   # the job's start, and each shrink's rebuild
+        seconds += n_epochs * per_epoch * s_step + task_ends * fixed
+        rows.append({"models": len(models), "epochs": n_epochs, "task_ends": task_ends, "s_per_step": s_step,
+                     "fixed_s_per_task": fixed, "model_steps_per_s": len(models) / s_step})
+    model_steps = sum(r["models"] * r["epochs"] * per_epoch for r in rows)
+    return {"job": name, "models": len(cfgs), "n_tasks": real["n_tasks"], "phases": rows,
+            "model_steps": model_steps, "s_per_step": seconds / sum(r["epochs"] * per_epoch for r in rows),
+            "fixed_s_per_task": rows[0]["fixed_s_per_task"], "setup_s": setup,
+            "model_steps_per_s": model_steps / seconds, "hours": (setup + seconds) / 3600}
 
 
 def makespan(hours: list[float], slots: int, speed: float) -> float:
@@ -132,10 +143,13 @@ def main() -> int:
         for name, runs, batched in jobs:
             job_seeds = seeds if batched else [int(name.rsplit("seed", 1)[1])]
             cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in runs for s in job_seeds]
-            real = config.resolve_run(params, a.scale, runs[0], job_seeds[0])   # the job's n_tasks and steps
-            row = project_job(name, cfgs, real, batched, a.epochs, Path(tmp))
+            reals = [config.resolve_run(params, a.scale, r, s) for r in runs for s in job_seeds]   # task lengths
+            row = project_job(name, cfgs, reals, batched, a.epochs, Path(tmp))
             row["floor_fraction"] = row["model_steps_per_s"] * MB_PER_MODEL_STEP / (a.peak_gbs * 1e3)
             rows.append(row)
+            for ph in row["phases"][1:] if len(row["phases"]) > 1 else []:
+                print(f"{'':>32} then {ph['models']:>3} models for {ph['epochs']} epochs: "
+                      f"{ph['s_per_step'] * 1e3:7.2f} ms/step", flush=True)
             print(f"{name:>32} {row['models']:>3} models  {row['s_per_step'] * 1e3:7.2f} ms/step  "
                   f"{row['model_steps_per_s']:9.0f} model-steps/s ({100 * row['floor_fraction']:4.1f}% of the "
                   f"bandwidth floor)  fixed {row['fixed_s_per_task']:6.1f} s/task  -> {row['hours']:6.2f} h",
@@ -147,7 +161,7 @@ def main() -> int:
 def summarise(a, rows: list[dict], complete: bool) -> None:
     """Print the projection of the jobs measured so far and write it to --out."""
     hours = [r["hours"] for r in rows]
-    model_steps = sum(r["models"] * r["n_tasks"] * r["steps_per_task"] for r in rows)
+    model_steps = sum(r["model_steps"] for r in rows)
     summary = {"scale": a.scale, "device": a.device, "complete": complete, "jobs": rows,
                "sequential_hours": sum(hours), "slots": a.slots, "slot_speed": a.slot_speed,
                "makespan_hours": makespan(hours, a.slots, a.slot_speed),

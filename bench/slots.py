@@ -2,7 +2,7 @@
 and the whole scale's makespan on that many slots from it.
 
     python bench/slots.py --device cuda --slots 4 --projection bench/out/gpu/projection.json --out bench/out/gpu/slots.json
-    python bench/slots.py --device cpu --slots 2 --seconds 4 --jobs batch-crelu-short batch-l2-short \\
+    python bench/slots.py --device cpu --slots 2 --seconds 4 --jobs batch-crelu-long batch-l2-long \\
         --set stream.n_images=2560 --set measure.every=4          # a CPU try-out of the script
 
 `--slots` K worker processes each build one job of the scale (default: the K longest in --projection, which
@@ -35,8 +35,7 @@ import torch
 from bench_batched import _sync
 from project_paper import makespan
 from trainability import batched, config
-from trainability.planning import check_batchable
-from trainability.pipeline import run_jobs
+from trainability.planning import check_batchable, stacks
 
 
 def _train_for(engine, clock: dict, seconds: float) -> tuple[int, float]:
@@ -50,13 +49,13 @@ def _train_for(engine, clock: dict, seconds: float) -> tuple[int, float]:
     while True:
         if clock["batch"] is None or clock["j"] == len(clock["batch"]):
             if clock["batch"] is not None:
-                engine.end_epoch(steps=clock["step"])
+                engine.end_epoch(steps=[clock["step"]] * engine.M)
                 clock["epoch"] += 1
             clock["batch"], clock["j"] = engine.minibatches(clock["epoch"]), 0
         idx = clock["batch"][clock["j"]]
-        engine.step(idx, step=clock["step"], frac=0.0, decide=engine.measuring and (clock["step"] + 1) % K == 0)
+        engine.step(idx, step=clock["step"], frac=[0.0] * engine.M, decide=engine.measuring and (clock["step"] + 1) % K == 0)
         if clock["j"] == 0:
-            engine.ramp(clock["epoch"])
+            engine.ramp([clock["epoch"]] * engine.M)
         clock["j"] += 1
         clock["step"] += 1
         steps += 1
@@ -73,7 +72,7 @@ def worker(w: int, name: str, cfgs: list[dict], device: str, phases: list[list[i
     check_batchable(cfgs)   # (resolve_with_sets validated each)
     with tempfile.TemporaryDirectory() as tmp:
         engine = batched.BatchedRuns(cfgs, dev, [{} for _ in cfgs], [Path(tmp) / f"m{i}" for i in range(len(cfgs))])
-        engine.start_task(0)
+        engine.start_task(dict.fromkeys(range(engine.M), 0))
         clock = {"epoch": 0, "batch": None, "j": 0, "step": 0}
         _train_for(engine, clock, 0.0)   # a first step: the engine's one-off costs start here
         while clock["step"] < 3 * engine.cfgs[0]["measure"]["every"] + 4:   # graph captures, compile, decisions
@@ -153,7 +152,7 @@ def main() -> int:
         return 0
     params = config.load_params(a.params)
     seeds = a.seeds or params["scales"][a.scale]["seeds"]
-    groups, _ = run_jobs(params, a.scale)
+    groups = stacks(params, a.scale)   # the jobs and the stacks they shrink to
     proj = json.loads(Path(a.projection).read_text()) if a.projection else None
     names = a.jobs or ([r["job"] for r in sorted(proj["jobs"], key=lambda r: -r["hours"]) if r["job"] in groups]
                        if proj else list(groups))[:a.slots]

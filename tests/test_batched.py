@@ -402,12 +402,17 @@ def test_cli_dry_run_and_refusal(capsys):
     assert "6 models in one batch" in out and "results/paper/runs/l2-scheduled/seed2/record.json" in out
     assert main(["--scale", "paper", "--runs", "l2-vanilla", "bn-l2", "--dry-run"]) == 2
     assert "batchnorm" in capsys.readouterr().err
+    # three task lengths: tasks of 100, 250 and 500 epochs, 40 of each
+    assert main(["--scale", "paper", "--runs", "l2-short", "l2-vanilla", "l2-long", "--dry-run"]) == 0
+    assert ("the stack: 9 models for 4000 epochs, then 6 models for 6000 epochs, then 3 models for 10000 epochs"
+            in capsys.readouterr().out)
 
 
 def test_paper_scale_plan_uses_batched_jobs():
-    """`snakemake -n --config scale=paper`: one batched job per model shape and task length (arms,
-    regularisers, activations, measurement on/off, bounds, scheduler variants, all seeds); BatchNorm
-    models (which do not measure) are a shape of their own, and no run is left one job per seed."""
+    """`snakemake -n --config scale=paper`: one batched job per model shape (arms, regularisers,
+    activations, measurement on/off, bounds, scheduler variants, task lengths, all seeds); BatchNorm
+    models (which do not measure) are a shape of their own, the appendix's stream a job of its own, and
+    no run is left one job per seed."""
     import subprocess
     import sys
     # --forceall: the whole plan, whatever records this checkout already has
@@ -416,9 +421,8 @@ def test_paper_scale_plan_uses_batched_jobs():
     assert out.returncode == 0, out.stderr[-2000:]
     plan = out.stdout + out.stderr
     batch_jobs = {line.split()[0] for line in plan.splitlines() if line.startswith("run_batch_")}
-    # plain, CReLU and BatchNorm shapes at the paper's task length, x0.4 and x2, the appendix's stream
-    assert batch_jobs == {"run_batch_l2_vanilla", "run_batch_crelu_vanilla", "run_batch_bn_l2", "run_batch_l2_short",
-                          "run_batch_l2_long", "run_batch_crelu_short", "run_batch_crelu_long",
+    # plain, CReLU and BatchNorm shapes (each with its x0.4 and x2 task lengths), the appendix's stream
+    assert batch_jobs == {"run_batch_l2_vanilla", "run_batch_crelu_vanilla", "run_batch_bn_l2",
                           "run_batch_l2_vanilla_appendix"}
     singles = {line.split("run=")[1].split(",")[0] for line in plan.splitlines() if "wildcards: run=" in line}
     assert not singles
@@ -444,15 +448,15 @@ def test_batch_max_runs_deals_a_large_group_into_smaller_ones():
     params = config.load_params("params.yaml")
     params["scales"]["paper"].pop("batch_max_runs", None)
     whole, _ = run_jobs(params, "paper")
-    params["scales"]["paper"]["batch_max_runs"] = 9
+    params["scales"]["paper"]["batch_max_runs"] = 12
     dealt, _ = run_jobs(params, "paper")
     big = max(whole.values(), key=len)
     parts = [rs for rs in dealt.values() if set(rs) <= set(big)]
-    assert len(big) == 23 and sorted(len(rs) for rs in parts) == [7, 8, 8]
+    assert len(big) == 27 and sorted(len(rs) for rs in parts) == [9, 9, 9]
     assert sorted(r for rs in parts for r in rs) == sorted(big) and parts[0][:2] == [big[0], big[3]]
     assert len({batch_key(config.resolve_run(params, "paper", r, 0)) for rs in parts for r in rs}) == 1
-    assert {k: v for k, v in dealt.items() if len(v) <= 9 and not set(v) <= set(big)} == \
-        {k: v for k, v in whole.items() if v is not big}   # the groups of at most 9 runs stay whole
+    assert {k: v for k, v in dealt.items() if len(v) <= 12 and not set(v) <= set(big)} == \
+        {k: v for k, v in whole.items() if v is not big}   # the groups of at most 12 runs stay whole
 
 
 def test_training_steps_read_nothing_back_to_the_host(tmp_path, mnist_root, monkeypatch):
@@ -586,8 +590,8 @@ def _engine_at_task_start(cfgs, tmp_path):
     """A BatchedRuns of cfgs at the start of task 1 (the beta ramp's first epoch), and its first full minibatch."""
     engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
                                  [tmp_path / f"m{i}" for i in range(len(cfgs))])
-    engine.start_task(0)
-    engine.ramp(0)
+    engine.start_task(dict.fromkeys(range(engine.M), 0))
+    engine.ramp([0] * engine.M)
     return engine, next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
 
 
@@ -600,7 +604,7 @@ def test_a_sub_stack_is_its_models_rows(tmp_path, mnist_root):
     cfgs = [tiny(r, **d) for r in ("l2-global", "linear", "wass-global", "wass-scheduled", "l2-scheduled")]
     engine, bidx = _engine_at_task_start(cfgs, tmp_path)
     for i in range(2):   # the weights away from their start: a Wasserstein penalty above 0
-        engine.step(bidx, step=i, frac=0.0, decide=False)
+        engine.step(bidx, step=i, frac=[0.0] * engine.M, decide=False)
     xb, yb = engine.minibatch(bidx)
     rows = [1, 2, 4]   # identity and relu, a Wasserstein model and a plain one
     sub = engine.net.rows(rows)
@@ -630,7 +634,7 @@ def test_the_steps_wasserstein_gradient_is_autograds(tmp_path, mnist_root, regs)
     cfgs = [tiny(r, **d) for r in regs]
     engine, bidx = _engine_at_task_start(cfgs, tmp_path)
     for i in range(2):   # the weights away from their start: the penalty and its gradient above 0
-        engine.step(bidx, step=i, frac=0.0, decide=False)
+        engine.step(bidx, step=i, frac=[0.0] * engine.M, decide=False)
     assert engine.wass()[0] > 0
     params = engine.net.params()
     batched._clear_grads(params)
@@ -661,7 +665,7 @@ def test_the_probes_products_are_autograds_through_the_whole_objective(tmp_path,
     cfgs = [tiny(r, **d) for r in runs]
     engine, bidx = _engine_at_task_start(cfgs, tmp_path)
     for i in range(2):   # the weights away from their start: the sort's permutation is not the identity
-        engine.step(bidx, step=i, frac=0.0, decide=False)
+        engine.step(bidx, step=i, frac=[0.0] * engine.M, decide=False)
     probe, net = engine.probe, engine.net
     xb, yb = engine.minibatch(bidx)
     ops = probe.hvps(lambda sub=None: engine.objective(xb, yb, sub=sub)[2], net.forward(xb, keep=True)[1])
@@ -713,7 +717,7 @@ def test_the_decision_graphs_autograd_graph_outlives_the_in_place_steps(tmp_path
     starts.append(torch.randn(engine.probe.global_vecs.shape, device=bidx.device))
     problems, _ = engine.decision_graph(bidx, starts)
     for i in range(2):
-        engine.step(bidx, step=i, frac=0.0, decide=False)
+        engine.step(bidx, step=i, frac=[0.0] * engine.M, decide=False)
     for hvp, v in problems:
         assert torch.isfinite(hvp(v)).all()
     w_now = [p.detach().clone() for p in engine.net.params()]
@@ -830,3 +834,33 @@ def test_cuda_graph_step_equals_the_eager_step(tmp_path, mnist_root):
     for i, (e, g) in enumerate(zip(eager, graph)):
         diffs = _close(_comparable(e), _comparable(g), 1e-6)
         assert not diffs, f"config {i}: " + "; ".join(diffs[:5])
+
+
+def test_task_lengths_in_one_batch_equal_single_runs_and_resume_across_the_stack_shrinking(tmp_path, mnist_root):
+    """Runs of three task lengths (epochs_factor 0.5, 1 and 2: tasks of 1, 2 and 4 epochs) in one batch,
+    on the authors' stream (a partial last minibatch, the beta ramp at each model's own epoch, a warm
+    window at each model's own task fraction): each model keeps its task clock, and each record equals
+    train.run's. The stack sheds the 1-epoch runs at epoch 4 (the first epoch where every running model
+    is at a task boundary: a Wasserstein and a plain model leave, a Wasserstein reset model and a
+    measure.global model stay) and the 2-epoch run at epoch 8; an interruption at either checkpoint
+    resumes to the same records. With the paper scale's graph keys (on CUDA the graphs are captured
+    again for the smaller stack; elsewhere their eager stand-ins)."""
+    d = {"data": {"root": mnist_root}, "stream": {"n_images": 600, "drop_last": False},
+         "optim": {"beta_ramp": True}, "measure": {"every": 3}, "cuda_graph": True, "decision_graph": True,
+         "scheduler": {"floor": 0.0, "warm_frac": 0.5, "warm_factor": 1.0}}
+    cfgs = [tiny("l2-scheduled", epochs_factor=0.5, **d), tiny("wass-reset", **d),
+            tiny("l2-global", epochs_factor=2.0, **d),
+            config.deep_merge(tiny("wass-scheduled", epochs_factor=0.5, **d), {"seed": 1})]
+    check_batchable(cfgs)
+    batch = _check_equal(cfgs, tmp_path)
+    assert [[t["steps"] for t in rec["tasks"]] for rec in batch] == [[3] * 3, [6] * 3, [12] * 3, [3] * 3]
+    assert all(rec["status"] == "completed" for rec in batch)
+    full = [_comparable(r) for r in batch]
+    for stop, left in ((0, 2), (4, 1)):   # the checkpoints at epochs 4 and 8
+        dirs = [tmp_path / f"stop{stop}-{i}" for i in range(4)]
+        part = run_batched(cfgs, dirs, progress=False, stop_after_task=stop)
+        assert sum(not (d / "record.json").exists() for d in dirs) == left   # the models still in the stack
+        ckpt = torch.load(dirs[0] / ("batched-" + batched.CHECKPOINT_NAME), weights_only=False)
+        assert ckpt["next_epoch"] == 4 * (stop // 4 + 1) and len(part) == 4
+        resumed = run_batched(cfgs, dirs, progress=False)
+        assert [_comparable(r) for r in resumed] == full

@@ -14,29 +14,31 @@ class Diary:
     device = torch.device("cpu")
     measuring = True
 
+    task_epochs = [2]
+
     def __init__(self, diverge_in=()):
         self.log, self.diverge_in, self.done = [], set(diverge_in), None
 
-    def start_task(self, t):
-        self.t, self.epoch = t, -1
-        self.log.append(("start", t))
+    def start_task(self, tasks):
+        self.t, self.epoch = tasks[0], -1
+        self.log.append(("start", self.t))
 
     def minibatches(self, epoch):
         self.epoch = epoch
         return ["a", "b", "c"]
 
     def step(self, idx, *, step, frac, decide):
-        self.log.append(("step", self.t, self.epoch, idx, step, frac, decide))
+        self.log.append(("step", self.t, self.epoch, idx, step, frac and frac[0], decide))
 
-    def ramp(self, epoch):
-        self.log.append(("ramp", epoch))
+    def ramp(self, epochs):
+        self.log.append(("ramp", epochs[0]))
 
     def end_epoch(self, *, steps):
         return (self.t, self.epoch) in self.diverge_in
 
-    def end_task(self, t, *, steps, wall_s, step):
-        self.log.append(("end", t, steps, step))
-        return (t, self.epoch) not in self.diverge_in
+    def end_task(self, tasks, *, steps, wall_s, step):
+        self.log.append(("end", tasks[0], steps[0], step))
+        return [0] if (tasks[0], self.epoch) in self.diverge_in else []
 
     def task_line(self):
         return ""
@@ -47,7 +49,7 @@ class Diary:
     def load_state_dict(self, s):
         self.log = s["log"] + [("resumed",)]
 
-    def finish(self, completed):
+    def finish(self, completed, models=None):
         self.done = completed
 
 
@@ -58,8 +60,8 @@ def test_the_clock_of_a_stream(tmp_path):
     train_stream(e, CFG, tmp_path / "ckpt.pt", ["k"], progress=False)
     steps = [x for x in e.log if x[0] == "step"]
     assert [s[4] for s in steps] == list(range(12))
-    assert [s[3] for s in steps[:6]] == list("abcabc") and [s[5] for s in steps[:3]] == [0, 1 / 6, 2 / 6]
-    assert [s[4] for s in steps if s[6]] == [3, 7, 11]
+    assert [s[3] for s in steps[:6]] == list("abcabc")
+    assert [s[4] for s in steps if s[6]] == [3, 7, 11] and [s[5] for s in steps if s[6]] == [3 / 6, 1 / 6, 5 / 6]
     assert e.log[:3] == [("start", 0), steps[0], ("ramp", 0)] and e.log.count(("ramp", 1)) == 2
     assert [x for x in e.log if x[0] in ("start", "end")] == [("start", 0), ("end", 0, 6, 6),
                                                               ("start", 1), ("end", 1, 6, 12)]
@@ -89,3 +91,46 @@ def test_an_interrupted_stream_resumes_where_it_stopped(tmp_path, capsys):
     other = Diary()
     train_stream(other, CFG, ckpt, ["changed"], progress=False)
     assert other.log == whole.log and "ignoring" in capsys.readouterr().err
+
+
+class TwoClocks(Diary):
+    """Two models with tasks of 1 and 2 epochs in one engine."""
+    def __init__(self):
+        super().__init__()
+        self.task_epochs = [1, 2]
+
+    def start_task(self, tasks):
+        self.t, self.epoch = 0, -1
+        self.log.append(("start", tasks))
+
+    def end_task(self, tasks, *, steps, wall_s, step):
+        self.log.append(("end", tasks, steps, step))
+        return []
+
+    def keep(self, models):
+        self.log.append(("keep", models))
+        self.task_epochs = [self.task_epochs[m] for m in models]
+
+    def finish(self, completed, models=None):
+        self.log.append(("finish", completed, models))
+
+
+def test_each_model_keeps_its_task_clock_and_ended_runs_leave_the_stack(tmp_path):
+    """Tasks of 1 and 2 epochs (3 steps each): model 0's two tasks end at epochs 1 and 2; at epoch 2 both
+    models are at a task boundary, so model 0's record is written, the engine keeps model 1 (now model 0)
+    and a checkpoint is written there; an interruption at it resumes with the kept model only."""
+    e = TwoClocks()
+    train_stream(e, CFG, tmp_path / "ckpt.pt", ["k"], progress=False)
+    moments = [x for x in e.log if x[0] != "step" and x[0] != "ramp"]
+    assert moments == [("start", {0: 0, 1: 0}), ("end", {0: 0}, {0: 3}, 3), ("start", {0: 1}),
+                       ("end", {0: 1, 1: 0}, {0: 3, 1: 6}, 6), ("finish", True, [0]), ("keep", [1]),
+                       ("start", {0: 1}), ("end", {0: 1}, {0: 6}, 12), ("finish", True, None)]
+    steps = [x for x in e.log if x[0] == "step"]
+    assert [s[5] for s in steps if s[6]] == [0.0, 1 / 6, 5 / 6]   # model 0's task fraction at decisions
+    first = TwoClocks()
+    train_stream(first, CFG, tmp_path / "ckpt.pt", ["k"], progress=False, stop_after_task=0)
+    assert first.log[-1] == ("finish", False, None) and (tmp_path / "ckpt.pt").exists()
+    again = TwoClocks()
+    train_stream(again, CFG, tmp_path / "ckpt.pt", ["k"], progress=False)
+    cut = e.log.index(("keep", [1])) + 1   # the checkpoint's log, then the kept model's last task
+    assert again.log == e.log[:cut] + [("resumed",)] + e.log[cut:] and again.task_epochs == [2]

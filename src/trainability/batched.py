@@ -1,8 +1,10 @@
 """Batched training: M runs of one model shape trained together as one stacked model.
 
 The runs of a batch share the model shape (plain, CReLU or BatchNorm MLP), batch size, stream size and
-length (tasks, epochs), the measurement cadence and the scheduler's rule constants. Each keeps its own
-seed (images, labels, shuffles, init), arm (vanilla / reset / scheduled), activation among relu /
+number of tasks, the measurement cadence and the scheduler's rule constants. Each keeps its own task
+length (epochs_factor: its own task clock, loop.train_stream; the stack sheds the runs of the shorter
+lengths when they end, `BatchedRuns.keep`), seed (images, labels, shuffles, init), arm (vanilla / reset /
+scheduled), activation among relu /
 leaky_relu / identity (one LeakyReLU slope per model), learning rate, beta ramp on or off, regulariser
 (none / coupled L2 / Wasserstein, own strength; the sort only for the Wasserstein models), measurement
 on or off, scheduler variant (per-layer / global), bound (combined / noise / curvature), Eq. 2 statistic
@@ -19,7 +21,7 @@ divergence check per epoch; a decision step runs the Lanczos of every layer bloc
 network, for measure.global) in lockstep, and each round of products sends all their alphas and betas to
 the host in one transfer, where the tiny tridiagonal problems are solved and each model's convergence is
 decided (one sync per round). Decision rows stay on the device until the end
-of the task. On CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on
+of the model's task. On CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on
 any device, `fused_adam` compiles Adam's update.
 """
 from __future__ import annotations
@@ -50,14 +52,14 @@ from .regularizers import WassersteinPenalty, hessian_shift
 from .scheduler import ROW_FIELDS, algorithm1_rule, layer_bounds
 from .streams import epoch_order, input_dim, make_stream
 from .optim import ramped_betas
-from .planning import check_batchable
+from .planning import check_batchable, stack_phases
 from .train import _sub_seed, _wandb_logger, pick_device, setup_device, task_online_acc
 from .wandb_log import run_summary, task_metrics
 
 BOUNDS = ("combined", "noise", "curvature")
 # 2: BatchNorm buffers and the whole-network column (global_vecs); 3: the scheduler's windows oldest first;
-# 4: loop.train_stream's layout. A checkpoint of another format is ignored
-CHECKPOINT_FORMAT = 4
+# 4: loop.train_stream's layout; 5: a task clock per model. A checkpoint of another format is ignored
+CHECKPOINT_FORMAT = 5
 RULES = ("none", "cool", "warm")
 NUM_FIELDS = tuple(f for f in ROW_FIELDS if f != "rule")
 
@@ -1059,13 +1061,15 @@ def _no_rules(L: int) -> dict:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def _evaluate(net: StackedMLP, xs, ys, sidx, chunk: int = 2048):
-    """End-of-task loss and accuracy of every model on its whole task: (M,) each, on the host."""
+    """End-of-task loss and accuracy of every model of `net` on its whole task: (M,) each, on the host.
+    Model m reads images xs[sidx[m]] and labels ys[m]."""
     M, N = len(sidx), xs.shape[1]
     loss = torch.zeros(M, dtype=torch.float64, device=xs.device)
     correct = torch.zeros(M, dtype=torch.float64, device=xs.device)
     for i in range(0, N, chunk):
-        x, y = xs[sidx, i:i + chunk], ys[sidx, i:i + chunk]
+        x, y = xs[sidx, i:i + chunk], ys[:, i:i + chunk]
         logits, _, _ = net.forward(x, train=False)
         loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, -1).sum(1).double()
         correct += (logits.argmax(2) == y).sum(1).double()
@@ -1081,7 +1085,7 @@ class BatchedRuns:
         self.cfgs, self.device, self.metas, self.out_dirs = cfgs, device, metas, out_dirs
         c0 = cfgs[0]
         self.M = M = len(cfgs)
-        self.epochs = steps_per_task(c0)[0]
+        self.task_epochs = [steps_per_task(c)[0] for c in cfgs]   # a task clock per model (loop.train_stream)
         self.B = B = c0["batch_size"]
         self.n_images = c0["stream"]["n_images"]
         self.drop_last = c0["stream"]["drop_last"]
@@ -1133,13 +1137,21 @@ class BatchedRuns:
         self.records = [dict(new_record(c, device, L), name=mt.get("run"), scale=mt.get("scale"),
                              batched={"models": M, "position": i}) for i, (c, mt) in enumerate(zip(cfgs, metas))]
         self.rule_counts = [_no_rules(L) for _ in cfgs]
-        self.alive = [True] * M
+        self.alive = [True] * M   # False once a model's run has ended (diverged, or its last task done)
 
-        # the task's labels and counters live as long as the run, updated in place (a CUDA graph reads them)
-        self.ys = torch.zeros(len(self.seeds), self.n_images, dtype=torch.long, device=device)
+        # each model's task labels and counters live as long as the run, updated in place (a CUDA graph
+        # reads them); the models' tasks start and end on their own clocks (start_task, end_task)
+        self.ys = torch.zeros(M, self.n_images, dtype=torch.long, device=device)
+        self.model_rows = torch.arange(M, device=device).unsqueeze(1)
         self.correct = torch.zeros(M, device=device)           # over full minibatches
         self.correct_partial = torch.zeros(M, device=device)   # over last partial ones (stream.drop_last false)
         self.loss_sum = torch.zeros(M, device=device)
+        self.indicators, self.gens = [None] * M, [None] * M
+        self.steps_done = [0] * M   # per model: a diverged one's stop where train.SingleRun stops
+        self.diverged, self.correct_frozen = [False] * M, [None] * M
+        # decision rows (step, frac, (F, M, C) on the device) since the earliest open task's start: row
+        # rows_base + i is self.rows[i]; a model's task reads its rows from row_start[m] on
+        self.rows, self.rows_base, self.row_start, self.open = [], 0, [0] * M, set()
         self.graph = CudaGraphStep.for_device(self.plain_step, net.params(), device) if c0["cuda_graph"] else None
         self.decision_step_graph = CudaGraphStep.for_device(self.decision_forward_backward, net.params(), device,
                                                             keeps_grads=True) \
@@ -1161,8 +1173,7 @@ class BatchedRuns:
 
     def minibatch(self, bidx):
         """Each model's minibatch bidx (M, b), gathered on the device from its seed's stream: (xb, yb)."""
-        rows = self.sidx.unsqueeze(1)
-        return self.xs[rows, bidx], self.ys[rows, bidx]
+        return self.xs[self.sidx.unsqueeze(1), bidx], self.ys[self.model_rows, bidx]
 
     def forward_backward(self, bidx, counts, keep=False):
         """The step up to Adam: gather each model's minibatch bidx (M, b) on the device, forward, backward,
@@ -1189,37 +1200,44 @@ class BatchedRuns:
         xb, yb, inputs, outs = self.forward_backward(bidx, self.correct if counts is None else counts, keep=True)
         return xb, yb, [a.detach() for a in inputs], [z.grad for z in outs]
 
-    def start_task(self, t: int) -> None:
-        net, M = self.net, self.M
-        if t > 0:
-            for m, c in enumerate(self.cfgs):
-                if c["arm"] == "reset":   # as train.SingleRun: a fresh model, optimiser, probe and scheduler
-                    torch.manual_seed(_sub_seed(c["seed"], t))
-                    net.load(m, build_model(c["model"], input_dim(c["stream"])))
-                    self.adam.reset(m, self.lr0[m])
-                    if self.wass is not None:
-                        self.wass.reset(m)
-                    if self.probe is not None:
-                        self.probe.reset(m, _sub_seed(c["seed"], t))
-                        self.sched.reset(m)
-                        self.rule_counts[m] = _no_rules(self.L)
-        self.ys.copy_(torch.stack([self.streams[s].task(t)[1] for s in self.seeds]))
-        self.indicators = [None] * M
-        if self.cfgs[0]["indicators"]["enabled"]:
-            for m, c in enumerate(self.cfgs):
-                if not self.alive[m]:
-                    continue
+    def start_task(self, tasks: dict[int, int]) -> None:
+        """Models m start their task tasks[m]; the others go on with theirs."""
+        net = self.net
+        for m, t in tasks.items():
+            c = self.cfgs[m]
+            if t > 0 and c["arm"] == "reset":   # as train.SingleRun: a fresh model, optimiser, probe and scheduler
+                torch.manual_seed(_sub_seed(c["seed"], t))
+                net.load(m, build_model(c["model"], input_dim(c["stream"])))
+                self.adam.reset(m, self.lr0[m])
+                if self.wass is not None:
+                    self.wass.reset(m)
+                if self.probe is not None:
+                    self.probe.reset(m, _sub_seed(c["seed"], t))
+                    self.sched.reset(m)
+                    self.rule_counts[m] = _no_rules(self.L)
+        labels = {(self.cfgs[m]["seed"], t): None for m, t in tasks.items()}
+        for seed, t in labels:
+            labels[seed, t] = self.streams[seed].task(t)[1]
+        for m, t in tasks.items():
+            c = self.cfgs[m]
+            self.ys[m].copy_(labels[c["seed"], t])
+            self.indicators[m] = None
+            if c["indicators"]["enabled"] and self.alive[m]:
                 model = net.extract(m, c["model"])
                 reg = self.wass.for_model(m, model) if self.lam_w[m] > 0 else None
-                self.indicators[m] = task_start_indicators(c, model, self.xs[self.sidx[m]], self.ys[self.sidx[m]],
-                                                           reg, float(self.wd[m]))
-        self.gens = [torch.Generator(device=self.device).manual_seed(_sub_seed(c["seed"], t, 1)) for c in self.cfgs]
-        for acc in (self.correct, self.correct_partial, self.loss_sum):
-            acc.zero_()
-        self.rows = []
-        self.steps_done = [0] * M   # per model: a diverged one's stop where train.SingleRun stops
-        self.diverged = [False] * M
-        self.correct_frozen = [None] * M
+                self.indicators[m] = task_start_indicators(c, model, self.xs[self.sidx[m]], self.ys[m], reg,
+                                                           float(self.wd[m]))
+            self.gens[m] = torch.Generator(device=self.device).manual_seed(_sub_seed(c["seed"], t, 1))
+            self.steps_done[m], self.diverged[m], self.correct_frozen[m] = 0, False, None
+            self.row_start[m] = self.rows_base + len(self.rows)
+        self.open |= set(tasks)
+        if len(tasks) == self.M:
+            for acc in (self.correct, self.correct_partial, self.loss_sum):
+                acc.zero_()
+        else:
+            idx = torch.tensor(sorted(tasks), device=self.device)
+            for acc in (self.correct, self.correct_partial, self.loss_sum):
+                acc.index_fill_(0, idx, 0)
 
     def minibatches(self, epoch: int):
         """streams.batches' minibatches for every model, as views of one (M, n) order: (M, B) each, then
@@ -1230,7 +1248,7 @@ class BatchedRuns:
         tail = [order[:, n_full * B:]] if not self.drop_last and self.n_images % B else []
         return [full[:, j] for j in range(n_full)] + tail
 
-    def step(self, bidx, *, step: int, frac: float, decide: bool) -> None:
+    def step(self, bidx, *, step: int, frac: list[float] | None, decide: bool) -> None:
         full = bidx.shape[1] == self.B
         if self.graph is not None and full and not decide:
             self.graph(bidx)
@@ -1249,61 +1267,88 @@ class BatchedRuns:
         if decide:
             ahead = functools.partial(self.decision_graph, bidx) if self.decision_graph is not None and full else None
             meas = self.probe.measure(inputs, out_grads, lambda sub=None: self.objective(xb, yb, sub=sub)[2], ahead)
-            self.rows.append((step, frac, self.sched.step(meas, frac)))
+            # each model's fraction of its task (Algorithm 1's warm-up window): one number when they agree
+            fr = frac[0] if len(set(frac)) == 1 else \
+                torch.tensor(frac, dtype=torch.float64, device=self.device).unsqueeze(1)
+            self.rows.append((step, frac, self.sched.step(meas, fr)))
         self.adam.step()
 
-    def ramp(self, epoch: int) -> None:
+    def ramp(self, epochs: list[int]) -> None:
+        """The beta ramp's first-layer betas, each model at its epoch `epochs[m]` of its task."""
         if not self.ramping:
             return
         adam = self.adam
-        b1, b2 = ramped_betas(self.betas0, epoch, self.epochs)
+        ramped = [ramped_betas(self.betas0, ep, n) for ep, n in zip(epochs, self.task_epochs)]
+        if len(set(ramped)) == 1:
+            b1, b2 = ramped[0]
+        else:   # the models are at other epochs of their tasks
+            b1, b2 = torch.tensor(ramped, dtype=torch.float64, device=self.device).T
         if self.ramp_rows is None:
             adam.beta1[:, 0], adam.beta2[:, 0] = b1, b2
         else:
             adam.beta1[:, 0] = torch.where(self.ramp_rows, b1, adam.beta1[:, 0])
             adam.beta2[:, 0] = torch.where(self.ramp_rows, b2, adam.beta2[:, 0])
 
-    def end_epoch(self, *, steps: int) -> bool:
+    def end_epoch(self, *, steps: list[int]) -> bool:
         """The NaN check of every model (one host sync); a diverged model's counts are frozen where
-        train.SingleRun stops its task. True when no model is left training in this task."""
+        train.SingleRun stops its task. True when no model is left training in its task."""
         finite = torch.isfinite(self.loss_sum).tolist()
         correct_now = None
         for m in range(self.M):
             if self.alive[m] and not self.diverged[m]:
-                self.steps_done[m] = steps
+                self.steps_done[m] = steps[m]
                 if not finite[m]:
                     self.diverged[m] = True
                     correct_now = correct_now or list(zip(self.correct.tolist(), self.correct_partial.tolist()))
                     self.correct_frozen[m] = correct_now[m]
         return all(d or not a for d, a in zip(self.diverged, self.alive))
 
-    def end_task(self, t: int, *, steps: int, wall_s: float, step: int) -> bool:
-        L, self.wall_s = self.L, wall_s
-        end_loss, end_acc = _evaluate(self.net, self.xs, self.ys, self.sidx)
-        host_rows = torch.stack([r for _, _, r in self.rows]).cpu() if self.rows else None  # one transfer per task
+    def end_task(self, tasks: dict[int, int], *, steps: dict[int, int], wall_s: dict[int, float],
+                 step: int) -> list[int]:
+        L, ending = self.L, sorted(tasks)
+        self.wall_s = max(wall_s.values())
+        if len(ending) == self.M:
+            end_loss, end_acc = _evaluate(self.net, self.xs, self.ys, self.sidx)
+        else:   # the ending models only, as a sub-stack
+            idx = torch.tensor(ending, device=self.device)
+            sub_loss, sub_acc = _evaluate(self.net.rows(ending, idx), self.xs, self.ys[idx], self.sidx[idx])
+            end_loss, end_acc = dict(zip(ending, sub_loss)), dict(zip(ending, sub_acc))
+        first = min(self.row_start[m] for m in ending) - self.rows_base
+        # one transfer per task end: the rows since the earliest of the ending tasks' starts
+        host_rows = torch.stack([r for _, _, r in self.rows[first:]]).cpu() if self.rows[first:] else None
         correct_h = [f if f is not None else c
                      for f, c in zip(self.correct_frozen, zip(self.correct.tolist(), self.correct_partial.tolist()))]
         lr_h = self.adam.lr.tolist()
-        for m, c in enumerate(self.cfgs):
+        stopped = []
+        for m in ending:
+            t, c, rec = tasks[m], self.cfgs[m], self.records[m]
+            self.open.discard(m)
             if not self.alive[m]:
                 continue
-            rec = self.records[m]
             rows_m = []
-            for i, (s, frac, _) in enumerate(self.rows if self.measuring_m[m] else []):
-                rows = _rows_to_dicts(host_rows[i], m, self.row_keys[m])
+            lo = self.row_start[m] - self.rows_base
+            for i, (s, frac, _) in enumerate(self.rows[lo:] if self.measuring_m[m] else []):
+                rows = _rows_to_dicts(host_rows[lo - first + i], m, self.row_keys[m])
                 rows_m.append(rows)
-                append_decision(rec, s, t, frac, rows)
+                append_decision(rec, s, t, frac[m], rows)
                 for key in (["global"] if self.global_variant[m] else range(1, L + 1)):   # the rules applied
                     self.rule_counts[m][key][rows[key]["rule"]] += 1
-            self.alive[m] = not end_task(
+            diverged = end_task(
                 rec, t, online_acc=task_online_acc(*correct_h[m], self.steps_done[m], self.n_images, self.B,
                                                    self.drop_last),
-                end_loss=end_loss[m], end_acc=end_acc[m], steps=self.steps_done[m], wall_s=wall_s, lr=lr_h[m],
+                end_loss=end_loss[m], end_acc=end_acc[m], steps=self.steps_done[m], wall_s=wall_s[m], lr=lr_h[m],
                 rows=rows_m, indicators=self.indicators[m], diverged=self.diverged[m])
-        return any(self.alive)
+            if diverged:
+                stopped.append(m)
+            self.alive[m] = not diverged and t + 1 < c["n_tasks"]
+        # the rows no open task reads any more
+        keep_from = min((self.row_start[m] for m in self.open), default=self.rows_base + len(self.rows))
+        del self.rows[:keep_from - self.rows_base]
+        self.rows_base = keep_from
+        return stopped
 
     def task_line(self) -> str:
-        accs = " ".join(f"{r['tasks'][-1]['online_acc']:.3f}" for r in self.records)
+        accs = " ".join(f"{r['tasks'][-1]['online_acc']:.3f}" if r["tasks"] else "-" for r in self.records)
         return f"online acc per model {accs}  {self.wall_s:.1f}s"
 
     def state_dict(self) -> dict:
@@ -1327,13 +1372,44 @@ class BatchedRuns:
             self.decision_graph = DecisionGraph(self)
         self.records, self.rule_counts, self.alive = s["records"], s["rule_counts"], s["alive"]
 
-    def finish(self, completed: bool) -> None:
+    def keep(self, models: list[int]) -> None:
+        """Only `models` go on (at a checkpoint, no task open): the engine is built again for their configs
+        (every per-model setting, the Wasserstein and whole-network subsets, graphs captured afresh) and
+        their rows of the state are loaded into it. The stack shrinks as the runs of shorter task lengths
+        end."""
+        s = self.state_dict()
+        wass_models = self.wass.models if self.wass is not None else []
+        global_models = self.probe.global_models if self.probe is not None else []
+        idx = torch.tensor(models, device=self.device)
+
+        def pick(xs: list) -> list:
+            return [xs[m] for m in models]
+
+        def rows(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t[idx] for t in ts]
+
+        def subset_rows(t: torch.Tensor, of: list[int]) -> torch.Tensor:   # t's rows: the models `of`, in order
+            return t[[of.index(m) for m in models if m in of]]
+        self.__init__(pick(self.cfgs), self.device, pick(self.metas), pick(self.out_dirs))
+        s.update(params=rows(s["params"]), buffers=rows(s["buffers"]), records=pick(s["records"]),
+                 rule_counts=pick(s["rule_counts"]), alive=pick(s["alive"]),
+                 adam={k: rows(v) if isinstance(v, list) else v[idx] for k, v in s["adam"].items()})
+        if s["wass"] is not None:
+            s["wass"] = [subset_rows(t, wass_models) for t in s["wass"]]
+        if s["probe"] is not None:
+            p = s["probe"]
+            s["probe"] = dict(vecs=rows(p["vecs"]), has_vec=p["has_vec"][idx], generators=pick(p["generators"]),
+                              global_vecs=subset_rows(p["global_vecs"], global_models))
+            s["sched"] = {k: v[idx] for k, v in s["sched"].items()}
+        self.load_state_dict(s)
+
+    def finish(self, completed: bool, models: list[int] | None = None) -> None:
         if not completed:
             return
-        for m, (c, rec) in enumerate(zip(self.cfgs, self.records)):
-            finish_record(rec, self.out_dirs[m] / RECORD_NAME,
+        for m in range(self.M) if models is None else models:
+            finish_record(self.records[m], self.out_dirs[m] / RECORD_NAME,
                           {str(k): v for k, v in self.rule_counts[m].items()} if self.measuring_m[m] else None)
-            log_to_wandb(rec, c, self.metas[m])
+            log_to_wandb(self.records[m], self.cfgs[m], self.metas[m])
 
 
 def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = None, resume: bool = True,
@@ -1353,7 +1429,9 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     engine = BatchedRuns(cfgs, setup_device(cfgs[0]), metas or [{} for _ in cfgs], out_dirs)
     train_stream(engine, cfgs[0], out_dirs[0] / ("batched-" + CHECKPOINT_NAME), [CHECKPOINT_FORMAT, *hashes],
                  resume=resume, progress=progress, desc=f"batched x{len(cfgs)}", stop_after_task=stop_after_task)
-    return engine.records
+    # the models still in the engine, and those that left it when their runs ended (their records written)
+    mine = dict(zip(engine.out_dirs, engine.records))
+    return [mine[d] if d in mine else finished_record(d / RECORD_NAME, h) for d, h in zip(out_dirs, hashes)]
 
 
 def log_to_wandb(rec: dict, cfg: dict, meta: dict) -> None:
@@ -1378,8 +1456,8 @@ def build_parser():
     import argparse
     p = argparse.ArgumentParser(
         prog="python -m trainability.batched",
-        description="Train several runs x seeds as one batched model (same architecture and task length) "
-                    "and write each run's record.json where trainability-run would.",
+        description="Train several runs x seeds as one batched model (same architecture and stream; the task "
+                    "lengths may differ) and write each run's record.json where trainability-run would.",
         epilog="example: python -m trainability.batched --scale smoke --runs l2-vanilla l2-scheduled --seeds 0 1")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--scale", default=None, help="entry of `scales` (default: params.yaml's `scale`)")
@@ -1410,6 +1488,9 @@ def main(argv=None) -> int:
         print(f"{len(jobs)} models in one batch on {pick_device(cfgs[0]['device'])}:")
         for (r, s), d in zip(jobs, dirs):
             print(f"  {r} seed {s} -> {d}/{RECORD_NAME}")
+        phases = stack_phases(cfgs)
+        if len(phases) > 1:   # task lengths differ: the stack sheds the shorter ones' runs as they end
+            print("the stack: " + ", then ".join(f"{len(m)} models for {e} epochs" for m, e, _ in phases))
         return 0
     recs = run_batched(cfgs, dirs, metas=[{"run": r, "scale": scale} for r, _ in jobs], resume=not args.fresh,
                        progress=not args.no_progress)

@@ -6,23 +6,34 @@ A stream of `n_tasks` tasks; each task is `epochs` shuffled passes over its imag
 Sec. 4 quantities are measured on the step's minibatch before the optimiser step and Algorithm 1 acts.
 The first layer's beta ramp (optim.beta_ramp) is written after each epoch's first step. The loss is
 checked for NaN once per epoch (never per step: no host sync in the step path). At each task end the
-task's entry is recorded and a checkpoint written, from which an interrupted run resumes with the
-record of an uninterrupted one.
+task's entry is recorded; at each checkpoint (below) the state is written, from which an interrupted run
+resumes with the record of an uninterrupted one.
 
-An engine says what each moment does to its model(s):
+Each model of an engine keeps its own task clock: tasks of `task_epochs[m]` epochs, the epochs of every
+model the same length (one stream size and batch size), so all models step together and a model's step
+count is the global one. Runs of other task lengths can thus share one batched engine; where every
+running model is at a task boundary, the ended runs leave it (`keep`) and a checkpoint is written.
 
+An engine says what each moment does to its models (indices 0..M-1; the one-model engine has M = 1):
+
+    task_epochs                     epochs per task of each model
     measuring                       whether any model measures (decisions happen)
     device                          where its tensors live (checkpoints are loaded there)
-    start_task(t)                   the reset arm's rebuild, the task's data, task-start indicators
+    start_task({m: t})              those models start task t: the reset arm's rebuild, the task's data,
+                                    task-start indicators
     minibatches(epoch) -> [idx]     the epoch's minibatch indices
-    step(idx, step, frac, decide)   one training step; with decide, the measurement and Algorithm 1 first
-    ramp(epoch)                     the beta ramp's value for this epoch (a no-op when it is off)
-    end_epoch(steps) -> bool        the NaN check after `steps` steps of the task; True: nothing left to
-                                    train in this task (diverged)
-    end_task(t, steps, wall_s, step) -> bool   record the task; False: nothing left to train at all
+    step(idx, step, frac, decide)   one training step; with decide (frac: each model's fraction of its
+                                    task done), the measurement and Algorithm 1 first
+    ramp(epochs)                    the beta ramp's value for each model's epoch of its task
+    end_epoch(steps) -> bool        the NaN check after `steps[m]` steps of each model's task; True:
+                                    no model is left training in its task (diverged)
+    end_task({m: t}, steps, wall_s, step) -> stopped   record those models' tasks; the models whose
+                                    runs stop there (diverged)
     task_line() -> str              the task's one-line summary (logs of pipeline jobs)
     state_dict(), load_state_dict(s)   everything a resumed run needs
-    finish(completed)               write the record(s) (completed) or leave them (interrupted)
+    keep(models)                    only those models go on (M > 1 only)
+    finish(completed, models=None)  write the records of `models` (all: None) (completed), or leave them
+                                    (interrupted)
 """
 from __future__ import annotations
 
@@ -35,6 +46,9 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .record import save_checkpoint
+
+# the checkpoint's layout; one of another layout is ignored (2: a task clock per model)
+LAYOUT = 2
 
 
 def measures(cfg: dict) -> bool:
@@ -58,43 +72,77 @@ def train_stream(engine, cfg: dict, ckpt_path: Path, key, *, resume: bool = True
                  desc: str = "run", stop_after_task: int | None = None) -> None:
     """Train `engine` through the stream of `cfg` (the shared settings of its runs), resuming from
     `ckpt_path` when it holds a checkpoint written under `key` (the runs' config hashes), and finish it.
-    `stop_after_task` simulates an interruption after that task (the resume tests)."""
-    epochs, per_epoch, task_steps = steps_per_task(cfg)
-    K, T = cfg["measure"]["every"], cfg["n_tasks"]
-    start_task, step = 0, 0
+
+    Each model keeps its own task clock: model m's tasks are engine.task_epochs[m] epochs long, and all
+    models step together, so a model's step count is the global one and its decisions fall where its
+    one-model run's do. A checkpoint is written where every running model is at a task boundary (each
+    task end when the lengths agree); there the models whose runs have ended leave the stack
+    (engine.keep) after their records are written. `stop_after_task` simulates an interruption at the
+    first checkpoint after that task of the engine's shortest tasks (the resume tests)."""
+    lengths = list(engine.task_epochs)
+    shortest = min(lengths)
+    per_epoch, T, K = steps_per_task(cfg)[1], cfg["n_tasks"], cfg["measure"]["every"]
+    span = T * max(lengths)
+    orig = list(range(len(lengths)))   # the engine's models as positions in the full list of runs
+    start_epoch, step = 0, 0
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=engine.device, weights_only=False)
-        if ckpt.get("key") == key:
+        if ckpt.get("key") == key and ckpt.get("layout") == LAYOUT:
+            if ckpt["models"] != orig:
+                engine.keep(ckpt["models"])
+                orig, lengths = ckpt["models"], [lengths[m] for m in ckpt["models"]]
             engine.load_state_dict(ckpt["engine"])
-            start_task, step = ckpt["next_task"], ckpt["step"]
+            start_epoch, step = ckpt["next_epoch"], ckpt["step"]
         else:  # left by an interrupted run of configs that have since changed, or by an older engine
             print(f"warning: ignoring {ckpt_path} (written for other configs or by an older engine)",
                   file=sys.stderr)
-    bar = tqdm(total=T * task_steps, initial=start_task * task_steps, disable=not progress, desc=desc,
+    running = set(range(len(lengths)))   # models whose runs go on
+    task_of, started, t0 = {}, {}, {}    # running models' open tasks: index, first step, wall clock
+    bar = tqdm(total=span * per_epoch, initial=start_epoch * per_epoch, disable=not progress, desc=desc,
                unit="step", dynamic_ncols=True, mininterval=2)
-    for t in range(start_task, T):
-        t0 = time.perf_counter()
-        engine.start_task(t)
-        step_in_task = 0
-        for epoch in range(epochs):
-            for j, idx in enumerate(engine.minibatches(epoch)):
-                decide = engine.measuring and (step + 1) % K == 0
-                engine.step(idx, step=step, frac=step_in_task / task_steps, decide=decide)
-                if j == 0:   # the ramp's value is the epoch's; the epoch's first step still used the last one
-                    engine.ramp(epoch)
-                step += 1
-                step_in_task += 1
-            bar.update(per_epoch)
-            if engine.end_epoch(steps=step_in_task):
-                break
-        going = engine.end_task(t, steps=step_in_task, wall_s=round(time.perf_counter() - t0, 3), step=step)
-        bar.set_postfix(task=t)
-        if not progress:  # logs of pipeline jobs: one line per task instead of a bar
-            print(f"task {t}/{T}  {engine.task_line()}", file=sys.stderr, flush=True)
-        if not going:
-            break
-        save_checkpoint({"key": key, "engine": engine.state_dict(), "next_task": t + 1, "step": step}, ckpt_path)
-        if stop_after_task is not None and t >= stop_after_task and t + 1 < T:
+    e = start_epoch
+    while e < span and running:
+        starting = {m: e // lengths[m] for m in sorted(running) if e % lengths[m] == 0}
+        if starting:
+            task_of.update(starting)
+            started.update(dict.fromkeys(starting, step))
+            t0.update(dict.fromkeys(starting, time.perf_counter()))
+            engine.start_task(starting)
+        for j, idx in enumerate(engine.minibatches(e)):
+            decide = engine.measuring and (step + 1) % K == 0
+            frac = [(step - started[m]) / (lengths[m] * per_epoch) if m in started else 0.0
+                    for m in range(len(lengths))] if decide else None   # read by decisions only
+            engine.step(idx, step=step, frac=frac, decide=decide)
+            if j == 0:   # the ramp's value is the epoch's; the epoch's first step still used the last one
+                engine.ramp([e % n for n in lengths])
+            step += 1
+        bar.update(per_epoch)
+        e += 1
+        dead = engine.end_epoch(steps=[step - started.get(m, step) for m in range(len(lengths))])
+        # a task ends at its last epoch, or at once when no model is left training in its task (diverged)
+        ending = {m: t for m, t in task_of.items() if dead or e % lengths[m] == 0}
+        if not ending:
+            continue
+        now = time.perf_counter()
+        stopped = engine.end_task(ending, steps={m: step - started[m] for m in ending},
+                                  wall_s={m: round(now - t0[m], 3) for m in ending}, step=step)
+        for m in ending:
+            del task_of[m], started[m], t0[m]
+        running -= set(stopped) | {m for m, t in ending.items() if t == T - 1}
+        bar.set_postfix(task=max(ending.values()))
+        if not progress:  # logs of pipeline jobs: one line per task end instead of a bar
+            tasks = ",".join(str(t) for t in sorted(set(ending.values())))
+            print(f"task {tasks}/{T}  {engine.task_line()}", file=sys.stderr, flush=True)
+        if task_of or not running or e >= span:   # a running model is mid-task, or nothing is left
+            continue
+        if len(running) < len(lengths):   # the ended runs leave the stack
+            keep = sorted(running)
+            engine.finish(completed=True, models=[m for m in range(len(lengths)) if m not in running])
+            engine.keep(keep)
+            orig, lengths, running = [orig[m] for m in keep], [lengths[m] for m in keep], set(range(len(keep)))
+        save_checkpoint({"key": key, "layout": LAYOUT, "engine": engine.state_dict(), "models": orig,
+                         "next_epoch": e, "step": step}, ckpt_path)
+        if stop_after_task is not None and e >= (stop_after_task + 1) * shortest:
             bar.close()
             engine.finish(completed=False)
             return

@@ -77,12 +77,14 @@ def seconds_per_step(models: int, gpu: bool) -> float:
 def job_resources(cfgs: list[dict]) -> dict:
     """Cluster requests of a job that trains `cfgs` (one run, or one batch group): a GPU exactly when a
     run's device is `cuda` or `auto` (decided from the config, never from the host that submits), and a
-    runtime in minutes from the job's optimiser steps and models, with 50% headroom."""
+    runtime in minutes from the job's optimiser steps and models (fewer as the runs of shorter task
+    lengths end and leave the stack), with 50% headroom."""
     from .loop import steps_per_task
+    from .planning import stack_phases
     gpu = any(c["device"] in ("auto", "cuda") for c in cfgs)
-    steps = max(c["n_tasks"] * steps_per_task(c)[2] for c in cfgs)
-    minutes = steps * seconds_per_step(len(cfgs), gpu) * 1.5 / 60
-    return {"gpu": int(gpu), "runtime": int(10 + minutes)}
+    per_epoch = steps_per_task(cfgs[0])[1]
+    seconds = sum(epochs * per_epoch * seconds_per_step(len(models), gpu) for models, epochs, _ in stack_phases(cfgs))
+    return {"gpu": int(gpu), "runtime": int(10 + seconds * 1.5 / 60)}
 
 
 def write_effective_params(params: dict, folder: str = ".snakemake/params") -> str:

@@ -30,7 +30,6 @@ def check_batchable(cfgs: list[dict]) -> None:
     if not cfgs:
         raise config.ConfigError("batched run: no configs")
     ref = _strip(cfgs[0])
-    steps = steps_per_task(cfgs[0])
     for i, cfg in enumerate(cfgs):
         s = _strip(cfg)
         for k in sorted(set(ref) | set(s)):
@@ -40,8 +39,6 @@ def check_batchable(cfgs: list[dict]) -> None:
                     k += "." + next(sub for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub))
                 raise config.ConfigError(f"batched run: config {i} differs from config 0 in {k!r}; only "
                                          f"{', '.join(PER_MODEL_KEYS)} may differ within a batch")
-        if steps_per_task(cfg) != steps:
-            raise config.ConfigError(f"batched run: config {i}: epochs_factor gives another task length")
         if _shape(cfg) != _shape(cfgs[0]):
             raise config.ConfigError(f"batched run: config {i}: model.activation {cfg['model']['activation']!r} "
                                      f"gives other layer shapes than {cfgs[0]['model']['activation']!r}")
@@ -53,11 +50,11 @@ def _shape(cfg: dict) -> str:
 
 
 def batch_key(cfg: dict) -> str:
-    """Runs whose configs have the same key can share a batch (check_batchable's rules)."""
+    """Runs whose configs have the same key can share a batch (check_batchable's rules). Task lengths
+    (epochs_factor) may differ: each model keeps its own task clock, and the stack sheds the runs of
+    the shorter lengths when they end (loop.train_stream)."""
     s = _strip(cfg)
-    s["steps_per_task"] = steps_per_task(cfg)
     s["shape"] = _shape(cfg)
-    s.pop("epochs_per_task")
     return config.config_hash(s)
 
 
@@ -78,3 +75,37 @@ def batch_groups(params: dict, scale: str, runs: list[str]) -> dict[str, list[st
         for i in range(n):
             groups[f"batch-{rs[i]}"] = rs[i::n]
     return groups
+
+
+def stack_phases(cfgs: list[dict]) -> list[tuple[list[int], int, int]]:
+    """How a batched job's stack shrinks as the runs of shorter task lengths end (loop.train_stream):
+    [(the models still in the stack, epochs, task ends in those epochs)], each phase ending where a run
+    leaves, the first epoch where every running model is at a task boundary (at the paper scale, right
+    where the run ends). One phase when the task lengths agree."""
+    lengths = [steps_per_task(c)[0] for c in cfgs]
+    T = cfgs[0]["n_tasks"]
+    out, running, start, e = [], list(range(len(cfgs))), 0, 0
+    while running:
+        e += 1
+        ended = [m for m in running if e >= T * lengths[m]]
+        if ended and all(e % lengths[m] == 0 for m in running) or e >= T * max(lengths[m] for m in running):
+            ends = sum(1 for x in range(start + 1, e + 1) if any(x % lengths[m] == 0 for m in running))
+            out.append((running, e - start, ends))
+            running, start = [m for m in running if m not in ended], e
+    return out
+
+
+def stacks(params: dict, scale: str) -> dict[str, list[str]]:
+    """{name: runs} of every batched job of `scale` and of the smaller stacks it shrinks to (the benches
+    profile those): a later phase is named after its first run (batch-l2-long: the 2x task length's
+    runs, the last phase of batch-l2-vanilla), or <job>/<k> where that is a job's name."""
+    from .pipeline import run_jobs
+    out = {}
+    for name, runs in run_jobs(params, scale)[0].items():
+        out[name] = runs
+        seed = params["scales"][scale]["seeds"][0]
+        cfgs = [config.resolve_run(params, scale, r, seed) for r in runs]
+        for k, (models, _, _) in enumerate(stack_phases(cfgs)[1:], 1):
+            later = [runs[m] for m in models]
+            out[f"batch-{later[0]}" if f"batch-{later[0]}" not in out else f"{name}/{k}"] = later
+    return out

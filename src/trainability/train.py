@@ -150,15 +150,16 @@ class SingleRun:
         self.stream = make_stream(cfg["stream"], x_all, y_all, self.seed, device)
         self.B = cfg["batch_size"]
         self.epochs = steps_per_task(cfg)[0]
+        self.task_epochs = [self.epochs]
         self.learner = Learner(cfg, device, init_seed=_sub_seed(self.seed, 0))
         self.measuring = self.learner.probe is not None
         self.record = new_record(cfg, device, self.learner.model.n_layers)
         self.record.update(name=meta.get("run"), scale=meta.get("scale"))
         self.logger = _wandb_logger(cfg, meta)
 
-    def start_task(self, t: int) -> None:
+    def start_task(self, tasks: dict[int, int]) -> None:
         cfg = self.cfg
-        self.task = t
+        self.task = t = tasks[0]
         if cfg["arm"] == "reset" and t > 0:
             self.learner = Learner(cfg, self.device, init_seed=_sub_seed(self.seed, t))
         self.x, self.y = self.stream.task(t)
@@ -175,7 +176,7 @@ class SingleRun:
     def minibatches(self, epoch: int):
         return batches(self.stream.n, self.B, self.gen, drop_last=self.cfg["stream"]["drop_last"])
 
-    def step(self, idx, *, step: int, frac: float, decide: bool) -> None:
+    def step(self, idx, *, step: int, frac: list[float] | None, decide: bool) -> None:
         learner = self.learner
         xb, yb = self.x[idx], self.y[idx]
         learner.optimizer.zero_grad(set_to_none=True)
@@ -190,25 +191,26 @@ class SingleRun:
         self.loss_sum += ce.detach()
         if decide:
             m = learner.probe.measure(lambda: learner.loss(xb, yb)[2])
-            rows = learner.scheduler.step(m, frac)
+            rows = learner.scheduler.step(m, frac[0])
             self.rows.append(rows)
-            append_decision(self.record, step, self.task, frac, rows)
+            append_decision(self.record, step, self.task, frac[0], rows)
             if self.cfg["wandb"]["log_decisions"]:
                 self.logger.log({f"layer{l}/{k}": v for l, r in rows.items() for k, v in r.items()
                                  if k != "rule"}, step=step)
         learner.optimizer.step()
 
-    def ramp(self, epoch: int) -> None:
+    def ramp(self, epochs: list[int]) -> None:
         if self.cfg["optim"]["beta_ramp"]:
             self.learner.optimizer.param_groups[0]["betas"] = ramped_betas(tuple(self.cfg["optim"]["betas"]),
-                                                                            epoch, self.epochs)
+                                                                            epochs[0], self.epochs)
 
-    def end_epoch(self, *, steps: int) -> bool:
+    def end_epoch(self, *, steps: list[int]) -> bool:
         self.diverged = not torch.isfinite(self.loss_sum)   # one host sync per epoch, not per step
         return self.diverged
 
-    def end_task(self, t: int, *, steps: int, wall_s: float, step: int) -> bool:
-        cfg = self.cfg
+    def end_task(self, tasks: dict[int, int], *, steps: dict[int, int], wall_s: dict[int, float],
+                 step: int) -> list[int]:
+        cfg, t, steps, wall_s = self.cfg, tasks[0], steps[0], wall_s[0]
         online_acc = task_online_acc(self.correct.item(), self.correct_partial.item(), steps, self.stream.n,
                                      self.B, cfg["stream"]["drop_last"])
         end_loss, end_acc = evaluate(self.learner.model, self.x, self.y)
@@ -216,7 +218,7 @@ class SingleRun:
                             steps=steps, wall_s=wall_s, lr=[g["lr"] for g in self.learner.optimizer.param_groups],
                             rows=self.rows, indicators=self.indicators, diverged=self.diverged)
         self.logger.log(task_metrics(self.record["tasks"][-1]), step=step)
-        return not diverged
+        return [0] if diverged else []
 
     def task_line(self) -> str:
         tr = self.record["tasks"][-1]
@@ -230,7 +232,7 @@ class SingleRun:
         self.learner.load_state_dict(s["learner"])
         self.record = s["record"]
 
-    def finish(self, completed: bool) -> None:
+    def finish(self, completed: bool, models: list[int] | None = None) -> None:
         if completed:
             learner = self.learner
             finish_record(self.record, self.record_path, learner.scheduler.rule_counts if self.measuring else None)

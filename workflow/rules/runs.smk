@@ -1,6 +1,6 @@
 # Runs: one job per (run, seed), or, at a scale with `batched: true` (the paper scale, on a GPU), one job
-# per batch group: every run sharing a model shape and task length, all seeds, trained as one batched
-# model (trainability.batched). Both write the same record.json files.
+# per batch group: every run sharing a model shape and stream (task lengths may differ), all seeds,
+# trained as one batched model (trainability.batched). Both write the same record.json files.
 
 GROUPS, SINGLE_RUNS = pipeline.run_jobs(config, SCALE)
 
