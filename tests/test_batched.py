@@ -841,26 +841,27 @@ def test_task_lengths_in_one_batch_equal_single_runs_and_resume_across_the_stack
     on the authors' stream (a partial last minibatch, the beta ramp at each model's own epoch, a warm
     window at each model's own task fraction): each model keeps its task clock, and each record equals
     train.run's. The stack sheds the 1-epoch runs at epoch 4 (the first epoch where every running model
-    is at a task boundary: a Wasserstein and a plain model leave, a Wasserstein reset model and a
-    measure.global model stay) and the 2-epoch run at epoch 8; an interruption at either checkpoint
-    resumes to the same records. With the paper scale's graph keys (on CUDA the graphs are captured
-    again for the smaller stack; elsewhere their eager stand-ins)."""
+    is at a task boundary: a Wasserstein model and a measure.global one leave, a Wasserstein reset
+    model and a Wasserstein measure.global one stay) and the 2-epoch runs at epoch 8 (the whole
+    network's decision column and the Wasserstein penalty go with them); an interruption at either
+    checkpoint resumes to the same records. With the paper scale's graph keys (on CUDA the graphs are
+    captured again for the smaller stack; elsewhere their eager stand-ins)."""
     d = {"data": {"root": mnist_root}, "stream": {"n_images": 600, "drop_last": False},
          "optim": {"beta_ramp": True}, "measure": {"every": 3}, "cuda_graph": True, "decision_graph": True,
          "scheduler": {"floor": 0.0, "warm_frac": 0.5, "warm_factor": 1.0}}
-    cfgs = [tiny("l2-scheduled", epochs_factor=0.5, **d), tiny("wass-reset", **d),
-            tiny("l2-global", epochs_factor=2.0, **d),
-            config.deep_merge(tiny("wass-scheduled", epochs_factor=0.5, **d), {"seed": 1})]
+    cfgs = [tiny("l2-scheduled", epochs_factor=2.0, **d), tiny("wass-reset", **d),
+            tiny("l2-global", epochs_factor=0.5, **d),
+            config.deep_merge(tiny("wass-scheduled", epochs_factor=0.5, **d), {"seed": 1}), tiny("wass-global", **d)]
     check_batchable(cfgs)
     batch = _check_equal(cfgs, tmp_path)
-    assert [[t["steps"] for t in rec["tasks"]] for rec in batch] == [[3] * 3, [6] * 3, [12] * 3, [3] * 3]
+    assert [[t["steps"] for t in rec["tasks"]] for rec in batch] == [[12] * 3, [6] * 3, [3] * 3, [3] * 3, [6] * 3]
     assert all(rec["status"] == "completed" for rec in batch)
     full = [_comparable(r) for r in batch]
-    for stop, left in ((0, 2), (4, 1)):   # the checkpoints at epochs 4 and 8
-        dirs = [tmp_path / f"stop{stop}-{i}" for i in range(4)]
+    for stop, left in ((0, 3), (4, 1)):   # the checkpoints at epochs 4 and 8
+        dirs = [tmp_path / f"stop{stop}-{i}" for i in range(5)]
         part = run_batched(cfgs, dirs, progress=False, stop_after_task=stop)
         assert sum(not (d / "record.json").exists() for d in dirs) == left   # the models still in the stack
         ckpt = torch.load(dirs[0] / ("batched-" + batched.CHECKPOINT_NAME), weights_only=False)
-        assert ckpt["next_epoch"] == 4 * (stop // 4 + 1) and len(part) == 4
+        assert ckpt["next_epoch"] == 4 * (stop // 4 + 1) and len(part) == 5
         resumed = run_batched(cfgs, dirs, progress=False)
         assert [_comparable(r) for r in resumed] == full

@@ -177,6 +177,23 @@ def test_dvc_exp_run_set_changes_that_run_only(dvc_repo):
         (dvc_repo / "params.yaml").write_text(text)
 
 
+def test_a_batched_job_of_three_task_lengths_runs_through_snakemake(tmp_path):
+    """The paper scale's kind of job, at the smoke scale: with `batched: true` (a config file over
+    params.yaml) the smoke scale's CReLU runs, all seeds, are one job (run_batch_crelu_vanilla), the
+    0.4x and 2x task lengths included; each record completes with its own task length (tasks of 1, 2
+    and 4 epochs of 4 steps) while the stack sheds the ended runs."""
+    over = tmp_path / "over.yaml"
+    over.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"), "scales": {"smoke": {"batched": True}}}))
+    sh(str(BIN / "snakemake"), "--cores", "2", "--config", "scale=smoke", "--configfile", str(over), "--",
+       "run_batch_crelu_vanilla")
+    recs = {p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())
+            for p in (tmp_path / "results" / "smoke" / "runs").glob("*/seed*/record.json")}
+    assert len(recs) == 18 and all(r["status"] == "completed" and r["batched"]["models"] == 18 for r in recs.values())
+    steps = {k: [t["steps"] for t in r["tasks"]] for k, r in recs.items()}
+    assert steps["crelu-short/seed0"] == [4] * 3 and steps["crelu-vanilla/seed1"] == [8] * 3
+    assert steps["crelu-long/seed1"] == [16] * 3
+
+
 def test_snakemake_config_overrides_reach_the_jobs():
     """A `--config` override is the config the job runs: jobs read the effective params Snakemake
     planned with (--params .snakemake/params/<hash>.yaml), not params.yaml from disk."""

@@ -1306,7 +1306,7 @@ class BatchedRuns:
     def end_task(self, tasks: dict[int, int], *, steps: dict[int, int], wall_s: dict[int, float],
                  step: int) -> list[int]:
         L, ending = self.L, sorted(tasks)
-        self.wall_s = max(wall_s.values())
+        self.wall_s, self.ended = max(wall_s.values()), [m for m in ending if self.alive[m]]
         if len(ending) == self.M:
             end_loss, end_acc = _evaluate(self.net, self.xs, self.ys, self.sidx)
         else:   # the ending models only, as a sub-stack
@@ -1348,8 +1348,10 @@ class BatchedRuns:
         return stopped
 
     def task_line(self) -> str:
-        accs = " ".join(f"{r['tasks'][-1]['online_acc']:.3f}" if r["tasks"] else "-" for r in self.records)
-        return f"online acc per model {accs}  {self.wall_s:.1f}s"
+        """The online accuracies of the tasks that just ended, per model (run/seed)."""
+        accs = " ".join(f"{self.records[m]['name'] or m}/s{self.cfgs[m]['seed']} "
+                        f"{self.records[m]['tasks'][-1]['online_acc']:.3f}" for m in self.ended)
+        return f"online acc {accs}  {self.wall_s:.1f}s"
 
     def state_dict(self) -> dict:
         return {"params": [p.detach() for p in self.net.params()], "buffers": self.net.buffers(),
@@ -1400,7 +1402,8 @@ class BatchedRuns:
             p = s["probe"]
             s["probe"] = dict(vecs=rows(p["vecs"]), has_vec=p["has_vec"][idx], generators=pick(p["generators"]),
                               global_vecs=subset_rows(p["global_vecs"], global_models))
-            s["sched"] = {k: v[idx] for k, v in s["sched"].items()}
+            columns = self.sched.values.shape[1]   # the whole network's column goes when no survivor has it
+            s["sched"] = {k: v[idx][:, :columns] for k, v in s["sched"].items()}
         self.load_state_dict(s)
 
     def finish(self, completed: bool, models: list[int] | None = None) -> None:
