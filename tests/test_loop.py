@@ -49,7 +49,7 @@ class Diary:
     def load_state_dict(self, s):
         self.log = s["log"] + [("resumed",)]
 
-    def finish(self, completed, models=None):
+    def finish(self, completed):
         self.done = completed
 
 
@@ -111,25 +111,25 @@ class TwoClocks(Diary):
         self.log.append(("keep", models))
         self.task_epochs = [self.task_epochs[m] for m in models]
 
-    def finish(self, completed, models=None):
-        self.log.append(("finish", completed, models))
+    def finish(self, completed):
+        self.log.append(("finish", completed))
 
 
 def test_each_model_keeps_its_task_clock_and_ended_runs_leave_the_stack(tmp_path):
     """Tasks of 1 and 2 epochs (3 steps each): model 0's two tasks end at epochs 1 and 2; at epoch 2 both
-    models are at a task boundary, so model 0's record is written, the engine keeps model 1 (now model 0)
-    and a checkpoint is written there; an interruption at it resumes with the kept model only."""
+    models are at a task boundary, so the engine keeps model 1 (now model 0) and a checkpoint is written
+    there; an interruption at it resumes with the kept model only."""
     e = TwoClocks()
     train_stream(e, CFG, tmp_path / "ckpt.pt", ["k"], progress=False)
     moments = [x for x in e.log if x[0] != "step" and x[0] != "ramp"]
     assert moments == [("start", {0: 0, 1: 0}), ("end", {0: 0}, {0: 3}, 3), ("start", {0: 1}),
-                       ("end", {0: 1, 1: 0}, {0: 3, 1: 6}, 6), ("finish", True, [0]), ("keep", [1]),
-                       ("start", {0: 1}), ("end", {0: 1}, {0: 6}, 12), ("finish", True, None)]
+                       ("end", {0: 1, 1: 0}, {0: 3, 1: 6}, 6), ("keep", [1]),
+                       ("start", {0: 1}), ("end", {0: 1}, {0: 6}, 12), ("finish", True)]
     steps = [x for x in e.log if x[0] == "step"]
     assert [s[5] for s in steps if s[6]] == [0.0, 1 / 6, 5 / 6]   # model 0's task fraction at decisions
     first = TwoClocks()
     train_stream(first, CFG, tmp_path / "ckpt.pt", ["k"], progress=False, stop_after_task=0)
-    assert first.log[-1] == ("finish", False, None) and (tmp_path / "ckpt.pt").exists()
+    assert first.log[-1] == ("finish", False) and (tmp_path / "ckpt.pt").exists()
     again = TwoClocks()
     train_stream(again, CFG, tmp_path / "ckpt.pt", ["k"], progress=False)
     cut = e.log.index(("keep", [1])) + 1   # the checkpoint's log, then the kept model's last task

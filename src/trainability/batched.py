@@ -1138,6 +1138,7 @@ class BatchedRuns:
                              batched={"models": M, "position": i}) for i, (c, mt) in enumerate(zip(cfgs, metas))]
         self.rule_counts = [_no_rules(L) for _ in cfgs]
         self.alive = [True] * M   # False once a model's run has ended (diverged, or its last task done)
+        self.left = []   # the runs that have left the stack (keep): what finish writes for each
 
         # each model's task labels and counters live as long as the run, updated in place (a CUDA graph
         # reads them); the models' tasks start and end on their own clocks (start_task, end_task)
@@ -1358,7 +1359,7 @@ class BatchedRuns:
                 "adam": self.adam.state_dict(), "wass": self.wass.sorted_init if self.wass is not None else None,
                 "probe": self.probe.state_dict() if self.probe else None,
                 "sched": self.sched.state_dict() if self.sched else None, "records": self.records,
-                "rule_counts": self.rule_counts, "alive": self.alive}
+                "rule_counts": self.rule_counts, "alive": self.alive, "left": self.left}
 
     def load_state_dict(self, s: dict) -> None:
         with torch.no_grad():
@@ -1372,14 +1373,16 @@ class BatchedRuns:
             self.sched.load_state_dict(s["sched"])
         if self.decision_graph is not None:   # captured afresh, on the loaded tensors
             self.decision_graph = DecisionGraph(self)
-        self.records, self.rule_counts, self.alive = s["records"], s["rule_counts"], s["alive"]
+        self.records, self.rule_counts, self.alive, self.left = s["records"], s["rule_counts"], s["alive"], s["left"]
 
     def keep(self, models: list[int]) -> None:
-        """Only `models` go on (at a checkpoint, no task open): the engine is built again for their configs
-        (every per-model setting, the Wasserstein and whole-network subsets, graphs captured afresh) and
-        their rows of the state are loaded into it. The stack shrinks as the runs of shorter task lengths
-        end."""
+        """Only `models` train on (at a checkpoint, no task open): the engine is built again for their
+        configs (every per-model setting, the Wasserstein and whole-network subsets, graphs captured
+        afresh) and their rows of the state are loaded into it. The stack shrinks as the runs of shorter
+        task lengths end. The others' records stay in the state (`left`), written by `finish` with the
+        rest: a job killed later (whose outputs Snakemake then deletes) writes them when it resumes."""
         s = self.state_dict()
+        s["left"] = self.left + [self._run(m) for m in range(self.M) if m not in models]
         wass_models = self.wass.models if self.wass is not None else []
         global_models = self.probe.global_models if self.probe is not None else []
         idx = torch.tensor(models, device=self.device)
@@ -1406,13 +1409,19 @@ class BatchedRuns:
             s["sched"] = {k: v[idx][:, :columns] for k, v in s["sched"].items()}
         self.load_state_dict(s)
 
-    def finish(self, completed: bool, models: list[int] | None = None) -> None:
+    def _run(self, m: int) -> dict:
+        """Model m's record and what finish needs to write it and replay it into W&B."""
+        rules = {str(k): v for k, v in self.rule_counts[m].items()} if self.measuring_m[m] else None
+        return dict(record=self.records[m], rule_counts=rules, cfg=self.cfgs[m], meta=self.metas[m],
+                    out_dir=self.out_dirs[m])
+
+    def finish(self, completed: bool) -> None:
+        """Write every record, the stack's and those of the runs that left it, and replay each into W&B."""
         if not completed:
             return
-        for m in range(self.M) if models is None else models:
-            finish_record(self.records[m], self.out_dirs[m] / RECORD_NAME,
-                          {str(k): v for k, v in self.rule_counts[m].items()} if self.measuring_m[m] else None)
-            log_to_wandb(self.records[m], self.cfgs[m], self.metas[m])
+        for run in self.left + [self._run(m) for m in range(self.M)]:
+            finish_record(run["record"], run["out_dir"] / RECORD_NAME, run["rule_counts"])
+            log_to_wandb(run["record"], run["cfg"], run["meta"])
 
 
 def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = None, resume: bool = True,
@@ -1432,9 +1441,9 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     engine = BatchedRuns(cfgs, setup_device(cfgs[0]), metas or [{} for _ in cfgs], out_dirs)
     train_stream(engine, cfgs[0], out_dirs[0] / ("batched-" + CHECKPOINT_NAME), [CHECKPOINT_FORMAT, *hashes],
                  resume=resume, progress=progress, desc=f"batched x{len(cfgs)}", stop_after_task=stop_after_task)
-    # the models still in the engine, and those that left it when their runs ended (their records written)
-    mine = dict(zip(engine.out_dirs, engine.records))
-    return [mine[d] if d in mine else finished_record(d / RECORD_NAME, h) for d, h in zip(out_dirs, hashes)]
+    # the models still in the engine, and those that left it when their runs ended
+    mine = dict(zip(engine.out_dirs, engine.records)) | {run["out_dir"]: run["record"] for run in engine.left}
+    return [mine[d] for d in out_dirs]
 
 
 def log_to_wandb(rec: dict, cfg: dict, meta: dict) -> None:

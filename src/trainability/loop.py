@@ -31,9 +31,9 @@ An engine says what each moment does to its models (indices 0..M-1; the one-mode
                                     runs stop there (diverged)
     task_line() -> str              the task's one-line summary (logs of pipeline jobs)
     state_dict(), load_state_dict(s)   everything a resumed run needs
-    keep(models)                    only those models go on (M > 1 only)
-    finish(completed, models=None)  write the records of `models` (all: None) (completed), or leave them
-                                    (interrupted)
+    keep(models)                    only those models train on (M > 1 only); the others' records are kept
+                                    (in the state) and written with theirs
+    finish(completed)               write the records (completed) or leave them (interrupted)
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def train_stream(engine, cfg: dict, ckpt_path: Path, key, *, resume: bool = True
     models step together, so a model's step count is the global one and its decisions fall where its
     one-model run's do. A checkpoint is written where every running model is at a task boundary (each
     task end when the lengths agree); there the models whose runs have ended leave the stack
-    (engine.keep) after their records are written. `stop_after_task` simulates an interruption at the
+    (engine.keep; their records are written with the others' at the end: a job killed later and
+    resumed from a later checkpoint still writes them). `stop_after_task` simulates an interruption at the
     first checkpoint after that task of the engine's shortest tasks (the resume tests)."""
     lengths = list(engine.task_epochs)
     shortest = min(lengths)
@@ -137,7 +138,6 @@ def train_stream(engine, cfg: dict, ckpt_path: Path, key, *, resume: bool = True
             continue
         if len(running) < len(lengths):   # the ended runs leave the stack
             keep = sorted(running)
-            engine.finish(completed=True, models=[m for m in range(len(lengths)) if m not in running])
             engine.keep(keep)
             orig, lengths, running = [orig[m] for m in keep], [lengths[m] for m in keep], set(range(len(keep)))
         save_checkpoint({"key": key, "layout": LAYOUT, "engine": engine.state_dict(), "models": orig,

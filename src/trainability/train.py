@@ -232,7 +232,7 @@ class SingleRun:
         self.learner.load_state_dict(s["learner"])
         self.record = s["record"]
 
-    def finish(self, completed: bool, models: list[int] | None = None) -> None:
+    def finish(self, completed: bool) -> None:
         if completed:
             learner = self.learner
             finish_record(self.record, self.record_path, learner.scheduler.rule_counts if self.measuring else None)
