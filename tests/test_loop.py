@@ -134,3 +134,22 @@ def test_each_model_keeps_its_task_clock_and_ended_runs_leave_the_stack(tmp_path
     train_stream(again, CFG, tmp_path / "ckpt.pt", ["k"], progress=False)
     cut = e.log.index(("keep", [1])) + 1   # the checkpoint's log, then the kept model's last task
     assert again.log == e.log[:cut] + [("resumed",)] + e.log[cut:] and again.task_epochs == [2]
+
+
+def test_stack_phases_predict_where_the_loop_shrinks_the_stack(tmp_path):
+    """planning.stack_phases (runtimes, projections, the dry run) follows the loop's rule: tasks of 3 and
+    4 epochs, 5 tasks. The 3-epoch run ends at epoch 15, mid-task for the other; the stack shrinks at
+    epoch 16, the next task end where every run still going is at a boundary (a rule that also waited
+    for the ended run's boundaries would say 20, the other run's end)."""
+    from trainability.planning import stack_phases
+    cfg = dict(CFG, n_tasks=5)
+    e = TwoClocks()
+    e.task_epochs = [3, 4]
+    steps_at_keep = []
+    e.keep = lambda models: steps_at_keep.append((models, sum(x[0] == "step" for x in e.log)))
+    train_stream(e, cfg, tmp_path / "ckpt.pt", ["k"], progress=False)
+    assert steps_at_keep == [([1], 16 * 3)]   # 3 steps an epoch
+    phases = stack_phases([dict(cfg, epochs_per_task=3), dict(cfg, epochs_per_task=4)])
+    assert [(models, epochs) for models, epochs, _ in phases] == [([0, 1], 16), ([1], 4)]
+    # task ends: epochs 3, 4, 6, 8, 9, 12, 15, 16, then 20
+    assert [ends for _, _, ends in phases] == [8, 1]

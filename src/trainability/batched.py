@@ -1061,7 +1061,6 @@ def _no_rules(L: int) -> dict:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _evaluate(net: StackedMLP, xs, ys, sidx, chunk: int = 2048):
     """End-of-task loss and accuracy of every model of `net` on its whole task: (M,) each, on the host.
     Model m reads images xs[sidx[m]] and labels ys[m]."""
@@ -1216,9 +1215,9 @@ class BatchedRuns:
                     self.probe.reset(m, _sub_seed(c["seed"], t))
                     self.sched.reset(m)
                     self.rule_counts[m] = _no_rules(self.L)
-        labels = {(self.cfgs[m]["seed"], t): None for m, t in tasks.items()}
-        for seed, t in labels:
-            labels[seed, t] = self.streams[seed].task(t)[1]
+        # each (seed, task)'s labels once: models of one seed at one task share them
+        pairs = {(self.cfgs[m]["seed"], t) for m, t in tasks.items()}
+        labels = {(seed, t): self.streams[seed].task(t)[1] for seed, t in pairs}
         for m, t in tasks.items():
             c = self.cfgs[m]
             self.ys[m].copy_(labels[c["seed"], t])

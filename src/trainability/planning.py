@@ -78,20 +78,20 @@ def batch_groups(params: dict, scale: str, runs: list[str]) -> dict[str, list[st
 
 
 def stack_phases(cfgs: list[dict]) -> list[tuple[list[int], int, int]]:
-    """How a batched job's stack shrinks as the runs of shorter task lengths end (loop.train_stream):
-    [(the models still in the stack, epochs, task ends in those epochs)], each phase ending where a run
-    leaves, the first epoch where every running model is at a task boundary (at the paper scale, right
-    where the run ends). One phase when the task lengths agree."""
+    """How a batched job's stack shrinks as the runs of shorter task lengths end, by loop.train_stream's
+    rule: [(the models in the stack, epochs, task ends in those epochs)]. A phase ends at the first task
+    end where some run has ended and every run still going is at a task boundary (at the paper scale,
+    right where the shorter runs end), or at the last run's end. One phase when the task lengths agree."""
     lengths = [steps_per_task(c)[0] for c in cfgs]
     T = cfgs[0]["n_tasks"]
-    out, running, start, e = [], list(range(len(cfgs))), 0, 0
-    while running:
-        e += 1
-        ended = [m for m in running if e >= T * lengths[m]]
-        if ended and all(e % lengths[m] == 0 for m in running) or e >= T * max(lengths[m] for m in running):
-            ends = sum(1 for x in range(start + 1, e + 1) if any(x % lengths[m] == 0 for m in running))
-            out.append((running, e - start, ends))
-            running, start = [m for m in running if m not in ended], e
+    # every epoch at which some run ends a task, in order: the only epochs where the stack can shrink
+    task_ends = sorted({e for n in set(lengths) for e in range(n, T * n + 1, n)})
+    out, stack, start = [], list(range(len(cfgs))), 0
+    for i, e in enumerate(task_ends):
+        going = [m for m in stack if e < T * lengths[m]]
+        if len(going) < len(stack) and all(e % lengths[m] == 0 for m in going):
+            out.append((stack, e - start, sum(1 for x in task_ends[:i + 1] if x > start)))
+            stack, start = going, e
     return out
 
 
@@ -100,10 +100,9 @@ def stacks(params: dict, scale: str) -> dict[str, list[str]]:
     profile those): a later phase is named after its first run (batch-l2-long: the 2x task length's
     runs, the last phase of batch-l2-vanilla), or <job>/<k> where that is a job's name."""
     from .pipeline import run_jobs
-    out = {}
+    out, seed = {}, params["scales"][scale]["seeds"][0]
     for name, runs in run_jobs(params, scale)[0].items():
         out[name] = runs
-        seed = params["scales"][scale]["seeds"][0]
         cfgs = [config.resolve_run(params, scale, r, seed) for r in runs]
         for k, (models, _, _) in enumerate(stack_phases(cfgs)[1:], 1):
             later = [runs[m] for m in models]
