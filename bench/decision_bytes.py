@@ -21,7 +21,8 @@ is the eager one (fused_adam's compiled kernels read each tensor once).
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --plain --time 10 --jobs batch-l2-vanilla batch-l2-long
 
 With --decision, a whole decision step by phase: what the graphs replay, what runs eagerly (a launch and
-Python's dispatch each), and the host's stopping rule (host tensors, no launch).
+Python's dispatch each), and what runs on host tensors, no launch (the stopping rule, the measurement's
+small arithmetic, Algorithm 1).
 
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --jobs batch-l2-long batch-crelu-long
 """
@@ -120,7 +121,7 @@ def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
     """One whole decision step (the job's second, past the first's cold start), by phase: what a CUDA
     graph replays (the decision graph's body; the step's forward and backward with decision_step_graph)
     and what runs eagerly, a launch and Python's dispatch each (most of a small job's decision on call 7's
-    H100), the host's stopping rule on host tensors apart."""
+    H100), and what runs on host tensors (the stopping rule, the measurement's small arithmetic, Algorithm 1)."""
     engine, bidx = engine_at_task_start(cfgs, tmp)
     engine.step(bidx, step=0, frac=[0.0] * engine.M, decide=True)
     counter = Bytes()
@@ -128,8 +129,11 @@ def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
     patched = [(engine, "decision_forward_backward", "graph (decision_step_graph): the step's forward and backward"),
                (engine.decision_graph, "_body", "graph (decision_graph): the body"),
                (batched, "batched_lanczos", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
+               (batched._RowRule, "rounds", "host: the stopping rule (host tensors)"),
                (batched, "ritz_step", "host: the stopping rule's tridiagonal solves (host tensors)"),
-               (engine.sched, "step", "eager: Algorithm 1"), (engine.adam, "step", "eager: Adam"),
+               (engine.probe, "_fields", "host: the measurement's fields and Algorithm 1 (host tensors)"),
+               (engine.sched, "step", "host: the measurement's fields and Algorithm 1 (host tensors)"),
+               (engine.adam, "step", "eager: Adam"),
                (engine.probe, "_starts", "eager: start vectors"), (engine.probe, "_global_start", "eager: start vectors")]
     kept = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
     try:

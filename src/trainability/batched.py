@@ -20,8 +20,8 @@ measurement and Algorithm 1), so each record equals the one-model-at-a-time reco
 divergence check per epoch; a decision step runs the Lanczos of every layer block (and of the whole
 network, for measure.global) in lockstep, and each round of products sends all their alphas and betas to
 the host in one transfer, where the tiny tridiagonal problems are solved and each model's convergence is
-decided (one sync per round). Decision rows stay on the device until the end
-of the model's task. On CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on
+decided (one sync per round). The measurement's sums follow in one transfer, and Algorithm 1 runs on
+the host (StackedScheduler), as train.run's on floats; the new learning rates go back in one copy. On CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on
 any device, `fused_adam` compiles Adam's update.
 """
 from __future__ import annotations
@@ -316,46 +316,56 @@ class StackedAdam:
         for t in self.exp_avg + self.exp_avg_sq:
             t[m].zero_()
 
-    def effective_steps(self, code_alpha_agg: bool | torch.Tensor):
-        """(alpha, alpha_agg), each (M, L) float64, from the state before this step (measure.py's
-        adam_effective_step / adam_alpha_agg, weights only, biases skipped). NaN before the first step.
-        code_alpha_agg: one bool for every model, or (M,) bools when the models' forms differ."""
-        mixed = isinstance(code_alpha_agg, torch.Tensor)
-        with torch.no_grad():
-            L = self.net.n_layers
-            v_hat, counts = self._weights_v_hat()
-            k = self.k.unsqueeze(1)
-            if mixed or code_alpha_agg:   # [code] raw v over every parameter (biases too), layer 1's LR
-                raw = sum(v.double().flatten(1).sum(1) for v in self.exp_avg_sq)
-                n_all = sum(p[0].numel() for p in self.net.params())
-                code = rms_step(self.lr[:, :1], (raw / n_all).unsqueeze(1), self.eps).expand(-1, L)
-            if mixed or not code_alpha_agg:
-                paper = rms_step(self.lr, v_hat / counts, self.eps)
-            agg = torch.where(code_alpha_agg.unsqueeze(1), code, paper) if mixed else \
-                (code if code_alpha_agg else paper)
-            alpha = effective_step(self.lr, self.beta1, k, v_hat / counts, self.eps)
-            nan = torch.full_like(alpha, math.nan)
-            return torch.where(k > 0, alpha, nan), torch.where(k > 0, agg, nan)
-
-    def _weights_v_hat(self):
-        """(sum of bias-corrected v over each layer's weights (M, L), weight counts (L,)): measure.py's
-        _weights_v_hat for every model and layer."""
+    def moments(self, code_form: bool) -> dict[str, torch.Tensor]:
+        """What the effective steps read, on the device, float64: lr, beta1, beta2 (M, L), k (M,), each
+        layer's weights' summed v ("v_sums", (M, L)) and, with code_form, every parameter's ("raw", (M,)).
+        The probe fetches them with its statistics in one transfer (`_to_host`), and `effective_steps`
+        computes on the host: ~40 tiny float64 ops that were each a kernel launch."""
         L = self.net.n_layers
-        sums = torch.stack([self.exp_avg_sq[self.net.weight_pos[l]].double().sum((1, 2)) for l in range(L)], 1)
-        counts = torch.tensor([self.net.W[l][0].numel() for l in range(L)], dtype=torch.float64,
-                              device=sums.device)
-        return sums / (1 - self.beta2 ** self.k.unsqueeze(1)), counts
+        out = {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "k": self.k,
+               "v_sums": torch.stack([self.exp_avg_sq[self.net.weight_pos[l]].double().sum((1, 2))
+                                      for l in range(L)], 1)}
+        if code_form:
+            out["raw"] = sum(v.double().flatten(1).sum(1) for v in self.exp_avg_sq)
+        return out
 
-    @torch.no_grad()
-    def global_effective_steps(self):
-        """(alpha, alpha_agg), each (M,) float64, of the whole network (measure._global_effective_step):
-        RMS over every weight tensor, the first layer's LR and beta1. NaN before the first step."""
-        v_hat, counts = self._weights_v_hat()
-        total = sum(v_hat[:, l] for l in range(v_hat.shape[1]))   # in layer order, as the float sum
-        agg = rms_step(self.lr[:, 0], total / float(counts.sum()), self.eps)
-        alpha = agg / (1 - self.beta1[:, 0] ** self.k)
+    def effective_steps(self, s: dict, code_alpha_agg: bool | torch.Tensor):
+        """(alpha, alpha_agg), each (M, L) float64, from `moments` (the state before this step; on any
+        device) as measure.py's adam_effective_step / adam_alpha_agg (weights only, biases skipped). NaN
+        before the first step. code_alpha_agg: one bool for every model, or (M,) bools on s's device when
+        the models' forms differ."""
+        mixed = isinstance(code_alpha_agg, torch.Tensor)
+        L = self.net.n_layers
+        v_hat, counts = self._weights_v_hat(s)
+        k = s["k"].unsqueeze(1)
+        if mixed or code_alpha_agg:   # [code] raw v over every parameter (biases too), layer 1's LR
+            n_all = sum(p[0].numel() for p in self.net.params())
+            code = rms_step(s["lr"][:, :1], (s["raw"] / n_all).unsqueeze(1), self.eps).expand(-1, L)
+        if mixed or not code_alpha_agg:
+            paper = rms_step(s["lr"], v_hat / counts, self.eps)
+        agg = torch.where(code_alpha_agg.unsqueeze(1), code, paper) if mixed else \
+            (code if code_alpha_agg else paper)
+        alpha = effective_step(s["lr"], s["beta1"], k, v_hat / counts, self.eps)
         nan = torch.full_like(alpha, math.nan)
-        return torch.where(self.k > 0, alpha, nan), torch.where(self.k > 0, agg, nan)
+        return torch.where(k > 0, alpha, nan), torch.where(k > 0, agg, nan)
+
+    def _weights_v_hat(self, s: dict):
+        """(sum of bias-corrected v over each layer's weights (M, L), weight counts (L,)) from `moments`:
+        measure.py's _weights_v_hat for every model and layer."""
+        L = self.net.n_layers
+        counts = torch.tensor([self.net.W[l][0].numel() for l in range(L)], dtype=torch.float64,
+                              device=s["k"].device)
+        return s["v_sums"] / (1 - s["beta2"] ** s["k"].unsqueeze(1)), counts
+
+    def global_effective_steps(self, s: dict):
+        """(alpha, alpha_agg), each (M,) float64, of the whole network (measure._global_effective_step)
+        from `moments`: RMS over every weight tensor, the first layer's LR and beta1. NaN before the first step."""
+        v_hat, counts = self._weights_v_hat(s)
+        total = sum(v_hat[:, l] for l in range(v_hat.shape[1]))   # in layer order, as the float sum
+        agg = rms_step(s["lr"][:, 0], total / float(counts.sum()), self.eps)
+        alpha = agg / (1 - s["beta1"][:, 0] ** s["k"])
+        nan = torch.full_like(alpha, math.nan)
+        return torch.where(s["k"] > 0, alpha, nan), torch.where(s["k"] > 0, agg, nan)
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "k": self.k, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
@@ -433,6 +443,17 @@ class StackedWasserstein:
         layer_order = [id(p) for p in StackedMLP.model_tensors(model)[0]]
         pen.sorted_init = [self.sorted_init[layer_order.index(id(p))][i].clone() for p in model.parameters()]
         return pen
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float64 tensors `tensors` as host copies, in one transfer (one .cpu() each waited for the
+    device each time). On the CPU: copies, so the caller may change what they came from."""
+    assert all(t.dtype == torch.float64 for t in tensors.values())   # cat would promote, changing the values
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()]).cpu()
+    out, i = {}, 0
+    for k, t in tensors.items():
+        out[k], i = flat[i:i + t.numel()].view(t.shape), i + t.numel()
+    return out
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -573,8 +594,8 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     keep a batch's Lanczos going. `ahead`, lanczos_ahead's output for these problems: its rounds come to
     the host in one transfer and the rule runs over them as if they came one by one (`_RowRule.rounds`);
     rows still going after them take more products here. The same bits either way (each row's arithmetic
-    is its own). Returns, per problem, (theta (M_p,) float64, Ritz vectors (M_p, n_p), products (M_p,)) on
-    v's device."""
+    is its own). Returns, per problem, (theta (M_p,) float64 and products (M_p,) on the host, where the rule
+    made them, and the Ritz vectors (M_p, n_p) on v's device)."""
     sizes = [v.shape[0] for _, v in problems]
     spans = [slice(sum(sizes[:p]), sum(sizes[:p + 1])) for p in range(len(sizes))]   # each problem's rows
     R = sum(sizes)
@@ -615,8 +636,7 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     out = []
     for p, (_, v) in enumerate(problems):
         sl = spans[p]
-        out.append((theta[sl].to(v.device), kry[p].ritz_vectors(rule.y[sl], start_back[sl], max(rounds[p], 1)),
-                    rule.iters[sl].to(v.device)))
+        out.append((theta[sl], kry[p].ritz_vectors(rule.y[sl], start_back[sl], max(rounds[p], 1)), rule.iters[sl]))
     return out
 
 
@@ -640,17 +660,18 @@ class StackedProbe:
         self.eig_tol, self.eig_max_iter = eig_tol, eig_max_iter
         dev = net.W[0].device
         self.code_alpha_agg = code_alpha_agg[0] if len(set(code_alpha_agg)) == 1 else \
-            torch.tensor(code_alpha_agg, device=dev)
+            torch.tensor(code_alpha_agg)   # host: the effective steps are computed there
         self.generators = [torch.Generator(dev).manual_seed(s) for s in seeds]   # as DecisionProbe's
         M = len(seeds)
         self.vecs = [torch.zeros(M, sum(p[0].numel() for p in net.layer_params(l)), device=dev)
                      for l in range(net.n_layers)]
-        self.has_vec = torch.zeros(M, dtype=torch.bool, device=dev)
+        self.has_vec = torch.zeros(M, dtype=torch.bool)   # host: the starts' branch is chosen there
         if any(global_lam) and not global_column:
             raise ValueError("StackedProbe: measure.global models need the whole-network column")
         self.global_column = global_column
         self.global_models = [m for m, g in enumerate(global_lam) if g]
         self.global_idx = torch.tensor(self.global_models, dtype=torch.long, device=dev)
+        self.global_idx_host = torch.tensor(self.global_models, dtype=torch.long)
         n_all = sum(p[0].numel() for p in net.params())
         self.global_vecs = torch.zeros(len(self.global_models), n_all, device=dev)
         self.global_problem = global_column and bool(self.global_models)   # the whole network's Lanczos
@@ -659,21 +680,42 @@ class StackedProbe:
         # products would cost every model's backward pass (on the 69-model paper job, 12 do not measure)
         self.block_models = None if not bool(self.skip.any()) else [m for m in range(M) if not self.skip[m]]
         self.block_idx = None if self.block_models is None else torch.tensor(self.block_models, device=dev)
+        self.block_idx_host = None if self.block_models is None else torch.tensor(self.block_models)
 
     def reset(self, m: int, seed: int) -> None:
         self.generators[m] = torch.Generator(self.vecs[0].device).manual_seed(seed)
         self.has_vec[m] = False
 
+    @staticmethod
+    def _draws(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+        """A Gaussian row of like's length from each generator, drawn on its device into one (R, n) tensor."""
+        r = torch.empty_like(like)
+        for g, row in zip(generators, r):
+            row.normal_(generator=g)   # torch.randn's own draw, in place: one kernel a row, no stack
+        return r
+
+    @staticmethod
+    def _mixed_starts(r: torch.Tensor, previous: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+        """mixed_start of every row: warm (with its previous eigenvector) where the host bools `has` say
+        so, cold elsewhere. Only the branches in use are computed (rows are independent: the same bits)."""
+        if bool(has.all()):
+            return mixed_start(r, previous)
+        if not bool(has.any()):
+            return mixed_start(r)
+        return torch.where(has.to(r.device).unsqueeze(1), mixed_start(r, previous), mixed_start(r))
+
     def _starts(self, l: int) -> torch.Tensor:
         """eigen._start for every model: a seeded Gaussian, plus the previous eigenvector if any."""
-        n = self.vecs[l].shape[1]
-        r = torch.stack([torch.randn(n, generator=g, device=g.device) for g in self.generators]).to(self.vecs[l])
-        return torch.where(self.has_vec.unsqueeze(1), mixed_start(r, self.vecs[l]), mixed_start(r))
+        return self._mixed_starts(self._draws(self.generators, self.vecs[l]), self.vecs[l], self.has_vec)
 
     def measure(self, inputs, out_grads, loss_closure, ahead=None) -> dict[str, torch.Tensor]:
-        """{field: (M, L) float64} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters, from the
-        step's layer inputs and the loss gradients at the layer outputs. `ahead` (DecisionGraph): starts ->
-        (problems, lanczos_ahead's rounds) in place of the eager gradient, or None where it cannot."""
+        """{field: (M, L) float64 on the host} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters,
+        from the step's layer inputs and the loss gradients at the layer outputs, and "lr" (M, L), the
+        learning rates they were measured at. The device's sums come to the host in one transfer after the
+        Lanczos (whose rule has synced by then); the small arithmetic after them, and Algorithm 1's
+        (StackedScheduler), runs there on float64 tensors, as train.run's on floats. `ahead`
+        (DecisionGraph): starts -> (problems, lanczos_ahead's rounds) in place of the eager gradient, or
+        None where it cannot."""
         net, L = self.net, self.net.n_layers
         B = inputs[0].shape[1]   # this minibatch's size: B, or an epoch's partial last one
         with torch.no_grad():
@@ -682,7 +724,9 @@ class StackedProbe:
                 grad_sq.append(sum(self.adam.grad_with_decay(p).double().pow(2).flatten(1).sum(1)
                                    for p in net.layer_params(l)))
                 sigma2.append(linear_gradient_stats(inputs[l], out_grads[l], B)[0])
-        alpha, agg = self.adam.effective_steps(self.code_alpha_agg)
+            code_form = isinstance(self.code_alpha_agg, torch.Tensor) or self.code_alpha_agg
+            on_device = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1),
+                         **self.adam.moments(code_form)}
         with buffers_kept(net):   # BatchNorm statistics: the probe's extra pass leaves no trace, as DecisionProbe's
             # every layer's Hessian block (W, b, BatchNorm's gamma, beta), and the whole network's for the
             # measure.global models, as one lockstep Lanczos; the starts drawn in DecisionProbe's order
@@ -701,17 +745,25 @@ class StackedProbe:
             solved = [self._all_models(sol, v) for sol, v in zip(solved[:L], all_starts)] + solved[L:]
             for l in range(L):
                 self.vecs[l] = solved[l][1].detach()
-            out = {"grad_sq": torch.stack(grad_sq, 1), "sigma2_ps": torch.stack(sigma2, 1), "alpha": alpha,
-                   "alpha_agg": agg, "lam_max": torch.stack([th for th, _, _ in solved[:L]], 1),
-                   "eig_iters": torch.stack([it.double() for _, _, it in solved[:L]], 1)}
-            if self.global_column:
-                g_alpha, g_agg = self.adam.global_effective_steps()
-                g_lam, g_iters = self._global_lam(solved[L] if self.global_problem else None)
-                whole = {"grad_sq": sum(grad_sq), "sigma2_ps": sum(sigma2), "alpha": g_alpha, "alpha_agg": g_agg,
-                         "lam_max": g_lam, "eig_iters": g_iters}   # sums in layer order, as DecisionProbe's
-                out = {k: torch.cat([v, whole[k].unsqueeze(1)], 1) for k, v in out.items()}
-        self.has_vec[:] = True
-        return dict(out, batch_size=B)
+            if self.global_problem:
+                self.global_vecs = solved[L][1].detach()
+            self.has_vec[:] = True
+        return self._fields(_to_host(on_device), solved, B)   # the one transfer; then host tensors
+
+    def _fields(self, host: dict, solved: list, B: int) -> dict[str, torch.Tensor]:
+        """measure's fields, on the host, from host copies of the device's sums and the Lanczos results."""
+        L = self.net.n_layers
+        alpha, agg = self.adam.effective_steps(host, self.code_alpha_agg)
+        out = {"grad_sq": host["grad_sq"], "sigma2_ps": host["sigma2_ps"], "alpha": alpha, "alpha_agg": agg,
+               "lam_max": torch.stack([th for th, _, _ in solved[:L]], 1),
+               "eig_iters": torch.stack([it.double() for _, _, it in solved[:L]], 1)}
+        if self.global_column:
+            g_alpha, g_agg = self.adam.global_effective_steps(host)
+            g_lam, g_iters = self._global_lam(solved[L] if self.global_problem else None)
+            whole = {k: sum(out[k][:, l] for l in range(L)) for k in ("grad_sq", "sigma2_ps")}   # in layer order,
+            whole.update(alpha=g_alpha, alpha_agg=g_agg, lam_max=g_lam, eig_iters=g_iters)   # as DecisionProbe's
+            out = {k: torch.cat([v, whole[k].unsqueeze(1)], 1) for k, v in out.items()}
+        return dict(out, batch_size=B, lr=host["lr"])
 
     def hvps(self, loss_closure, inputs: list[torch.Tensor]) -> list:
         """The Lanczos problems' operators: every layer block's, on the measuring models (block_models), then
@@ -768,9 +820,9 @@ class StackedProbe:
         as batched_lanczos gives a skipped row: theta NaN, its start vector back, 0 products."""
         if self.block_models is None:
             return solved
-        theta, vecs, iters = solved
-        M, idx = start.shape[0], self.block_idx
-        return (theta.new_full((M,), math.nan).index_copy(0, idx, theta), start.index_copy(0, idx, vecs),
+        theta, vecs, iters = solved   # theta and products on the host, the vectors on the device
+        M, idx = start.shape[0], self.block_idx_host
+        return (theta.new_full((M,), math.nan).index_copy(0, idx, theta), start.index_copy(0, self.block_idx, vecs),
                 iters.new_zeros(M).index_copy(0, idx, iters))
 
     def _block_hvp(self, net: StackedMLP, l: int, grads, wd):
@@ -789,10 +841,8 @@ class StackedProbe:
 
     def _global_start(self) -> torch.Tensor:
         """eigen._start of the whole network for the measure.global models (drawn after the layers')."""
-        idx, n = self.global_idx, self.global_vecs.shape[1]
-        r = torch.stack([torch.randn(n, generator=self.generators[m], device=self.generators[m].device)
-                         for m in self.global_models]).to(self.global_vecs)
-        return torch.where(self.has_vec[idx].unsqueeze(1), mixed_start(r, self.global_vecs), mixed_start(r))
+        r = self._draws([self.generators[m] for m in self.global_models], self.global_vecs)
+        return self._mixed_starts(r, self.global_vecs, self.has_vec[self.global_idx_host])
 
     def _global_hvp(self, loss_closure, wd):
         """(G, n) -> (G, n): the whole Hessian (plus the regularisers' wd I) of the G measure.global models, on
@@ -811,16 +861,15 @@ class StackedProbe:
         return hvp
 
     def _global_lam(self, solved):
-        """(lam_max (M,), products (M,)): the whole Hessian's top eigenvalue for the measure.global models
-        from their Lanczos (`solved`, None without such models); NaN and 0 for the others."""
-        M, dev = len(self.generators), self.global_vecs.device
-        lam = torch.full((M,), math.nan, dtype=torch.float64, device=dev)
-        iters = torch.zeros(M, dtype=torch.float64, device=dev)
+        """(lam_max (M,), products (M,)) on the host: the whole Hessian's top eigenvalue for the measure.global
+        models from their Lanczos (`solved`, None without such models); NaN and 0 for the others."""
+        M = len(self.generators)
+        lam = torch.full((M,), math.nan, dtype=torch.float64)
+        iters = torch.zeros(M, dtype=torch.float64)
         if solved is None:
             return lam, iters
-        th, vec, it = solved
-        self.global_vecs = vec.detach()
-        return lam.index_copy(0, self.global_idx, th), iters.index_copy(0, self.global_idx, it.double())
+        th, _, it = solved
+        return lam.index_copy(0, self.global_idx_host, th), iters.index_copy(0, self.global_idx_host, it.double())
 
     def state_dict(self) -> dict:
         return {"vecs": self.vecs, "global_vecs": self.global_vecs, "has_vec": self.has_vec,
@@ -839,7 +888,11 @@ class StackedScheduler:
     (M, C, W) shift registers, the rules tensors, and only models with act=True change LRs. Each model has
     its own bound, Eq. 2 statistic S, beta and variant; the other constants are shared. Columns are the
     L layers, plus the whole network (column L) when the probe measures it: a global-variant model
-    decides there and applies that rule to every layer (its layer rows log their own bounds)."""
+    decides there and applies that rule to every layer (its layer rows log their own bounds).
+    It runs on the host, on the probe's host measurement (StackedProbe.measure): a decision's ~100 ops on
+    (M, C) tensors each cost a kernel launch and Python's dispatch on a GPU (2.4-3.4 ms a decision on an
+    H200, docs/gpu), a few microseconds each here; its windows' sums then round as train.run's floats do,
+    and the new learning rates go to the device in one copy."""
 
     def __init__(self, adam: StackedAdam, B: int, cfgs: list[dict], act: list[bool], columns: int):
         s = cfgs[0]
@@ -847,7 +900,7 @@ class StackedScheduler:
         self.safety, self.cool, self.warm, self.floor = s["safety"], s["cool"], s["warm"], s["floor"]
         self.warm_frac, self.warm_factor = s["warm_frac"], s["warm_factor"]
         self.kappa, self.W = s["kappa"], s["window"]
-        dev = adam.lr.device
+        dev = torch.device("cpu")
         M, L = adam.lr.shape
         betas = [c["beta"] for c in cfgs]
         self.beta = betas[0] if len(set(betas)) == 1 else \
@@ -890,10 +943,11 @@ class StackedScheduler:
         return {k: torch.where(ok, v, nan) for k, v in st.items()}
 
     @torch.no_grad()
-    def step(self, m: dict, task_frac: float) -> torch.Tensor:
-        """One decision for every (model, column); returns the rows as (len(NUM_FIELDS) + 1, M, C) float64
-        (the last plane is the rule code: RULES index), lr after the decision."""
-        L = self.adam.lr.shape[1]
+    def step(self, m: dict, task_frac: float | torch.Tensor) -> torch.Tensor:
+        """One decision for every (model, column) from the probe's host measurement m; returns the rows as
+        (len(NUM_FIELDS) + 1, M, C) float64 host tensors (the last plane is the rule code: RULES index), lr
+        after the decision, and sets the device's learning rates."""
+        L = m["lr"].shape[1]
         lam_bar = m["alpha_agg"] * m["lam_max"]
         if lam_bar.shape[1] > L:   # only a global-variant model pushes its whole-network window
             lam_bar = torch.cat([lam_bar[:, :L], torch.where(self.glob, lam_bar[:, L:], math.nan)], 1)
@@ -907,11 +961,10 @@ class StackedScheduler:
         if cool.shape[1] > L:   # a global-variant model's layers follow its whole-network rule
             cool, warm = (torch.cat([torch.where(self.glob, r[:, L:], r[:, :L]), r[:, L:]], 1) for r in (cool, warm))
         act = self.act.unsqueeze(1)
-        lr = self.adam.lr
-        self.adam.lr.copy_(torch.where(act & cool[:, :L], lr * self.cool,
-                                       torch.where(act & warm[:, :L], lr * self.warm, lr)))
+        lr = m["lr"]
+        lr_row = torch.where(act & cool[:, :L], lr * self.cool, torch.where(act & warm[:, :L], lr * self.warm, lr))
+        self.adam.lr.copy_(lr_row)
         rule = torch.where(cool, 1.0, torch.where(warm, 2.0, 0.0)).double()
-        lr_row = self.adam.lr.clone()
         if cool.shape[1] > L:
             lr_row = torch.cat([lr_row, lr_row[:, :1]], 1)   # the global row logs the first group's LR
         row = {"lr": lr_row, "alpha": alpha, **bd, "bound": bound, "lam_max": m["lam_max"],
@@ -922,8 +975,8 @@ class StackedScheduler:
     def state_dict(self) -> dict:
         return {"values": self.values, "count": self.count}
 
-    def load_state_dict(self, s: dict) -> None:
-        self.values, self.count = s["values"].clone(), s["count"].clone()
+    def load_state_dict(self, s: dict) -> None:   # host tensors, whatever map_location did
+        self.values, self.count = s["values"].cpu().clone(), s["count"].cpu().clone()
 
 
 def _clear_grads(params: list[torch.Tensor]) -> None:
@@ -1268,8 +1321,7 @@ class BatchedRuns:
             ahead = functools.partial(self.decision_graph, bidx) if self.decision_graph is not None and full else None
             meas = self.probe.measure(inputs, out_grads, lambda sub=None: self.objective(xb, yb, sub=sub)[2], ahead)
             # each model's fraction of its task (Algorithm 1's warm-up window): one number when they agree
-            fr = frac[0] if len(set(frac)) == 1 else \
-                torch.tensor(frac, dtype=torch.float64, device=self.device).unsqueeze(1)
+            fr = frac[0] if len(set(frac)) == 1 else torch.tensor(frac, dtype=torch.float64).unsqueeze(1)
             self.rows.append((step, frac, self.sched.step(meas, fr)))
         self.adam.step()
 
@@ -1402,10 +1454,10 @@ class BatchedRuns:
             s["wass"] = [subset_rows(t, wass_models) for t in s["wass"]]
         if s["probe"] is not None:
             p = s["probe"]
-            s["probe"] = dict(vecs=rows(p["vecs"]), has_vec=p["has_vec"][idx], generators=pick(p["generators"]),
+            s["probe"] = dict(vecs=rows(p["vecs"]), has_vec=p["has_vec"][models], generators=pick(p["generators"]),
                               global_vecs=subset_rows(p["global_vecs"], global_models))
             columns = self.sched.values.shape[1]   # the whole network's column goes when no survivor has it
-            s["sched"] = {k: v[idx][:, :columns] for k, v in s["sched"].items()}
+            s["sched"] = {k: v[models][:, :columns] for k, v in s["sched"].items()}   # host tensors
         self.load_state_dict(s)
 
     def _run(self, m: int) -> dict:
