@@ -25,6 +25,7 @@ Python's dispatch each), and what runs on host tensors, no launch (the stopping 
 small arithmetic, Algorithm 1).
 
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --jobs batch-l2-long batch-crelu-long
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --time 10 --jobs batch-l2-long   # + host ms
 """
 from __future__ import annotations
 
@@ -117,24 +118,31 @@ def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
 EAGER_REST = "eager: the rest (the probe's statistics, bookkeeping)"
 
 
-def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
+def decision_phases(engine) -> list[tuple]:
+    """(object, attribute, phase) of a decision step's parts, for --decision's counts and times."""
+    host = "host: the measurement's fields and Algorithm 1 (host tensors)"
+    return [(engine, "decision_forward_backward", "graph (decision_step_graph): the step's forward and backward"),
+            (engine.decision_graph, "_body", "graph (decision_graph): the body"),
+            (batched, "batched_lanczos", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
+            (batched._RowRule, "rounds", "host: the stopping rule (host tensors)"),
+            (batched, "ritz_step", "host: the stopping rule's tridiagonal solves (host tensors)"),
+            (engine.probe, "_fields", host), (engine.sched, "step", host),
+            (engine.adam, "step", "eager: Adam"),
+            (engine.probe, "_starts", "eager: start vectors"), (engine.probe, "_global_start", "eager: start vectors")]
+
+
+def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_decisions: int = 0) -> dict:
     """One whole decision step (the job's second, past the first's cold start), by phase: what a CUDA
     graph replays (the decision graph's body; the step's forward and backward with decision_step_graph)
     and what runs eagerly, a launch and Python's dispatch each (most of a small job's decision on call 7's
-    H100), and what runs on host tensors (the stopping rule, the measurement's small arithmetic, Algorithm 1)."""
+    H100), and what runs on host tensors (the stopping rule, the measurement's small arithmetic, Algorithm 1).
+    time_decisions > 0: also the host phases' own time, medians over that many more decisions (the host
+    does the same work whatever the device)."""
     engine, bidx = engine_at_task_start(cfgs, tmp)
     engine.step(bidx, step=0, frac=[0.0] * engine.M, decide=True)
     counter = Bytes()
     counter.phase = EAGER_REST
-    patched = [(engine, "decision_forward_backward", "graph (decision_step_graph): the step's forward and backward"),
-               (engine.decision_graph, "_body", "graph (decision_graph): the body"),
-               (batched, "batched_lanczos", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
-               (batched._RowRule, "rounds", "host: the stopping rule (host tensors)"),
-               (batched, "ritz_step", "host: the stopping rule's tridiagonal solves (host tensors)"),
-               (engine.probe, "_fields", "host: the measurement's fields and Algorithm 1 (host tensors)"),
-               (engine.sched, "step", "host: the measurement's fields and Algorithm 1 (host tensors)"),
-               (engine.adam, "step", "eager: Adam"),
-               (engine.probe, "_starts", "eager: start vectors"), (engine.probe, "_global_start", "eager: start vectors")]
+    patched = decision_phases(engine)
     kept = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
     try:
         for obj, attr, phase in patched:
@@ -144,8 +152,37 @@ def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
     finally:
         for obj, attr, fn in kept:
             setattr(obj, attr, fn)
-    return {"job": name, "models": len(cfgs), "ops": sum(counter.ops.values()),
-            "gb": sum(counter.bytes.values()) / 1e9, "phases": by_phase(counter)}
+    row = {"job": name, "models": len(cfgs), "ops": sum(counter.ops.values()),
+           "gb": sum(counter.bytes.values()) / 1e9, "phases": by_phase(counter)}
+    if time_decisions:
+        row["host_ms"] = host_times(engine, bidx, time_decisions)
+    return row
+
+
+def host_times(engine, bidx, n: int) -> dict:
+    """{host phase: median ms a decision} over n decision steps (the solves are part of the rule's time)."""
+    spent = collections.defaultdict(lambda: [0.0] * n)
+    patched = [(obj, attr, phase) for obj, attr, phase in decision_phases(engine) if phase.startswith("host")]
+    kept = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
+
+    def timed(phase, fn, i):
+        def wrapped(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[phase][i[0]] += time.perf_counter() - t0
+        return wrapped
+    i = [0]
+    try:
+        for obj, attr, phase in patched:
+            setattr(obj, attr, timed(phase, getattr(obj, attr), i))
+        for i[0] in range(n):
+            engine.step(bidx, step=2 + i[0], frac=[0.0] * engine.M, decide=True)
+    finally:
+        for obj, attr, fn in kept:
+            setattr(obj, attr, fn)
+    return {k: 1e3 * statistics.median(v) for k, v in spent.items()}
 
 
 class OpBytes(Bytes):
@@ -204,7 +241,8 @@ def main() -> int:
                    help="a whole decision step by phase: what graphs replay, what runs eagerly, the host's rule")
     p.add_argument("--time", type=int, default=0, metavar="N",
                    help="with --plain: also time forward+backward, the penalty's gradient through autograd against "
-                        "add_grad, N interleaved repeats (one thread)")
+                        "add_grad, N interleaved repeats (one thread); with --decision: the host phases' time, "
+                        "medians over N more decisions")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.time:
@@ -220,12 +258,14 @@ def main() -> int:
         cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
         with tempfile.TemporaryDirectory() as tmp:
             row = plain_step_bytes(name, cfgs, Path(tmp), a.time) if a.plain else \
-                decision_step_bytes(name, cfgs, Path(tmp)) if a.decision else job_bytes(name, cfgs, Path(tmp))
+                decision_step_bytes(name, cfgs, Path(tmp), a.time) if a.decision else job_bytes(name, cfgs, Path(tmp))
         rows.append(row)
         if a.decision:
             print(f"{name}: {row['models']} models, a decision step: {row['ops']} ops, {row['gb']:.1f} GB touched", flush=True)
             for k, v in row["phases"].items():
                 print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB")
+            for k, ms in row.get("host_ms", {}).items():
+                print(f"    {k:62s} {ms:6.2f} ms a decision (median of {a.time}, one thread)")
         elif a.plain:
             print(f"{name}: {row['models']} models ({row['wasserstein']} Wasserstein), plain step: {row['ops']} ops, "
                   f"{row['gb']:.2f} GB touched ({1e3 * row['gb'] / row['models']:.1f} MB a model-step)", flush=True)
