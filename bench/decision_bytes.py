@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import statistics
 import tempfile
@@ -131,6 +132,19 @@ def decision_phases(engine) -> list[tuple]:
             (engine.probe, "_starts", "eager: start vectors"), (engine.probe, "_global_start", "eager: start vectors")]
 
 
+@contextlib.contextmanager
+def wrapped(patched: list[tuple], wrap):
+    """Each (object, attribute, phase) of `patched` replaced by wrap(phase, original) while inside."""
+    kept = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
+    try:
+        for obj, attr, phase in patched:
+            setattr(obj, attr, wrap(phase, getattr(obj, attr)))
+        yield
+    finally:
+        for obj, attr, fn in kept:
+            setattr(obj, attr, fn)
+
+
 def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_decisions: int = 0) -> dict:
     """One whole decision step (the job's second, past the first's cold start), by phase: what a CUDA
     graph replays (the decision graph's body; the step's forward and backward with decision_step_graph)
@@ -142,16 +156,8 @@ def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_decisions: 
     engine.step(bidx, step=0, frac=[0.0] * engine.M, decide=True)
     counter = Bytes()
     counter.phase = EAGER_REST
-    patched = decision_phases(engine)
-    kept = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
-    try:
-        for obj, attr, phase in patched:
-            setattr(obj, attr, in_phase(counter, phase, getattr(obj, attr)))
-        with counter:
-            engine.step(bidx, step=1, frac=[0.0] * engine.M, decide=True)
-    finally:
-        for obj, attr, fn in kept:
-            setattr(obj, attr, fn)
+    with wrapped(decision_phases(engine), lambda phase, fn: in_phase(counter, phase, fn)), counter:
+        engine.step(bidx, step=1, frac=[0.0] * engine.M, decide=True)
     row = {"job": name, "models": len(cfgs), "ops": sum(counter.ops.values()),
            "gb": sum(counter.bytes.values()) / 1e9, "phases": by_phase(counter)}
     if time_decisions:
@@ -161,27 +167,24 @@ def decision_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_decisions: 
 
 def host_times(engine, bidx, n: int) -> dict:
     """{host phase: median ms a decision} over n decision steps (the solves are part of the rule's time)."""
-    spent = collections.defaultdict(lambda: [0.0] * n)
-    patched = [(obj, attr, phase) for obj, attr, phase in decision_phases(engine) if phase.startswith("host")]
-    kept = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
+    now = collections.Counter()   # this decision's seconds by phase
 
-    def timed(phase, fn, i):
-        def wrapped(*args, **kwargs):
+    def timed(phase, fn):
+        def timed_fn(*args, **kwargs):
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[phase][i[0]] += time.perf_counter() - t0
-        return wrapped
-    i = [0]
-    try:
-        for obj, attr, phase in patched:
-            setattr(obj, attr, timed(phase, getattr(obj, attr), i))
-        for i[0] in range(n):
-            engine.step(bidx, step=2 + i[0], frac=[0.0] * engine.M, decide=True)
-    finally:
-        for obj, attr, fn in kept:
-            setattr(obj, attr, fn)
+                now[phase] += time.perf_counter() - t0
+        return timed_fn
+    host = [(obj, attr, phase) for obj, attr, phase in decision_phases(engine) if phase.startswith("host")]
+    spent = collections.defaultdict(list)
+    with wrapped(host, timed):
+        for i in range(n):
+            now.clear()
+            engine.step(bidx, step=2 + i, frac=[0.0] * engine.M, decide=True)
+            for phase in dict.fromkeys(p for _, _, p in host):
+                spent[phase].append(now[phase])
     return {k: 1e3 * statistics.median(v) for k, v in spent.items()}
 
 

@@ -21,8 +21,9 @@ divergence check per epoch; a decision step runs the Lanczos of every layer bloc
 network, for measure.global) in lockstep, and each round of products sends all their alphas and betas to
 the host in one transfer, where the tiny tridiagonal problems are solved and each model's convergence is
 decided (one sync per round). The measurement's sums follow in one transfer, and Algorithm 1 runs on
-the host (StackedScheduler), as train.run's on floats; the new learning rates go back in one copy. On CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on
-any device, `fused_adam` compiles Adam's update.
+the host (StackedScheduler), as train.run's on floats; the new learning rates go back in one copy. On
+CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphStep`); on any device,
+`fused_adam` compiles Adam's update.
 """
 from __future__ import annotations
 
@@ -670,8 +671,8 @@ class StackedProbe:
             raise ValueError("StackedProbe: measure.global models need the whole-network column")
         self.global_column = global_column
         self.global_models = [m for m, g in enumerate(global_lam) if g]
-        self.global_idx = torch.tensor(self.global_models, dtype=torch.long, device=dev)
-        self.global_idx_host = torch.tensor(self.global_models, dtype=torch.long)
+        self.global_idx_host = torch.tensor(self.global_models, dtype=torch.long)   # indexes host results
+        self.global_idx = self.global_idx_host.to(dev)   # indexes device tensors
         n_all = sum(p[0].numel() for p in net.params())
         self.global_vecs = torch.zeros(len(self.global_models), n_all, device=dev)
         self.global_problem = global_column and bool(self.global_models)   # the whole network's Lanczos
@@ -679,8 +680,8 @@ class StackedProbe:
         # the layer blocks' Lanczos runs on the measuring models' sub-stack when some do not measure: their
         # products would cost every model's backward pass (on the 69-model paper job, 12 do not measure)
         self.block_models = None if not bool(self.skip.any()) else [m for m in range(M) if not self.skip[m]]
-        self.block_idx = None if self.block_models is None else torch.tensor(self.block_models, device=dev)
         self.block_idx_host = None if self.block_models is None else torch.tensor(self.block_models)
+        self.block_idx = None if self.block_models is None else self.block_idx_host.to(dev)
 
     def reset(self, m: int, seed: int) -> None:
         self.generators[m] = torch.Generator(self.vecs[0].device).manual_seed(seed)
