@@ -81,7 +81,7 @@ def stacked_step(M, device, B, measure, graph=False, fused=False, seed=0):
         total, a, z = loss(decide)
         total.backward()
         if decide:
-            sched.step(probe.measure(a, [x.grad for x in z], lambda: loss()[0]), 0.5)
+            sched.step(probe.measure(a, [x.grad for x in z], y[:, idx], lambda: loss()[0]), 0.5)
         adam.step()
     return step
 

@@ -4,6 +4,7 @@ its launches are gone.
 
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py                     # four jobs, ~5 min
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --jobs batch-l2-vanilla --out bytes.json
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --time 20 --jobs batch-l2-vanilla   # + product ms
 
 For each job (its own configs, all seeds) the engine (batched.BatchedRuns, decision_graph on) runs
 DecisionGraph's body once on a full minibatch of task 1, under a dispatch mode that adds up, for every
@@ -90,7 +91,7 @@ def by_phase(counter: Bytes) -> dict:
     return {k: {"gb": v / 1e9, "ops": counter.ops[k]} for k, v in counter.bytes.most_common()}
 
 
-def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
+def job_bytes(name: str, cfgs: list[dict], tmp: Path, time_reps: int = 0) -> dict:
     engine, bidx = engine_at_task_start(cfgs, tmp)
     probe, L = engine.probe, engine.net.n_layers
     starts = [v.clone() if probe.block_models is None else v[probe.block_idx] for v in probe.vecs]   # as measure's
@@ -110,10 +111,13 @@ def job_bytes(name: str, cfgs: list[dict], tmp: Path) -> dict:
     finally:
         batched._Krylov.product, batched._Krylov.extend = product, extend
     total = sum(counter.bytes.values())
-    return {"job": name, "models": len(cfgs), "measuring": sum(engine.measuring_m),
-            "global_models": len(probe.global_models) if probe.global_problem else 0,
-            "rounds": batched.DecisionGraph.ROUNDS, "ops": sum(counter.ops.values()), "gb": total / 1e9,
-            "phases": by_phase(counter)}
+    row = {"job": name, "models": len(cfgs), "measuring": sum(engine.measuring_m),
+           "global_models": len(probe.global_models) if probe.global_problem else 0,
+           "rounds": batched.DecisionGraph.ROUNDS, "ops": sum(counter.ops.values()), "gb": total / 1e9,
+           "phases": by_phase(counter)}
+    if time_reps and probe.global_problem:
+        row["global_product_ms"] = time_global_products(engine, bidx, time_reps)
+    return row
 
 
 EAGER_REST = "eager: the rest (the probe's statistics, bookkeeping)"
@@ -211,6 +215,30 @@ def plain_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_reps: int = 0)
     return row
 
 
+def time_global_products(engine, bidx, reps: int) -> dict:
+    """Median ms of one whole-network product of the job's measure.global models (their sub-stack) through
+    autograd's double backward (StackedProbe._autograd_hvp, the route before 2026-11-29 and BatchNorm's) and
+    written out (_r_op_hvps, the route now), interleaved; and the largest difference relative to the norm."""
+    probe = engine.probe
+    xb, yb = engine.minibatch(bidx)
+    with torch.no_grad():
+        inputs = engine.net.forward(xb, keep=True)[1]
+    written_out = probe.hvps(inputs, yb, None)[-1]
+    sub = engine.net.rows(probe.global_models, probe.global_idx)
+    grads = torch.autograd.grad(engine.objective(xb, yb, sub=sub)[2], sub.params(), create_graph=True)
+    autograd = probe._autograd_hvp(sub.params(), grads, probe.shift[probe.global_idx])
+    V = torch.randn(probe.global_vecs.shape)
+    times = {"autograd": [], "written_out": []}
+    for _ in range(reps):
+        for k, fn in (("autograd", autograd), ("written_out", written_out)):
+            t = time.perf_counter()
+            fn(V)
+            times[k].append(time.perf_counter() - t)
+    out = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    a, w = autograd(V), written_out(V)
+    return dict(out, rel_diff=((a - w).norm() / a.norm()).item())
+
+
 def time_penalty_gradient(engine, bidx, reps: int) -> dict:
     """Median ms of the step's forward and backward with the Wasserstein gradient through autograd (the
     penalty in the objective) and written out (StackedWasserstein.add_grad, the step's route), interleaved."""
@@ -245,7 +273,8 @@ def main() -> int:
     p.add_argument("--time", type=int, default=0, metavar="N",
                    help="with --plain: also time forward+backward, the penalty's gradient through autograd against "
                         "add_grad, N interleaved repeats (one thread); with --decision: the host phases' time, "
-                        "medians over N more decisions")
+                        "medians over N more decisions; with neither: the measure.global models' whole-network "
+                        "product, autograd's against written out, N interleaved repeats")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.time:
@@ -261,7 +290,7 @@ def main() -> int:
         cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
         with tempfile.TemporaryDirectory() as tmp:
             row = plain_step_bytes(name, cfgs, Path(tmp), a.time) if a.plain else \
-                decision_step_bytes(name, cfgs, Path(tmp), a.time) if a.decision else job_bytes(name, cfgs, Path(tmp))
+                decision_step_bytes(name, cfgs, Path(tmp), a.time) if a.decision else job_bytes(name, cfgs, Path(tmp), a.time)
         rows.append(row)
         if a.decision:
             print(f"{name}: {row['models']} models, a decision step: {row['ops']} ops, {row['gb']:.1f} GB touched", flush=True)
@@ -285,6 +314,11 @@ def main() -> int:
                   f"a floor of {row['gb'] / a.peak_gbs * 1e3:.1f} ms at {a.peak_gbs:.0f} GB/s", flush=True)
             for k, v in row["phases"].items():
                 print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB {100 * v['gb'] / row['gb']:5.1f}%")
+            if "global_product_ms" in row:
+                t = row["global_product_ms"]
+                print(f"    the whole network's product ({row['global_models']} models): autograd {t['autograd']:.1f} ms, "
+                      f"written out {t['written_out']:.1f} ms: {t['autograd'] / t['written_out']:.2f}x (medians of "
+                      f"{a.time}, interleaved, one thread); they differ by {t['rel_diff']:.1e} of the norm")
         if a.out:
             Path(a.out).write_text(json.dumps(rows, indent=1))
     return 0

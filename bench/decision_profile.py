@@ -92,7 +92,7 @@ def hvp_round(engine, batch, device, reps: int) -> dict:
     with buffers_kept(net):
         with torch.no_grad():
             inputs = net.forward(xb, keep=True)[1]
-        hvps = probe.hvps(lambda sub=None: engine.objective(xb, yb, sub=sub)[2], inputs)[:net.n_layers]
+        hvps = probe.hvps(inputs, yb, lambda sub=None: engine.objective(xb, yb, sub=sub)[2])[:net.n_layers]
         rows = len(probe.block_models) if probe.block_models is not None else engine.M
         q = [torch.randn(rows, v.shape[1], device=device) for v in probe.vecs]
 

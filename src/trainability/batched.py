@@ -27,7 +27,6 @@ CUDA, `cuda_graph` replays the plain steps from one captured graph (`CudaGraphSt
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -180,19 +179,6 @@ class StackedMLP:
         if self.act is _crelu_stacked:
             return (g.unflatten(2, (2, -1)) * factor).sum(2)
         return g * factor
-
-    @contextlib.contextmanager
-    def version_free(self):
-        """Inside, params() are leaves on the same storage under version counters of their own (p.data): an
-        autograd graph built here stays differentiable after in-place optimiser steps. DecisionGraph needs
-        that: its graph is built once, at capture, and differentiated again at later decisions, after Adam
-        has moved the weights (on an H100: "modified by an inplace operation")."""
-        kept = self.W, self.b, self.gamma, self.beta
-        self.W, self.b, self.gamma, self.beta = ([p.data.requires_grad_() for p in ts] for ts in kept)
-        try:
-            yield
-        finally:
-            self.W, self.b, self.gamma, self.beta = kept
 
     @staticmethod
     def model_tensors(model) -> tuple[list, list]:
@@ -650,9 +636,10 @@ class StackedProbe:
     (NaN for the others, as DecisionProbe without global_too). With `measuring`, a model that does not
     measure takes no part in the layer blocks' Lanczos, which then runs on the measuring models' sub-stack
     (its lam_max is NaN: nobody reads it), nor in the whole network's (a skipped row there). The
-    products are the cross-entropy's Hessian's plus `shift` (M,) times V: each model's regulariser
-    adds a multiple of I to its Hessian (regularizers.hessian_shift), so the Wasserstein penalty's sort
-    is not differentiated twice in every product."""
+    products are the cross-entropy's Hessian's, written out (`_r_op_hvps`; autograd's for BatchNorm), plus
+    `shift` (M,) times V: each model's regulariser adds a multiple of I to its Hessian
+    (regularizers.hessian_shift), so the Wasserstein penalty's sort is not differentiated twice in every
+    product."""
 
     def __init__(self, net: StackedMLP, adam: StackedAdam, B: int, seeds: list[int], eig_tol: float,
                  eig_max_iter: int, code_alpha_agg: list[bool], global_lam: list[bool], global_column: bool,
@@ -709,7 +696,7 @@ class StackedProbe:
         """eigen._start for every model: a seeded Gaussian, plus the previous eigenvector if any."""
         return self._mixed_starts(self._draws(self.generators, self.vecs[l]), self.vecs[l], self.has_vec)
 
-    def measure(self, inputs, out_grads, loss_closure, ahead=None) -> dict[str, torch.Tensor]:
+    def measure(self, inputs, out_grads, labels, loss_closure, ahead=None) -> dict[str, torch.Tensor]:
         """{field: (M, L) float64 on the host} for grad_sq, sigma2_ps, alpha, alpha_agg, lam_max, eig_iters,
         from the step's layer inputs and the loss gradients at the layer outputs, and "lr" (M, L), the
         learning rates they were measured at. The device's sums come to the host in one transfer after the
@@ -739,7 +726,7 @@ class StackedProbe:
                 skip.append(self.skip[self.global_models])
             got = ahead(starts) if ahead is not None else None
             if got is None:
-                problems, rounds = list(zip(self.hvps(loss_closure, inputs), starts)), None
+                problems, rounds = list(zip(self.hvps(inputs, labels, loss_closure), starts)), None
             else:
                 problems, rounds = got
             solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip), ahead=rounds)
@@ -766,55 +753,94 @@ class StackedProbe:
             out = {k: torch.cat([v, whole[k].unsqueeze(1)], 1) for k, v in out.items()}
         return dict(out, batch_size=B, lr=host["lr"])
 
-    def hvps(self, loss_closure, inputs: list[torch.Tensor]) -> list:
+    def hvps(self, inputs: list[torch.Tensor], labels: torch.Tensor, loss_closure) -> list:
         """The Lanczos problems' operators: every layer block's, on the measuring models (block_models), then
         the whole network's on the measure.global models' sub-stack when there are such models (the order
         of the starts in `measure`). `inputs`: the stack's layer inputs on this minibatch (StackedMLP.forward
-        with keep); loss_closure(sub): the summed cross-entropy of the whole stack (sub None) or of a
-        StackedMLP.rows sub-stack, whose create_graph gradient the whole network's products (and a
-        BatchNorm stack's blocks) differentiate. The regularisers enter as `shift`."""
+        with keep), `labels` (M, b) its labels. Written out (`_r_op_hvps`) without BatchNorm; a BatchNorm
+        stack's products differentiate loss_closure(sub) twice: the summed cross-entropy of the whole stack
+        (sub None) or of a StackedMLP.rows sub-stack. The regularisers enter as `shift`."""
         wd = self.shift
         net = self.net if self.block_models is None else self.net.rows(self.block_models, self.block_idx)
         wd_b = wd if self.block_models is None else wd[self.block_idx]
         if net.gamma:   # BatchNorm is not piecewise linear in the layer's weights: autograd's second derivative
             grads = torch.autograd.grad(loss_closure(None if net is self.net else net), net.params(), create_graph=True)
-            ops = [self._block_hvp(net, l, grads, wd_b) for l in range(net.n_layers)]
+            at = [net.weight_pos[l] for l in range(net.n_layers)] + [len(grads)]
+            ops = [self._autograd_hvp(net.layer_params(l), grads[at[l]:at[l + 1]], wd_b) for l in range(net.n_layers)]
         else:
-            ops = self._gauss_newton_hvps(net, inputs if net is self.net else [a[net.idx] for a in inputs], wd_b)
-        if self.global_problem:
-            ops.append(self._global_hvp(loss_closure, wd))
+            rows = (lambda t: t) if net is self.net else (lambda t: t[net.idx])
+            ops = self._r_op_hvps(net, [rows(a) for a in inputs], rows(labels), wd_b,
+                                  [(l, l) for l in range(net.n_layers)])
+        if self.global_problem:   # on the measure.global models' own sub-stack: the others' products cost nothing
+            sub = self.net.rows(self.global_models, self.global_idx)
+            if sub.gamma:
+                ops.append(self._autograd_hvp(sub.params(), torch.autograd.grad(
+                    loss_closure(sub), sub.params(), create_graph=True), wd[sub.idx]))
+            else:
+                ops += self._r_op_hvps(sub, [a[sub.idx] for a in inputs], labels[sub.idx], wd[sub.idx],
+                                       [(0, sub.n_layers - 1)])
         return ops
 
     @staticmethod
-    def _gauss_newton_hvps(net: StackedMLP, inputs: list[torch.Tensor], wd: torch.Tensor) -> list:
-        """Every layer block's (R, n_l) -> (R, n_l) Hessian-vector product (plus wd I) for a stack without
-        BatchNorm, from its layer inputs on the minibatch (R, b, .): the network's output is piecewise linear
-        in one layer's weights (its activations are), so that block of the Hessian is its Gauss-Newton
-        block J^T H_CE J, J the output's Jacobian in the block, H_CE = (diag(p) - p p^T) / b the mean
-        cross-entropy's Hessian in the logits. A product is a forward pass of the direction from the layer
-        up (jvp) and a backward pass down to it (vjp): no create_graph gradient, no second derivative of
-        autograd's (which computes the same up to rounding, tests/test_batched.py), about half its kernels."""
+    def _r_op_hvps(net: StackedMLP, inputs: list[torch.Tensor], labels: torch.Tensor, wd: torch.Tensor,
+                   spans: list[tuple[int, int]]) -> list:
+        """For each span (lo, hi) of layers, the (R, n) -> (R, n) product with the Hessian block of layers
+        lo..hi (their W, b in params() order; plus wd I) of a stack without BatchNorm, from its layer inputs
+        (R, b, .) and labels (R, b) on the minibatch: Pearlmutter's R-operator written out. The direction V
+        goes up from layer lo to the logits (R z_k = R a_(k-1) W_k^T + a_(k-1) dW_k^T + db_k, R a_k = act'(z_k)
+        R z_k: the activations are piecewise linear, act'' = 0), through the mean cross-entropy's Hessian in
+        the logits, H_CE = (diag(p) - p p^T) / b, and back down to layer lo (R g_(k-1) = act'(z_(k-1))
+        (R g_k W_k + g_k dW_k), R grad W_k = R g_k^T a_(k-1) + g_k^T R a_(k-1), R grad b_k = sum R g_k),
+        g_k the loss gradient at layer k's output. For one layer (lo = hi) the g terms vanish: the product
+        is the Gauss-Newton block's, J^T H_CE J (a layer block's Lanczos); the whole network (0, L - 1)
+        adds the cross-layer terms (the measure.global models'). No create_graph gradient and no double
+        backward: equal to autograd's second derivative up to rounding (tests/test_batched.py), in a
+        third of its kernels or fewer (bench/decision_bytes.py)."""
         L, b = net.n_layers, inputs[0].shape[1]
         with torch.no_grad():
             Ws = [W.detach() for W in net.W]
             factors = [net.act_factor(a) for a in inputs[1:]]   # factor k: the activation after layer k
             p = torch.softmax(torch.baddbmm(net.b[-1].detach().unsqueeze(1), inputs[-1], Ws[-1].transpose(1, 2)), -1)
             p_mean = p / b   # the minibatch mean's 1 / b, folded in once
+            g = [None] * L   # the loss gradients at the layer outputs, where a span of several layers needs them
+            if any(hi > lo for lo, hi in spans):
+                g[-1] = (p - torch.zeros_like(p).scatter_(-1, labels.unsqueeze(-1), 1.0)) / b
+                for k in range(L - 1, 0, -1):
+                    g[k - 1] = net.vjp_act(factors[k - 1], torch.bmm(g[k], Ws[k]))
 
-        def block(l: int):
-            n_w = Ws[l][0].numel()
+        def span(lo: int, hi: int):
+            sizes = [n for k in range(lo, hi + 1) for n in (Ws[k][0].numel(), Ws[k].shape[1])]
 
             def hvp(V):
-                dz = torch.baddbmm(V[:, n_w:].unsqueeze(1), inputs[l], V[:, :n_w].reshape(Ws[l].shape).transpose(1, 2))
-                for k in range(l + 1, L):
-                    dz = torch.bmm(net.jvp_act(factors[k - 1], dz), Ws[k].transpose(1, 2))
-                g = p_mean * (dz - (p * dz).sum(-1, keepdim=True))
-                for k in range(L - 1, l, -1):
-                    g = net.vjp_act(factors[k - 1], torch.bmm(g, Ws[k]))
-                hv = torch.cat([torch.bmm(g.transpose(1, 2), inputs[l]).flatten(1), g.sum(1)], 1)
+                pieces = V.split(sizes, 1)
+                dW = {k: pieces[2 * (k - lo)].reshape(Ws[k].shape) for k in range(lo, hi + 1)}
+                db = {k: pieces[2 * (k - lo) + 1] for k in range(lo, hi + 1)}
+                ra = {}   # R a_(k-1), layer k's input's, for the layers of the span above lo
+                for k in range(lo, L):   # up
+                    if k > lo:
+                        a_k = net.jvp_act(factors[k - 1], rz)
+                        if k <= hi:
+                            ra[k] = a_k
+                    own = torch.baddbmm(db[k].unsqueeze(1), inputs[k], dW[k].transpose(1, 2)) if k <= hi else None
+                    rz = own if k == lo else torch.bmm(a_k, Ws[k].transpose(1, 2)) if own is None \
+                        else torch.baddbmm(own, a_k, Ws[k].transpose(1, 2))
+                rg = p_mean * (rz - (p * rz).sum(-1, keepdim=True))
+                out = []
+                for k in range(L - 1, lo - 1, -1):   # down
+                    if k <= hi:
+                        hw = torch.bmm(rg.transpose(1, 2), inputs[k])
+                        if k in ra:
+                            hw = torch.baddbmm(hw, g[k].transpose(1, 2), ra[k])
+                        out = [hw.flatten(1), rg.sum(1)] + out
+                    if k > lo:
+                        t = torch.bmm(rg, Ws[k])
+                        if k <= hi:
+                            t = torch.baddbmm(t, g[k], dW[k])
+                        rg = net.vjp_act(factors[k - 1], t)
+                hv = torch.cat(out, 1)
                 return torch.addcmul(hv, wd.unsqueeze(1).to(hv.dtype), V)
             return hvp
-        return [block(l) for l in range(L)]
+        return [span(lo, hi) for lo, hi in spans]
 
     def _all_models(self, solved, start):
         """A layer block's (theta, Ritz vectors, products) over block_models -> over all M models, the others'
@@ -826,16 +852,16 @@ class StackedProbe:
         return (theta.new_full((M,), math.nan).index_copy(0, idx, theta), start.index_copy(0, self.block_idx, vecs),
                 iters.new_zeros(M).index_copy(0, idx, iters))
 
-    def _block_hvp(self, net: StackedMLP, l: int, grads, wd):
-        """(R, n_l) -> (R, n_l): the Hessian block of layer l's group of the stack `net` (R models: the
-        probe's or a sub-stack of it, `grads` its create_graph gradient), plus the regularisers' wd I."""
-        ps = net.layer_params(l)
-        i = net.weight_pos[l]
-        gl, sizes = grads[i:i + len(ps)], [p[0].numel() for p in ps]
+    @staticmethod
+    def _autograd_hvp(ps: list[torch.Tensor], grads, wd: torch.Tensor):
+        """(R, n) -> (R, n): autograd's Hessian-vector product for the stacked tensors ps (a layer's group,
+        or every tensor of the network), `grads` their create_graph gradient, plus the regularisers' wd I.
+        For BatchNorm stacks, whose layers are not piecewise linear in their weights."""
+        sizes = [p[0].numel() for p in ps]
 
         def hvp(V):
             pieces = [x.reshape(p.shape) for x, p in zip(V.split(sizes, 1), ps)]
-            hs = torch.autograd.grad(gl, ps, grad_outputs=pieces, retain_graph=True)
+            hs = torch.autograd.grad(grads, ps, grad_outputs=pieces, retain_graph=True)
             hv = torch.cat([h.detach().flatten(1) for h in hs], 1)
             return hv + wd.unsqueeze(1).to(hv.dtype) * V
         return hvp
@@ -844,22 +870,6 @@ class StackedProbe:
         """eigen._start of the whole network for the measure.global models (drawn after the layers')."""
         r = self._draws([self.generators[m] for m in self.global_models], self.global_vecs)
         return self._mixed_starts(r, self.global_vecs, self.has_vec[self.global_idx_host])
-
-    def _global_hvp(self, loss_closure, wd):
-        """(G, n) -> (G, n): the whole Hessian (plus the regularisers' wd I) of the G measure.global models, on
-        their own sub-stack (on the whole stack every product cost all M models' backward passes: on the
-        69-model paper job a third of a decision's memory traffic for 6 models, bench/decision_bytes.py)."""
-        sub = self.net.rows(self.global_models, self.global_idx)
-        flat = sub.params()
-        grads = torch.autograd.grad(loss_closure(sub), flat, create_graph=True)
-        sizes, wd_g = [p[0].numel() for p in flat], wd[self.global_idx].unsqueeze(1)
-
-        def hvp(V):
-            pieces = [x.reshape(p.shape) for x, p in zip(V.split(sizes, 1), flat)]
-            hs = torch.autograd.grad(grads, flat, grad_outputs=pieces, retain_graph=True)
-            hv = torch.cat([h.detach().flatten(1) for h in hs], 1)
-            return hv + wd_g.to(hv.dtype) * V
-        return hvp
 
     def _global_lam(self, solved):
         """(lam_max (M,), products (M,)) on the host: the whole Hessian's top eigenvalue for the measure.global
@@ -1037,11 +1047,14 @@ class CudaGraphStep:
 
 class DecisionGraph:
     """A decision step's device part as one CUDA graph (`decision_graph`): the probe's forward pass on the
-    step's minibatch (and the whole network's create_graph gradient, for measure.global models) and ROUNDS
-    rounds of every Lanczos problem's products (lanczos_ahead), captured at the job's first full-minibatch
-    decision and replayed at every later one. The host then runs the stopping rule over those rounds'
-    alphas and betas, fetched in one transfer (batched_lanczos(ahead=...)), and rows still going take their
-    next products eagerly on the replayed tensors (and autograd graph). Eager, a round is hundreds of kernel launches and a sync: on an H100 one round of
+    step's minibatch (the layer inputs and activation factors the written-out products read, and the loss
+    gradients at the layer outputs for the measure.global models') and ROUNDS rounds of every Lanczos
+    problem's products (lanczos_ahead), captured at the job's first full-minibatch decision and replayed at
+    every later one. The host then runs the stopping rule over those rounds' alphas and betas, fetched in
+    one transfer (batched_lanczos(ahead=...)), and rows still going take their next products eagerly on the
+    replayed tensors: no autograd graph, so Adam's in-place steps between decisions leave them valid
+    (StackedProbe._r_op_hvps; BatchNorm stacks, whose products are autograd's, do not use this graph).
+    Eager, a round is hundreds of kernel launches and a sync: on an H100 one round of
     products took 1.9-5.7 ms eager and 0.5-2.5 ms replayed (bench/decision_profile.py), with decisions 72-85%
     of a paper-scale job's time. The extra rounds that rows which have stopped compute are thrown away;
     the records are the eager engine's bits (tests/test_batched.py). Elsewhere than CUDA the same body
@@ -1056,10 +1069,9 @@ class DecisionGraph:
     def _body(self):
         e = self.engine
         xb, yb = e.minibatch(self.idx)
-        with e.net.version_free():   # the rounds past ROUNDS differentiate this graph at every later decision
-            with torch.no_grad():
-                inputs = e.net.forward(xb, keep=True)[1]
-            problems = list(zip(e.probe.hvps(lambda sub=None: e.objective(xb, yb, sub=sub)[2], inputs), self.starts))
+        with torch.no_grad():
+            inputs = e.net.forward(xb, keep=True)[1]
+        problems = list(zip(e.probe.hvps(inputs, yb, None), self.starts))   # no BatchNorm here: no loss_closure
         return problems, lanczos_ahead(problems, self.ROUNDS, e.probe.eig_max_iter)
 
     def __call__(self, bidx: torch.Tensor, starts: list[torch.Tensor]):
@@ -1320,7 +1332,7 @@ class BatchedRuns:
                 self.forward_backward(bidx, counts)
         if decide:
             ahead = functools.partial(self.decision_graph, bidx) if self.decision_graph is not None and full else None
-            meas = self.probe.measure(inputs, out_grads, lambda sub=None: self.objective(xb, yb, sub=sub)[2], ahead)
+            meas = self.probe.measure(inputs, out_grads, yb, lambda sub=None: self.objective(xb, yb, sub=sub)[2], ahead)
             # each model's fraction of its task (Algorithm 1's warm-up window): one number when they agree
             fr = frac[0] if len(set(frac)) == 1 else torch.tensor(frac, dtype=torch.float64).unsqueeze(1)
             self.rows.append((step, frac, self.sched.step(meas, fr)))
