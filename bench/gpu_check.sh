@@ -57,7 +57,7 @@ if want 1; then
     # the tests that gate the paper scale's keys, and the step's and the probe's new arithmetic, first (KEY_TESTS_ONLY=1: only those), on their own clock, so a slow rest cannot cost
     # their verdicts; -v: a line per test as it ends (a timeout keeps the verdicts of the tests that ran);
     # on CUDA the CPU stand-in of the graph (same_storages) is left out, the real graph test runs instead
-    KEY_TESTS="cuda_graph_step_equals_the_eager_step or fused_adam_equals_single_runs or decision_graph_gives_the_eager_records or decision_graphs_autograd_graph_outlives or steps_wasserstein_gradient_is_autograds or decision_step_graph_equals_the_eager_step or probes_products_are_autograds"
+    KEY_TESTS="cuda_graph_step_equals_the_eager_step or fused_adam_equals_single_runs or decision_graph_gives_the_eager_records or decision_graphs_problems_outlive or steps_wasserstein_gradient_is_autograds or decision_step_graph_equals_the_eager_step or probes_products_are_autograds"
     SKIP=$([ "$DEVICE" = cuda ] && echo " and not same_storages")
     pytest_on() { TRAINABILITY_TEST_DEVICE=$DEVICE timeout "$1" $PY -m pytest -o addopts= -v -rfEs -p no:cacheprovider "${@:2}"; }
     pytest_on 150 tests/test_batched.py -k "$KEY_TESTS" 2>&1 | tee "$OUT/tests.log" | grep -v " PASSED" | tail -12
@@ -72,7 +72,7 @@ KEYS=""
 if want 1; then
     passed() { [ "$(grep -cE "test_($1).* PASSED" "$OUT/tests.log")" = "$2" ]; }
     for k in "cuda_graph cuda_graph_step_equals_the_eager_step 1" "fused_adam fused_adam_equals_single_runs 1" \
-             "decision_graph decision_graph_gives_the_eager_records|the_decision_graphs_autograd_graph_outlives 3" \
+             "decision_graph decision_graph_gives_the_eager_records|the_decision_graphs_problems_outlive 3" \
              "decision_step_graph decision_step_graph_equals_the_eager_step 1"; do
         set -- $k
         if passed "$2" "$3"; then KEYS="$KEYS --set $1=true"; else KEYS="$KEYS --set $1=false"; fi
