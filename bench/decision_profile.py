@@ -17,14 +17,16 @@ paper stream, then, each timed with the device synchronised before and after:
 - one round of the Lanczos' products (every layer block's Hessian-vector product) eager, and the same
   products captured once as a CUDA graph and replayed on the same autograd graph (CUDA only): what
   capturing the rounds would save (the results are compared bit for bit);
-- on CUDA, torch.profiler over one decision step: kernels launched and the GPU's busy time, against
-  the step's wall time (a launch-bound step keeps the GPU idle most of the time).
+- on CUDA, torch.profiler over one decision step and over ten plain steps: kernels launched and the GPU's
+  busy time, against the wall time (a launch-bound step keeps the GPU idle most of the time), and the
+  kernels that take the most of it.
 
 It measures; it changes nothing in the engine. The decision cost per step is (decision - plain) / K.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import tempfile
@@ -121,16 +123,24 @@ def hvp_round(engine, batch, device, reps: int) -> dict:
     return out
 
 
-def kernel_profile(engine, batch, step, device) -> dict:
-    """torch.profiler over one decision step: CUDA kernels launched, their summed time, the wall time."""
+def kernel_profile(fn, device, top: int = 8) -> dict:
+    """torch.profiler over fn(): CUDA kernels launched, their summed time, the wall time, and the `top`
+    kernels by summed time (name, count, ms): what a step's GPU time is made of, where the byte counts
+    (bench/decision_bytes.py) only bound it."""
     from torch.profiler import ProfilerActivity, profile
     _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall, _ = timed(lambda: engine.step(batch, step=step, frac=[0.0] * engine.M, decide=True), device)
+        wall, _ = timed(fn, device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / 1e3   # microseconds -> ms
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.device_time / 1e3
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     return {"kernels": len(kernels), "gpu_busy_ms": busy, "wall_ms": wall * 1e3,
-            "busy_fraction": busy / (wall * 1e3)}
+            "busy_fraction": busy / (wall * 1e3),
+            "top": [{"kernel": name[:90], "count": n, "ms": ms} for name, (n, ms) in ranked]}
 
 
 def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: int, reps: int, tmp: Path) -> dict:
@@ -188,7 +198,11 @@ def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: in
     if engine.probe is not None:
         row["hvp_round"] = hvp_round(engine, batches[0], device, reps)
     if device.type == "cuda":
-        row["profile"] = kernel_profile(engine, batches[i % len(batches)], i, device)
+        batch = batches[i % len(batches)]
+        row["profile"] = kernel_profile(
+            lambda: engine.step(batch, step=i, frac=[0.0] * engine.M, decide=True), device)
+        i += 1
+        row["plain_profile"] = kernel_profile(lambda: steps(10), device)   # ten plain steps (the graph's replays)
     return row
 
 
@@ -231,10 +245,13 @@ def main() -> int:
             print(f"{'':>26} one round of HVPs: eager {h['eager_ms']:.2f} ms" +
                   (f", as a CUDA graph {h['graph_ms']:.2f} ms (bit-equal: {h['graph_equal']})" if "graph_ms" in h else "") +
                   (f", capture failed: {h['graph_error']}" if "graph_error" in h else ""))
-        if "profile" in row:
-            pr = row["profile"]
-            print(f"{'':>26} one decision under torch.profiler: {pr['kernels']} kernels, GPU busy "
-                  f"{pr['gpu_busy_ms']:.1f} of {pr['wall_ms']:.1f} ms ({100 * pr['busy_fraction']:.0f}%)")
+        for key, what in (("profile", "one decision"), ("plain_profile", "ten plain steps")):
+            if key in row:
+                pr = row[key]
+                print(f"{'':>26} {what} under torch.profiler: {pr['kernels']} kernels, GPU busy "
+                      f"{pr['gpu_busy_ms']:.1f} of {pr['wall_ms']:.1f} ms ({100 * pr['busy_fraction']:.0f}%); the most time:")
+                for k in pr["top"]:
+                    print(f"{'':>30} {k['ms']:7.2f} ms {k['count']:5d}x  {k['kernel']}")
         if a.out:
             Path(a.out).write_text(json.dumps(rows, indent=1))
     return 0
