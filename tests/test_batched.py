@@ -1,5 +1,6 @@
 """Batched training (trainability.batched) against the one-model-at-a-time engine (train.run)."""
 import contextlib
+import copy
 import json
 import math
 import os
@@ -305,12 +306,29 @@ def test_lockstep_problems_equal_each_solved_alone():
     assert math.isnan(skipped[2][0][0]) and torch.equal(skipped[1][0], together[1][0])
 
 
+def _more(extra: int):
+    """DecisionGraph._more's stand-in: `extra` further rounds of every row, from copies of the states."""
+    from trainability.batched import lanczos_rounds
+
+    def more(kry):
+        states = [copy.copy(k) for k in kry]
+        return (states, *lanczos_rounds(states, extra))
+    return more
+
+
+def _ahead(problems, rounds: int, max_iter: int, extra: int) -> tuple:
+    """lanczos_ahead's rounds, and with extra > 0 a second batch of them for the rows still going."""
+    from trainability.batched import lanczos_ahead
+    got = lanczos_ahead(problems, rounds, max_iter, capacity=rounds + extra + 1)
+    return (*got, _more(extra)) if extra else got
+
+
 def test_rounds_run_ahead_give_the_lockstep_bits():
     """lanczos_ahead (R rounds of every row's products with no host stopping rule, what batched.DecisionGraph
-    replays) then batched_lanczos over them: the bits of the lockstep solver, with skipped rows, rows that
-    stop long before their problem, and R below, at and beyond the rounds needed (below: the rows still
-    going continue with products)."""
-    from trainability.batched import lanczos_ahead
+    replays), with or without E more rounds for the rows still going after them (its second graph), then
+    batched_lanczos over them: the bits of the lockstep solver, with skipped rows, rows that stop long
+    before their problem, and R below, at and beyond the rounds needed (below: the rows still going
+    continue with products)."""
     g = torch.Generator().manual_seed(3)
     specs = [(3, 40, (0.5, 0.01, 0.1)), (2, 12, (0.3, 0.02)), (1, 25, (0.001,))]
     problems = [(lambda V, H=torch.stack([_symmetric(n, gap, g) for gap in gaps]): torch.einsum("mij,mj->mi", H, V),
@@ -320,17 +338,19 @@ def test_rounds_run_ahead_give_the_lockstep_bits():
     needed = max(int(it.max()) for _, _, it in want)
     assert len({int(i) for _, _, it in want for i in it if i > 0}) > 2   # rows stop at different rounds
     for rounds in (1, 3, needed, needed + 4):
-        got = batched_lanczos(problems, 1e-6, 30, skip=skip, ahead=lanczos_ahead(problems, rounds, 30))
-        for p in range(len(problems)):
-            for x, y in zip(want[p], got[p]):   # the same bits (a skipped row's theta: NaN in both)
-                torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True, msg=f"{rounds} rounds, problem {p}")
+        for extra in (0, 2, 5):
+            got = batched_lanczos(problems, 1e-6, 30, skip=skip, ahead=_ahead(problems, rounds, 30, extra))
+            for p in range(len(problems)):
+                for x, y in zip(want[p], got[p]):   # the same bits (a skipped row's theta: NaN in both)
+                    torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True,
+                                               msg=f"{rounds} + {extra} rounds, problem {p}")
 
 
 def test_rounds_run_ahead_give_the_lockstep_bits_at_the_edges():
     """As above through the edges of the rule over the rounds run ahead: rows that fail (a NaN product at
     the first round, an inf one later), rows exhausted by their dimension (n = 2, 3), a problem whose rows
-    are all skipped, tol 0 (every problem to max_iter) and a large tol, and max_iter below the rounds."""
-    from trainability.batched import lanczos_ahead
+    are all skipped, tol 0 (every problem to max_iter) and a large tol, and max_iter below the rounds (and
+    below the rounds with a second batch of them)."""
     g = torch.Generator().manual_seed(5)
     calls = []   # each problem's products so far
 
@@ -353,13 +373,14 @@ def test_rounds_run_ahead_give_the_lockstep_bits_at_the_edges():
             calls[:] = [0] * len(problems)
             want = batched_lanczos(problems, tol, max_iter, skip=skip)
             for rounds in (1, 4, 16):
-                calls[:] = [0] * len(problems)
-                kry, alphas, betas = lanczos_ahead(problems, rounds, max(rounds, max_iter))
-                got = batched_lanczos(problems, tol, max_iter, skip=skip, ahead=(kry, alphas, betas))
-                for p in range(len(problems)):
-                    for x, y in zip(want[p], got[p]):
-                        torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True,
-                                                   msg=f"tol {tol}, max_iter {max_iter}, {rounds} rounds, problem {p}")
+                for extra in (0, 3):
+                    calls[:] = [0] * len(problems)
+                    ahead = _ahead(problems, rounds, max(rounds + extra, max_iter), extra)
+                    got = batched_lanczos(problems, tol, max_iter, skip=skip, ahead=ahead)
+                    for p in range(len(problems)):
+                        for x, y in zip(want[p], got[p]):
+                            torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True, msg=f"tol {tol}, "
+                                                       f"max_iter {max_iter}, {rounds} + {extra} rounds, problem {p}")
             assert want[0][2][1] == 1 and math.isnan(want[0][0][1])   # failed at the first product
             assert int(want[2][2][0]) == 2 and int(want[3][2].max()) == 0   # exhausted at n = 2; never active
             if tol == 0 and max_iter == 30:

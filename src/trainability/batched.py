@@ -456,7 +456,7 @@ class _Krylov:
 
     def __init__(self, hvp, v: torch.Tensor, max_iter: int, capacity: int = 8):
         self.hvp, self.v = hvp, v
-        self.basis = v.new_empty(v.shape[0], min(max_iter, capacity), v.shape[1])
+        self.basis = v.new_empty(v.shape[0], min(max_iter + 1, capacity), v.shape[1])   # max_iter products, one more extend
         self.basis[:, 0] = v
         self.k, self.b_prev, self.max_iter = 1, None, max_iter
         self.zero = v.new_zeros(())   # where's value for stopped rows, a tensor: where(..., out=) takes no scalar
@@ -496,12 +496,11 @@ class _Krylov:
         return torch.where(start_back.to(self.v.device).unsqueeze(1), self.v, ritz)
 
 
-def lanczos_ahead(problems: list[tuple], rounds: int, max_iter: int) -> tuple[list[_Krylov], torch.Tensor, torch.Tensor]:
-    """The first `rounds` rounds of batched_lanczos' products for every row of every problem, without
-    the host: no transfer, no stopping (a row that the rule would have stopped computes on, and
+def lanczos_rounds(kry: list[_Krylov], rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rounds` more rounds of products for every row of every problem's Krylov state `kry`, without the
+    host: no transfer, no stopping (a row that the rule would have stopped computes on, and
     batched_lanczos reads only what the rule reads). A fixed computation, so a CUDA graph can replay it
-    (`DecisionGraph`). Returns the problems' Krylov states and every row's alphas and betas (rows, rounds)."""
-    kry = [_Krylov(hvp, v, max_iter, capacity=rounds + 1) for hvp, v in problems]
+    (`DecisionGraph`). Returns every row's alphas and betas (rows, rounds)."""
     alphas, betas = [], []
     for _ in range(rounds):
         ab = [k.product() for k in kry]
@@ -509,7 +508,17 @@ def lanczos_ahead(problems: list[tuple], rounds: int, max_iter: int) -> tuple[li
             k.extend()
         alphas.append(torch.cat([a for a, _ in ab]))
         betas.append(torch.cat([b for _, b in ab]))
-    return kry, torch.stack(alphas, 1), torch.stack(betas, 1)
+    return torch.stack(alphas, 1), torch.stack(betas, 1)
+
+
+def lanczos_ahead(problems: list[tuple], rounds: int, max_iter: int,
+                  capacity: int | None = None) -> tuple[list[_Krylov], torch.Tensor, torch.Tensor]:
+    """The first `rounds` rounds of batched_lanczos' products for every row of every problem
+    (lanczos_rounds from the start vectors), the basis made for `capacity` vectors (default rounds + 1:
+    more, where further rounds are to run without growing it). Returns the problems' Krylov states and
+    every row's alphas and betas (rows, rounds)."""
+    kry = [_Krylov(hvp, v, max_iter, capacity=capacity or rounds + 1) for hvp, v in problems]
+    return (kry, *lanczos_rounds(kry, rounds))
 
 
 class _RowRule:
@@ -582,8 +591,11 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     keep a batch's Lanczos going. `ahead`, lanczos_ahead's output for these problems: its rounds come to
     the host in one transfer and the rule runs over them as if they came one by one (`_RowRule.rounds`);
     rows still going after them take more products here. The same bits either way (each row's arithmetic
-    is its own). Returns, per problem, (theta (M_p,) float64 and products (M_p,) on the host, where the rule
-    made them, and the Ritz vectors (M_p, n_p) on v's device)."""
+    is its own). `ahead` may carry a fourth item, `more`: Krylov states -> (states, alphas, betas) of a
+    fixed number of further rounds for every row (DecisionGraph's second graph), or None where it cannot;
+    it is called once, when rows are still going after the first rounds, and the rule runs over its rounds
+    in the same way. Returns, per problem, (theta (M_p,) float64 and products (M_p,) on the host, where
+    the rule made them, and the Ritz vectors (M_p, n_p) on v's device)."""
     sizes = [v.shape[0] for _, v in problems]
     spans = [slice(sum(sizes[:p]), sum(sizes[:p + 1])) for p in range(len(sizes))]   # each problem's rows
     R = sum(sizes)
@@ -595,17 +607,27 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     def going(p: int) -> bool:   # a problem takes products while it has an active row (tol = 0: to max_iter)
         return tol <= 0 or bool(rule.active[spans[p]].any())
     live = [p for p in range(len(problems)) if going(p)]
+    done, more = 0, None
     if ahead is None:
-        kry, done = [_Krylov(hvp, v, max_iter) for hvp, v in problems], 0
+        kry = [_Krylov(hvp, v, max_iter) for hvp, v in problems]
     else:
-        kry, alphas, betas = ahead
-        done = min(alphas.shape[1], max_iter)
-    if done and live:   # the rounds run ahead, in one transfer, then on as if round by round
-        alphas, betas = torch.stack([alphas[:, :done], betas[:, :done]]).double().cpu()   # the one sync
-        rule.rounds(all_rows, alphas, betas, 1)
+        kry, alphas, betas, *rest = ahead
+        more = rest[0] if rest else None
+    while ahead is not None and live:   # rounds run ahead, in one transfer, then on as if round by round
+        k = min(alphas.shape[1], max_iter - done)
+        if k <= 0:
+            break
+        alphas, betas = torch.stack([alphas[:, :k], betas[:, :k]]).double().cpu()   # the one sync
+        rule.rounds(all_rows, alphas, betas, done + 1)
+        done += k
         # a problem's rounds: through its last row's stop (tol = 0: all); those with a row left go on
-        rounds = [done if tol <= 0 else int(rule.iters[spans[p]].max()) for p in range(len(problems))]
-        live = [p for p in range(len(problems)) if done < max_iter and going(p)]
+        for p in live:
+            rounds[p] = done if tol <= 0 else int(rule.iters[spans[p]].max())
+        live = [p for p in live if done < max_iter and going(p)]
+        got = more(kry) if live and more is not None else None
+        if got is None:
+            break
+        (kry, alphas, betas), more = got, None
     for it in range(done + 1, max_iter + 1):   # eager rounds: one round of products, one sync each
         if not live:
             break
@@ -1052,19 +1074,23 @@ class DecisionGraph:
     gradients at the layer outputs for the measure.global models') and ROUNDS rounds of every Lanczos
     problem's products (lanczos_ahead), captured at the job's first full-minibatch decision and replayed at
     every later one. The host then runs the stopping rule over those rounds' alphas and betas, fetched in
-    one transfer (batched_lanczos(ahead=...)), and rows still going take their next products eagerly on the
-    replayed tensors: no autograd graph, so Adam's in-place steps between decisions leave them valid
-    (StackedProbe._r_op_hvps; BatchNorm stacks, whose products are autograd's, do not use this graph).
-    Eager, a round is hundreds of kernel launches and a sync: on an H100 one round of
-    products took 1.9-5.7 ms eager and 0.5-2.5 ms replayed (bench/decision_profile.py), with decisions 72-85%
-    of a paper-scale job's time. The extra rounds that rows which have stopped compute are thrown away;
-    the records are the eager engine's bits (tests/test_batched.py). Elsewhere than CUDA the same body
-    runs eagerly at every call (a stand-in, for the tests). Partial minibatches stay eager."""
+    one transfer (batched_lanczos(ahead=...)). Where rows are still going, a second graph of EXTRA more
+    rounds, captured at the first decision that needs it, is replayed, and the rule runs over its rounds
+    too; rows going on past both take their next products eagerly on the replayed tensors. No autograd
+    graph, so Adam's in-place steps between decisions leave them valid (StackedProbe._r_op_hvps;
+    BatchNorm stacks, whose products are autograd's, do not use this graph). Eager, a round is hundreds of
+    kernel launches and a sync: on an H100 one round of products took 1.9-5.7 ms eager and 0.5-2.5 ms
+    replayed (bench/decision_profile.py), with decisions 72-85% of a paper-scale job's time. The extra
+    rounds that rows which have stopped compute are thrown away; the records are the eager engine's bits
+    (tests/test_batched.py). Elsewhere than CUDA the same bodies run eagerly at every call (a stand-in,
+    for the tests). Partial minibatches stay eager."""
     ROUNDS = 16       # [choice] about the rounds a paper-scale decision takes (8-20 on an H100, 2026-11-27)
-    fallback = True   # a failed capture: a warning, then eager decisions for the rest of the job (tests: raise)
+    EXTRA = 4         # [choice] the second graph's: l2-long's decisions went 1-3 rounds past 16 (CPU, 2026-11-28)
+    fallback = True   # a failed capture: a warning, then eager rounds for the rest of the job (tests: raise)
 
     def __init__(self, engine: "BatchedRuns"):
         self.engine, self.graph, self.state, self.failed = engine, None, None, False
+        self.more_graph, self.more_state, self.more_failed = None, None, False
         self.capture = engine.device.type == "cuda"
 
     def _body(self):
@@ -1073,32 +1099,46 @@ class DecisionGraph:
         with torch.no_grad():
             inputs = e.net.forward(xb, keep=True)[1]
         problems = list(zip(e.probe.hvps(inputs, yb, None), self.starts))   # no BatchNorm here: no loss_closure
-        return problems, lanczos_ahead(problems, self.ROUNDS, e.probe.eig_max_iter)
+        max_iter = e.probe.eig_max_iter   # no round past it: the rule reads none
+        rounds = min(self.ROUNDS, max_iter)
+        self.extra = min(self.EXTRA, max_iter - rounds)
+        return problems, lanczos_ahead(problems, rounds, max_iter, capacity=rounds + self.extra + 1)   # no growing
+
+    def _capture(self, body, what: str):
+        """(graph, body's output as the graph wrote it): body run once on a side stream (capture's
+        prerequisite: a warm-up), then captured, which records it without running it. None where the
+        capture failed (fallback): nothing ran, and the eager path computes the same, more slowly."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                return graph, body()
+        except RuntimeError as e:
+            if not self.fallback:
+                raise
+            warnings.warn(f"decision_graph: capture failed ({what}), they stay eager for this job: {e}")
+            return None
 
     def __call__(self, bidx: torch.Tensor, starts: list[torch.Tensor]):
-        """(problems, rounds run ahead) of this decision, for StackedProbe.measure."""
+        """(problems, rounds run ahead and the second graph's `more`) of this decision, for
+        StackedProbe.measure; None where the capture failed."""
         if not self.capture:
             self.idx, self.starts = bidx, starts
-            return self._body()
+            problems, (kry, alphas, betas) = self._body()
+            return problems, (kry, alphas, betas, self._more if self.extra else None)
         if self.failed:
             return None
         if self.graph is None:
             self.idx, self.starts = bidx.clone(), [v.clone() for v in starts]
-            side = torch.cuda.Stream()   # capture's prerequisite: a warm-up on a side stream
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._body()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(self.graph):   # records the body without running it
-                    self.state = self._body()
-            except RuntimeError as e:   # nothing ran: the eager decision computes the same, more slowly
-                if not self.fallback:
-                    raise
-                warnings.warn(f"decision_graph: capture failed, decisions stay eager for this job: {e}")
-                self.failed, self.graph, self.state = True, None, None
+            got = self._capture(self._body, "the first rounds")
+            if got is None:
+                self.failed = True
                 return None
+            self.graph, self.state = got
         else:
             self.idx.copy_(bidx)
             for mine, v in zip(self.starts, starts):
@@ -1106,7 +1146,27 @@ class DecisionGraph:
         self.graph.replay()
         problems, (kry, alphas, betas) = self.state
         # fresh handles on the replayed Krylov states: rows going on past ROUNDS extend copies of them
-        return problems, ([copy.copy(k) for k in kry], alphas, betas)
+        return problems, ([copy.copy(k) for k in kry], alphas, betas, self._more if self.extra else None)
+
+    def _more(self, kry: list[_Krylov]):
+        """(Krylov states, alphas, betas) of EXTRA more rounds of every row from the states `kry` that the
+        first graph left (batched_lanczos' `more`); None where the capture failed."""
+        def body():
+            states = [copy.copy(k) for k in kry]   # extend moves a state on: the warm-up's and capture's own
+            return (states, *lanczos_rounds(states, self.extra))
+        if not self.capture:
+            return body()
+        if self.more_failed:
+            return None
+        if self.more_graph is None:
+            got = self._capture(body, "the rounds past ROUNDS")
+            if got is None:
+                self.more_failed = True
+                return None
+            self.more_graph, self.more_state = got
+        self.more_graph.replay()
+        states, alphas, betas = self.more_state
+        return [copy.copy(k) for k in states], alphas, betas
 
 
 def _rows_to_dicts(rows: torch.Tensor, m: int, keys: list) -> dict:
