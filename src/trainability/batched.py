@@ -838,15 +838,18 @@ class StackedProbe:
                 pieces = V.split(sizes, 1)
                 dW = {k: pieces[2 * (k - lo)].reshape(Ws[k].shape) for k in range(lo, hi + 1)}
                 db = {k: pieces[2 * (k - lo) + 1] for k in range(lo, hi + 1)}
-                ra = {}   # R a_(k-1), layer k's input's, for the layers of the span above lo
-                for k in range(lo, L):   # up
-                    if k > lo:
-                        a_k = net.jvp_act(factors[k - 1], rz)
-                        if k <= hi:
-                            ra[k] = a_k
+                ra = {}   # R a_(k-1), layer k's input's direction, for the span's layers above lo
+                for k in range(lo, L):   # up: R z_k from below (none at lo) and, inside the span, dW_k and db_k
+                    r_in = net.jvp_act(factors[k - 1], rz) if k > lo else None
+                    if r_in is not None and k <= hi:
+                        ra[k] = r_in
                     own = torch.baddbmm(db[k].unsqueeze(1), inputs[k], dW[k].transpose(1, 2)) if k <= hi else None
-                    rz = own if k == lo else torch.bmm(a_k, Ws[k].transpose(1, 2)) if own is None \
-                        else torch.baddbmm(own, a_k, Ws[k].transpose(1, 2))
+                    if r_in is None:
+                        rz = own
+                    elif own is None:
+                        rz = torch.bmm(r_in, Ws[k].transpose(1, 2))
+                    else:
+                        rz = torch.baddbmm(own, r_in, Ws[k].transpose(1, 2))
                 rg = p_mean * (rz - (p * rz).sum(-1, keepdim=True))
                 out = []
                 for k in range(L - 1, lo - 1, -1):   # down
