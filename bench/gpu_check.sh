@@ -29,7 +29,7 @@
 # with project_paper's tasks of 3 and 6 epochs took 125 s and step 8 at SLOTS=5 (8 s phases) 108 s. Their
 # timeouts add up to 17.5 minutes.
 # DEVICE=cpu runs the same steps on the CPU as a try-out of the script (PROJECT_ARGS, BENCH_MODELS and
-# TF32_ARGS then shrink them, e.g. PROJECT_ARGS="--jobs 1 --seeds 0 --set stream.n_images=2560 --set measure.every=4",
+# TF32_ARGS then shrink them, e.g. PROJECT_ARGS="--jobs 1 --seeds 0 --epochs 1 --set stream.n_images=600 --set measure.every=4",
 # BENCH_MODELS="1 3", BENCH_MODELS_MEASURE=3, TF32_ARGS="--epochs 1 --set stream.n_images=2560",
 # PROFILE_ARGS="--jobs batch-crelu-long --set stream.n_images=2560", JOB_ARGS="--set stream.n_images=2560",
 # SLOTS=2 and SLOTS_ARGS="--seconds 3 --seeds 0 --set stream.n_images=2560 --set measure.every=4").
