@@ -229,15 +229,23 @@ def time_global_products(engine, bidx, reps: int) -> dict:
     grads = torch.autograd.grad(engine.objective(xb, yb, sub=sub)[2], sub.params(), create_graph=True)
     autograd = probe._autograd_hvp(sub.params(), grads, probe.shift[probe.global_idx])
     V = torch.randn(probe.global_vecs.shape)
-    times = {"autograd": [], "written_out": []}
-    for _ in range(reps):
-        for k, fn in (("autograd", autograd), ("written_out", written_out)):
-            t = time.perf_counter()
-            fn(V)
-            times[k].append(time.perf_counter() - t)
-    out = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out = interleaved({"autograd": lambda: autograd(V), "written_out": lambda: written_out(V)}, reps)
     a, w = autograd(V), written_out(V)
     return dict(out, rel_diff=((a - w).norm() / a.norm()).item())
+
+
+def interleaved(fns: dict, reps: int, before=None) -> dict:
+    """{name: median ms} of each fn, run in turn `reps` times (side by side: the machine's drift hits them
+    alike); before(), if given, untimed before each call."""
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            if before is not None:
+                before()
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def time_penalty_gradient(engine, bidx, reps: int) -> dict:
@@ -250,14 +258,8 @@ def time_penalty_gradient(engine, bidx, reps: int) -> dict:
 
     def written_out():
         engine.forward_backward(bidx, engine.correct.clone())
-    times = {"autograd": [], "add_grad": []}
-    for _ in range(reps):
-        for k, fn in (("autograd", autograd), ("add_grad", written_out)):
-            batched._clear_grads(engine.net.params())
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return interleaved({"autograd": autograd, "add_grad": written_out}, reps,
+                       before=lambda: batched._clear_grads(engine.net.params()))
 
 
 def main() -> int:

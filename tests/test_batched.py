@@ -1,6 +1,6 @@
 """Batched training (trainability.batched) against the one-model-at-a-time engine (train.run)."""
 import contextlib
-import copy
+import functools
 import json
 import math
 import os
@@ -306,21 +306,12 @@ def test_lockstep_problems_equal_each_solved_alone():
     assert math.isnan(skipped[2][0][0]) and torch.equal(skipped[1][0], together[1][0])
 
 
-def _more(extra: int):
-    """DecisionGraph._more's stand-in: `extra` further rounds of every row, from copies of the states."""
-    from trainability.batched import lanczos_rounds
-
-    def more(kry):
-        states = [copy.copy(k) for k in kry]
-        return (states, *lanczos_rounds(states, extra))
-    return more
-
-
 def _ahead(problems, rounds: int, max_iter: int, extra: int) -> tuple:
-    """lanczos_ahead's rounds, and with extra > 0 a second batch of them for the rows still going."""
-    from trainability.batched import lanczos_ahead
+    """lanczos_ahead's rounds, and with extra > 0 a second batch of them for the rows still going
+    (DecisionGraph._more's CPU stand-in: lanczos_more)."""
+    from trainability.batched import lanczos_ahead, lanczos_more
     got = lanczos_ahead(problems, rounds, max_iter, capacity=rounds + extra + 1)
-    return (*got, _more(extra)) if extra else got
+    return (*got, functools.partial(lanczos_more, rounds=extra)) if extra else got
 
 
 def test_rounds_run_ahead_give_the_lockstep_bits():

@@ -511,6 +511,14 @@ def lanczos_rounds(kry: list[_Krylov], rounds: int) -> tuple[torch.Tensor, torch
     return torch.stack(alphas, 1), torch.stack(betas, 1)
 
 
+def lanczos_more(kry: list[_Krylov], rounds: int) -> tuple[list[_Krylov], torch.Tensor, torch.Tensor]:
+    """(copies of the Krylov states `kry` moved on by `rounds` rounds (lanczos_rounds), every row's alphas
+    and betas): batched_lanczos' `more` (DecisionGraph's second graph). Copies, since extend moves a state
+    on: the originals stay as they were, for a graph's warm-up and its capture alike."""
+    states = [copy.copy(k) for k in kry]
+    return (states, *lanczos_rounds(states, rounds))
+
+
 def lanczos_ahead(problems: list[tuple], rounds: int, max_iter: int,
                   capacity: int | None = None) -> tuple[list[_Krylov], torch.Tensor, torch.Tensor]:
     """The first `rounds` rounds of batched_lanczos' products for every row of every problem
@@ -825,10 +833,11 @@ class StackedProbe:
             factors = [net.act_factor(a) for a in inputs[1:]]   # factor k: the activation after layer k
             p = torch.softmax(torch.baddbmm(net.b[-1].detach().unsqueeze(1), inputs[-1], Ws[-1].transpose(1, 2)), -1)
             p_mean = p / b   # the minibatch mean's 1 / b, folded in once
-            g = [None] * L   # the loss gradients at the layer outputs, where a span of several layers needs them
-            if any(hi > lo for lo, hi in spans):
+            g = [None] * L   # the loss gradients at the layer outputs k = lo + 1 .. hi of the spans of several layers
+            lowest = min((lo + 1 for lo, hi in spans if hi > lo), default=L)
+            if lowest < L:
                 g[-1] = (p - torch.zeros_like(p).scatter_(-1, labels.unsqueeze(-1), 1.0)) / b
-                for k in range(L - 1, 0, -1):
+                for k in range(L - 1, lowest, -1):
                     g[k - 1] = net.vjp_act(factors[k - 1], torch.bmm(g[k], Ws[k]))
 
         def span(lo: int, hi: int):
@@ -1102,10 +1111,18 @@ class DecisionGraph:
         with torch.no_grad():
             inputs = e.net.forward(xb, keep=True)[1]
         problems = list(zip(e.probe.hvps(inputs, yb, None), self.starts))   # no BatchNorm here: no loss_closure
-        max_iter = e.probe.eig_max_iter   # no round past it: the rule reads none
-        rounds = min(self.ROUNDS, max_iter)
-        self.extra = min(self.EXTRA, max_iter - rounds)
-        return problems, lanczos_ahead(problems, rounds, max_iter, capacity=rounds + self.extra + 1)   # no growing
+        return problems, lanczos_ahead(problems, self.rounds, e.probe.eig_max_iter,
+                                       capacity=self.rounds + self.extra + 1)   # no growing in the second graph
+
+    @property
+    def rounds(self) -> int:
+        """ROUNDS, but none past eig_max_iter: the rule reads none."""
+        return min(self.ROUNDS, self.engine.probe.eig_max_iter)
+
+    @property
+    def extra(self) -> int:
+        """The second graph's rounds: EXTRA, but none past eig_max_iter."""
+        return min(self.EXTRA, self.engine.probe.eig_max_iter - self.rounds)
 
     def _capture(self, body, what: str):
         """(graph, body's output as the graph wrote it): body run once on a side stream (capture's
@@ -1154,9 +1171,7 @@ class DecisionGraph:
     def _more(self, kry: list[_Krylov]):
         """(Krylov states, alphas, betas) of EXTRA more rounds of every row from the states `kry` that the
         first graph left (batched_lanczos' `more`); None where the capture failed."""
-        def body():
-            states = [copy.copy(k) for k in kry]   # extend moves a state on: the warm-up's and capture's own
-            return (states, *lanczos_rounds(states, self.extra))
+        body = functools.partial(lanczos_more, kry, self.extra)   # copies: the warm-up's and the capture's own
         if not self.capture:
             return body()
         if self.more_failed:
