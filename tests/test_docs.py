@@ -107,3 +107,22 @@ def test_nothing_cites_the_spec_outside_the_repository():
             if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".txt", ".rst")
             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if "SPEC" in line]
     assert not hits, f"cites SPEC: {hits}"
+
+
+def test_the_readmes_own_loop_example_runs_and_decides(capsys):
+    """The README's example of the probe and the scheduler in a training loop of one's own, run as written:
+    ten decisions a layer, finite positive eigenvalues, and Algorithm 1 changing a learning rate."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## The measurement and the scheduler in your own training loop", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns = {"__name__": "readme_example"}
+    exec(compile(code, "README.md", "exec"), ns)
+    counts = ns["scheduler"].rule_counts
+    assert [sum(counts[l].values()) for l in (1, 2)] == [10, 10]
+    assert all(0 < r["lam_max"] < float("inf") for r in ns["rows"].values())
+    opt, sched = ns["optimizer"], ns["scheduler"]
+    assert sum(counts[1][r] + counts[2][r] for r in ("cool", "warm")) > 0   # the rule fired
+    for g in opt.param_groups:   # and acted: each layer's lr is the start's times its cools and warms
+        c = counts[g["layer"]]
+        assert g["lr"] == pytest.approx(opt.defaults["lr"] * sched.cool ** c["cool"] * sched.warm ** c["warm"])
+    assert capsys.readouterr().out.count("\n") == 11   # a line a decision, then the counts
