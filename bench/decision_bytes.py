@@ -128,7 +128,7 @@ def decision_phases(engine) -> list[tuple]:
     host = "host: the measurement's fields and Algorithm 1 (host tensors)"
     return [(engine, "decision_forward_backward", "graph (decision_step_graph): the step's forward and backward"),
             (engine.decision_graph, "_body", "graph (decision_graph): the body"),
-            (engine.decision_graph, "_more", "graph (decision_graph): the rounds past ROUNDS (its second graph)"),
+            (engine.decision_graph, "_more", "graph (decision_graph): the rounds past ROUNDS (a graph of one round each)"),
             (batched, "batched_lanczos", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
             (batched._RowRule, "rounds", "host: the stopping rule (host tensors)"),
             (batched, "ritz_step", "host: the stopping rule's tridiagonal solves (host tensors)"),

@@ -1,6 +1,5 @@
 """Batched training (trainability.batched) against the one-model-at-a-time engine (train.run)."""
 import contextlib
-import functools
 import json
 import math
 import os
@@ -307,19 +306,22 @@ def test_lockstep_problems_equal_each_solved_alone():
 
 
 def _ahead(problems, rounds: int, max_iter: int, extra: int) -> tuple:
-    """lanczos_ahead's rounds, and with extra > 0 a second batch of them for the rows still going
-    (DecisionGraph._more's CPU stand-in: lanczos_more)."""
+    """lanczos_ahead's rounds, and with extra > 0 up to `extra` more, one a call, for the rows still going
+    (DecisionGraph._more's chain of one-round graphs; its CPU stand-in: lanczos_more)."""
     from trainability.batched import lanczos_ahead, lanczos_more
     got = lanczos_ahead(problems, rounds, max_iter, capacity=rounds + extra + 1)
-    return (*got, functools.partial(lanczos_more, rounds=extra)) if extra else got
+
+    def more(kry):
+        return lanczos_more(kry, 1) if kry[0].k <= rounds + extra else None
+    return (*got, more) if extra else got
 
 
 def test_rounds_run_ahead_give_the_lockstep_bits():
     """lanczos_ahead (R rounds of every row's products with no host stopping rule, what batched.DecisionGraph
-    replays), with or without E more rounds for the rows still going after them (its second graph), then
-    batched_lanczos over them: the bits of the lockstep solver, with skipped rows, rows that stop long
-    before their problem, and R below, at and beyond the rounds needed (below: the rows still going
-    continue with products)."""
+    replays), with or without E more rounds, one a call, for the rows still going after them (its graphs
+    of one round), then batched_lanczos over them: the bits of the lockstep solver, with skipped rows, rows
+    that stop long before their problem, and R below, at and beyond the rounds needed (below: the rows
+    still going continue with products)."""
     g = torch.Generator().manual_seed(3)
     specs = [(3, 40, (0.5, 0.01, 0.1)), (2, 12, (0.3, 0.02)), (1, 25, (0.001,))]
     problems = [(lambda V, H=torch.stack([_symmetric(n, gap, g) for gap in gaps]): torch.einsum("mij,mj->mi", H, V),

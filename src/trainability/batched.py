@@ -513,8 +513,8 @@ def lanczos_rounds(kry: list[_Krylov], rounds: int) -> tuple[torch.Tensor, torch
 
 def lanczos_more(kry: list[_Krylov], rounds: int) -> tuple[list[_Krylov], torch.Tensor, torch.Tensor]:
     """(copies of the Krylov states `kry` moved on by `rounds` rounds (lanczos_rounds), every row's alphas
-    and betas): batched_lanczos' `more` (DecisionGraph's second graph). Copies, since extend moves a state
-    on: the originals stay as they were, for a graph's warm-up and its capture alike."""
+    and betas): batched_lanczos' `more` (DecisionGraph's graphs past ROUNDS). Copies, since extend moves a
+    state on: the originals stay as they were, for a graph's warm-up and its capture alike."""
     states = [copy.copy(k) for k in kry]
     return (states, *lanczos_rounds(states, rounds))
 
@@ -599,10 +599,10 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     keep a batch's Lanczos going. `ahead`, lanczos_ahead's output for these problems: its rounds come to
     the host in one transfer and the rule runs over them as if they came one by one (`_RowRule.rounds`);
     rows still going after them take more products here. The same bits either way (each row's arithmetic
-    is its own). `ahead` may carry a fourth item, `more`: Krylov states -> (states, alphas, betas) of a
-    fixed number of further rounds for every row (DecisionGraph's second graph), or None where it cannot;
-    it is called once, when rows are still going after the first rounds, and the rule runs over its rounds
-    in the same way. Returns, per problem, (theta (M_p,) float64 and products (M_p,) on the host, where
+    is its own). `ahead` may carry a fourth item, `more`: Krylov states -> (states, alphas, betas) of
+    further rounds of every row (DecisionGraph's graphs of one round each), or None when it has no more;
+    it is called again as long as rows are still going, and the rule runs over its rounds in the same
+    way. Returns, per problem, (theta (M_p,) float64 and products (M_p,) on the host, where
     the rule made them, and the Ritz vectors (M_p, n_p) on v's device)."""
     sizes = [v.shape[0] for _, v in problems]
     spans = [slice(sum(sizes[:p]), sum(sizes[:p + 1])) for p in range(len(sizes))]   # each problem's rows
@@ -635,7 +635,7 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
         got = more(kry) if live and more is not None else None
         if got is None:
             break
-        (kry, alphas, betas), more = got, None
+        kry, alphas, betas = got
     for it in range(done + 1, max_iter + 1):   # eager rounds: one round of products, one sync each
         if not live:
             break
@@ -1086,23 +1086,26 @@ class DecisionGraph:
     gradients at the layer outputs for the measure.global models') and ROUNDS rounds of every Lanczos
     problem's products (lanczos_ahead), captured at the job's first full-minibatch decision and replayed at
     every later one. The host then runs the stopping rule over those rounds' alphas and betas, fetched in
-    one transfer (batched_lanczos(ahead=...)). Where rows are still going, a second graph of EXTRA more
-    rounds, captured at the first decision that needs it, is replayed, and the rule runs over its rounds
-    too; rows going on past both take their next products eagerly on the replayed tensors. No autograd
-    graph, so Adam's in-place steps between decisions leave them valid (StackedProbe._r_op_hvps;
-    BatchNorm stacks, whose products are autograd's, do not use this graph). Eager, a round is hundreds of
+    one transfer (batched_lanczos(ahead=...)). Where rows are still going, the next round comes from a
+    graph of that one round (up to EXTRA of them, each captured at the first decision that needs it), and
+    the rule runs over it, round by round; rows going on past them take their next products eagerly on
+    the replayed tensors. No autograd graph, so Adam's in-place steps between decisions leave them valid
+    (StackedProbe._r_op_hvps; BatchNorm stacks, whose products are autograd's, do not use this graph). Eager, a round is hundreds of
     kernel launches and a sync: on an H100 one round of products took 1.9-5.7 ms eager and 0.5-2.5 ms
     replayed (bench/decision_profile.py), with decisions 72-85% of a paper-scale job's time. The extra
     rounds that rows which have stopped compute are thrown away; the records are the eager engine's bits
     (tests/test_batched.py). Elsewhere than CUDA the same bodies run eagerly at every call (a stand-in,
     for the tests). Partial minibatches stay eager."""
     ROUNDS = 16       # [choice] about the rounds a paper-scale decision takes (8-20 on an H100, 2026-11-27)
-    EXTRA = 4         # [choice] the second graph's: l2-long's decisions went 1-3 rounds past 16 (CPU, 2026-11-28)
+    # [choice] rounds past ROUNDS from graphs of one round each: l2-long's decisions went 1-3 rounds past 16
+    # (CPU, 2026-11-28), the 69-model job's 0-2 (call 7). One graph of 4 would replay 4 where 1 is needed, at
+    # a few ms a round in a job that large (its rounds read a basis of 17-20 vectors): a sync a round is less
+    EXTRA = 4
     fallback = True   # a failed capture: a warning, then eager rounds for the rest of the job (tests: raise)
 
     def __init__(self, engine: "BatchedRuns"):
         self.engine, self.graph, self.state, self.failed = engine, None, None, False
-        self.more_graph, self.more_state, self.more_failed = None, None, False
+        self.more: list = []   # the graphs past ROUNDS: (graph, its output) each, None where a capture failed
         self.capture = engine.device.type == "cuda"
 
     def _body(self):
@@ -1112,7 +1115,7 @@ class DecisionGraph:
             inputs = e.net.forward(xb, keep=True)[1]
         problems = list(zip(e.probe.hvps(inputs, yb, None), self.starts))   # no BatchNorm here: no loss_closure
         return problems, lanczos_ahead(problems, self.rounds, e.probe.eig_max_iter,
-                                       capacity=self.rounds + self.extra + 1)   # no growing in the second graph
+                                       capacity=self.rounds + self.extra + 1)   # no growing in the graphs past it
 
     @property
     def rounds(self) -> int:
@@ -1121,7 +1124,7 @@ class DecisionGraph:
 
     @property
     def extra(self) -> int:
-        """The second graph's rounds: EXTRA, but none past eig_max_iter."""
+        """The rounds replayed past ROUNDS: EXTRA, but none past eig_max_iter."""
         return min(self.EXTRA, self.engine.probe.eig_max_iter - self.rounds)
 
     def _capture(self, body, what: str):
@@ -1144,7 +1147,7 @@ class DecisionGraph:
             return None
 
     def __call__(self, bidx: torch.Tensor, starts: list[torch.Tensor]):
-        """(problems, rounds run ahead and the second graph's `more`) of this decision, for
+        """(problems, rounds run ahead and the graphs' `more`) of this decision, for
         StackedProbe.measure; None where the capture failed."""
         if not self.capture:
             self.idx, self.starts = bidx, starts
@@ -1169,21 +1172,21 @@ class DecisionGraph:
         return problems, ([copy.copy(k) for k in kry], alphas, betas, self._more if self.extra else None)
 
     def _more(self, kry: list[_Krylov]):
-        """(Krylov states, alphas, betas) of EXTRA more rounds of every row from the states `kry` that the
-        first graph left (batched_lanczos' `more`); None where the capture failed."""
-        body = functools.partial(lanczos_more, kry, self.extra)   # copies: the warm-up's and the capture's own
+        """(Krylov states, alphas, betas) of the next round of every row from the states `kry` that the
+        graphs before left (batched_lanczos' `more`), from that round's own graph; None past EXTRA rounds or
+        where its capture failed. The graphs form a chain: each reads the states the one before wrote."""
+        j = kry[0].k - self.rounds - 1   # the rounds past ROUNDS so far (every problem's state is as far on)
+        if j >= self.extra:
+            return None
+        body = functools.partial(lanczos_more, kry, 1)   # copies: the warm-up's and the capture's own
         if not self.capture:
             return body()
-        if self.more_failed:
+        if j == len(self.more):   # the first decision to get this far (a None before it stops the chain there)
+            self.more.append(self._capture(body, f"round {self.rounds + j + 1}"))
+        if self.more[j] is None:
             return None
-        if self.more_graph is None:
-            got = self._capture(body, "the rounds past ROUNDS")
-            if got is None:
-                self.more_failed = True
-                return None
-            self.more_graph, self.more_state = got
-        self.more_graph.replay()
-        states, alphas, betas = self.more_state
+        graph, (states, alphas, betas) = self.more[j]
+        graph.replay()
         return [copy.copy(k) for k in states], alphas, betas
 
 
