@@ -1090,12 +1090,12 @@ class DecisionGraph:
     graph of that one round (up to EXTRA of them, each captured at the first decision that needs it), and
     the rule runs over it, round by round; rows going on past them take their next products eagerly on
     the replayed tensors. No autograd graph, so Adam's in-place steps between decisions leave them valid
-    (StackedProbe._r_op_hvps; BatchNorm stacks, whose products are autograd's, do not use this graph). Eager, a round is hundreds of
-    kernel launches and a sync: on an H100 one round of products took 1.9-5.7 ms eager and 0.5-2.5 ms
-    replayed (bench/decision_profile.py), with decisions 72-85% of a paper-scale job's time. The extra
-    rounds that rows which have stopped compute are thrown away; the records are the eager engine's bits
-    (tests/test_batched.py). Elsewhere than CUDA the same bodies run eagerly at every call (a stand-in,
-    for the tests). Partial minibatches stay eager."""
+    (StackedProbe._r_op_hvps; BatchNorm stacks, whose products are autograd's, do not use this graph).
+    Eager, a round is hundreds of kernel launches and a sync: on an H100 one round of products took
+    1.9-5.7 ms eager and 0.5-2.5 ms replayed (bench/decision_profile.py), with decisions 72-85% of a
+    paper-scale job's time. The extra rounds that rows which have stopped compute are thrown away; the
+    records are the eager engine's bits (tests/test_batched.py). Elsewhere than CUDA the same bodies run
+    eagerly at every call (a stand-in, for the tests). Partial minibatches stay eager."""
     ROUNDS = 16       # [choice] about the rounds a paper-scale decision takes (8-20 on an H100, 2026-11-27)
     # [choice] rounds past ROUNDS from graphs of one round each: l2-long's decisions went 1-3 rounds past 16
     # (CPU, 2026-11-28), the 69-model job's 0-2 (call 7). One graph of 4 would replay 4 where 1 is needed, at
