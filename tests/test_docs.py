@@ -117,10 +117,10 @@ def test_the_readmes_own_loop_example_runs_and_decides(capsys):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     ns = {"__name__": "readme_example"}
     exec(compile(code, "README.md", "exec"), ns)
-    counts = ns["scheduler"].rule_counts
+    opt, sched = ns["optimizer"], ns["scheduler"]
+    counts = sched.rule_counts
     assert [sum(counts[l].values()) for l in (1, 2)] == [10, 10]
     assert all(0 < r["lam_max"] < float("inf") for r in ns["rows"].values())
-    opt, sched = ns["optimizer"], ns["scheduler"]
     assert sum(counts[1][r] + counts[2][r] for r in ("cool", "warm")) > 0   # the rule fired
     for g in opt.param_groups:   # and acted: each layer's lr is the start's times its cools and warms
         c = counts[g["layer"]]

@@ -1152,7 +1152,7 @@ class DecisionGraph:
         if not self.capture:
             self.idx, self.starts = bidx, starts
             problems, (kry, alphas, betas) = self._body()
-            return problems, (kry, alphas, betas, self._more if self.extra else None)
+            return problems, (kry, alphas, betas, self._more)   # _more gives None past EXTRA (none at 0)
         if self.failed:
             return None
         if self.graph is None:
@@ -1169,7 +1169,7 @@ class DecisionGraph:
         self.graph.replay()
         problems, (kry, alphas, betas) = self.state
         # fresh handles on the replayed Krylov states: rows going on past ROUNDS extend copies of them
-        return problems, ([copy.copy(k) for k in kry], alphas, betas, self._more if self.extra else None)
+        return problems, ([copy.copy(k) for k in kry], alphas, betas, self._more)
 
     def _more(self, kry: list[_Krylov]):
         """(Krylov states, alphas, betas) of the next round of every row from the states `kry` that the
