@@ -216,6 +216,12 @@ def main() -> int:
     p.add_argument("--decisions", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--rounds", nargs="+", type=int, default=[batched.DecisionGraph.ROUNDS],
+                   help="with decision_graph: the rounds its body runs ahead (DecisionGraph.ROUNDS), each value "
+                        "profiled in turn for each job, e.g. --rounds 10 16 (the decisions profiled are task 1's "
+                        "first, which may need fewer rounds than later tasks)")
+    p.add_argument("--extra", type=int, default=batched.DecisionGraph.EXTRA,
+                   help="with decision_graph: the rounds past --rounds from graphs of one round each (DecisionGraph.EXTRA)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     device = torch.device(a.device)
@@ -226,16 +232,18 @@ def main() -> int:
     print(f"device {a.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}", flush=True)
     rows = []
-    for name in a.jobs:
+    for name, rounds in ((n, r) for n in a.jobs for r in a.rounds):
         cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
+        batched.DecisionGraph.ROUNDS, batched.DecisionGraph.EXTRA = rounds, a.extra   # read at capture
         with tempfile.TemporaryDirectory() as tmp:
             row = profile_job(name, cfgs, device, a.decisions, a.reps, Path(tmp))
+        row["graph_rounds"], row["graph_extra"] = rounds, a.extra
         rows.append(row)
         h = row.get("hvp_round", {})
         print(f"{name:>26} {row['models']:>3} models ({row['measuring']} measuring, {row['wasserstein']} Wasserstein)"
               f"  plain {row['plain_ms']:.2f} ms, eager {row['eager_ms']:.2f} ms;  decision {row['decision_ms']:.1f} ms"
               f" = Lanczos {row['lanczos_ms']:.1f} ({row['rounds']} rounds, {row['ms_per_round']:.2f} ms each"
-              + (f"; of it the graph body ({batched.DecisionGraph.ROUNDS} rounds run ahead) {row['ahead_ms']:.1f}"
+              + (f"; of it the graph body ({rounds} rounds run ahead) {row['ahead_ms']:.1f}"
                  if row["ahead_ms"] else "") + ")"
               f" + Algorithm 1 {row['scheduler_ms']:.1f} + rest {row['rest_ms']:.1f};"
               f"  decisions are {100 * row['decision_share']:.0f}% of the job's time", flush=True)
