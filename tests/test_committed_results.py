@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainability import config
+from trainability import config, tables
 from trainability.train import run
 
 RESULTS = Path("figures/default/tables/results.csv")
@@ -66,3 +66,30 @@ def test_results_table_rows_cover_every_run_with_all_seeds():
     assert runs == set(config.run_names(params, "default"))
     for r in rows:
         assert int(r["n_seeds"]) == n_seeds and len(r["mean_acc_per_seed"].split(";")) == n_seeds
+
+
+@pytest.mark.parametrize("scale", sorted(p.name for p in Path("figures").iterdir() if (p / "tables" / "table1.md").exists()))
+def test_committed_table1_is_what_params_yaml_gives(scale):
+    """Table 1 is params.yaml's settings only: a committed one must follow every change of params.yaml
+    (it lagged five new keys behind until 2026-11-29, unseen because the runs' tables were not redone)."""
+    params = config.load_params("params.yaml")
+    assert Path(f"figures/{scale}/tables/table1.md").read_text() == tables.table1(params, scale)
+
+
+def _reversed(d):
+    """d with every mapping's keys in reverse order (lists kept)."""
+    if isinstance(d, dict):
+        return {k: _reversed(d[k]) for k in reversed(list(d))}
+    return [_reversed(x) for x in d] if isinstance(d, list) else d
+
+
+def test_tables_do_not_depend_on_the_order_of_params_keys():
+    """Snakemake's jobs read params key-sorted (pipeline.write_effective_params), DVC's in params.yaml's
+    order: both must write the same tables."""
+    params = config.load_params("params.yaml")
+    summaries = {"fig5": {"runs": {r: {"n_seeds": 3, "diverged": 0, **{k: {"mean": 0.5, "std": 0.1} for k in (
+        "final_acc", "mean_acc", "first_acc", "final_lr")}} for r in ("l2-vanilla", "crelu-reset", "bn-l2")}}}
+    rows = tables.result_rows(params, summaries)
+    assert [r["run"] for r in rows] == ["bn-l2", "crelu-reset", "l2-vanilla"]
+    assert tables.result_rows(_reversed(params), summaries) == rows
+    assert tables.table1(_reversed(params), "default") == tables.table1(params, "default")

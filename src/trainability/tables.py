@@ -57,7 +57,7 @@ def show(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, (list, dict)):
-        return json.dumps(v)
+        return json.dumps(v, sort_keys=True)
     return str(v)
 
 
@@ -81,21 +81,23 @@ def any_run(summaries: dict, run: str) -> dict | None:
 
 # ---------------------------------------------------------------- Table 1
 def table1(params: dict, scale: str) -> str:
-    """Table 1: the hyperparameters of the scale (run_defaults <- scales[scale].run), tagged."""
+    """Table 1: the hyperparameters of the scale (run_defaults <- scales[scale].run), tagged. Rows in
+    sorted order, so Snakemake's jobs (which read params key-sorted) and DVC's (params.yaml's order) write
+    the same bytes."""
     base = flatten(params["run_defaults"])
     cfg = flatten(deep_merge(params["run_defaults"], params["scales"][scale].get("run")))
     rows = []
-    for k, v in cfg.items():
+    for k, v in sorted(cfg.items()):
         if k.startswith("wandb."):
             continue
         tag = TAGS.get(k, "choice")
         if k in base and base[k] != v:
             tag = f"choice (scale `{scale}`; default {show(base[k])}: {tag})"
         rows.append([f"`{k}`", show(v), tag])
-    families = [[f"`{f}`", f"`{json.dumps(o or {})}`", RUN_TAGS.get(f, "")]
-                for f, o in params.get("families", {}).items()]
-    runs = [[f"`{r}`", f"`{json.dumps(o or {})}`", RUN_TAGS.get(r.split("-")[0], "")]
-            for r, o in params["runs"].items()]
+    families = [[f"`{f}`", f"`{json.dumps(o or {}, sort_keys=True)}`", RUN_TAGS.get(f, "")]
+                for f, o in sorted(params.get("families", {}).items())]
+    runs = [[f"`{r}`", f"`{json.dumps(o or {}, sort_keys=True)}`", RUN_TAGS.get(r.split("-")[0], "")]
+            for r, o in sorted(params["runs"].items())]
     return (f"# Table 1: hyperparameters (scale `{scale}`)\n\n"
             f"Generated from params.yaml: `run_defaults` overridden by `scales.{scale}.run`. "
             f"Seeds: {params['scales'][scale]['seeds']}. {params['scales'][scale].get('description', '')}\n\n"
@@ -111,8 +113,9 @@ RESULT_COLUMNS = ("method", "arm", "run", "n_seeds", "diverged", "final_acc_mean
 
 
 def result_rows(params: dict, summaries: dict) -> list[dict]:
+    """One row per run that some experiment summarised, by run name (whatever params' key order)."""
     rows = []
-    for run in params["runs"]:
+    for run in sorted(params["runs"]):
         s = any_run(summaries, run)
         if s is None:
             continue
