@@ -245,3 +245,19 @@ def test_stream_rows_judge_only_the_authors_stream_against_the_paper():
     assert rows["Fig. 5 task 1, L2 vanilla, App. D.1: 21,000 images, no ramp"][3].startswith("ablation")
     assert rows["Task 1, L2: scheduler beats vanilla, App. D.1: 21,000 images, no ramp"][3] == verdicts.PART
     assert not any("CReLU" in k for k in rows)   # no records, no rows
+
+
+def test_forms_rows_judge_each_scheduler_form_against_the_papers_task1_level():
+    """ablation-forms: every form of the scheduler gets a verdict against the paper's scheduled level at
+    task 1 (vanilla against the vanilla level), and a 'beats vanilla' row per scheduled form."""
+    def summ(*accs):
+        return analysis.run_summary([make_record(s, accs=(a,)) for s, a in enumerate(accs)])
+    runs = {"crelu-vanilla": summ(0.10, 0.10), "crelu-eq2": summ(0.10, 0.10), "crelu-authors": summ(0.60, 0.62),
+            "crelu-authors-nowarm": summ(0.14, 0.15)}
+    rows = {r[0]: r for r in verdicts.forms_rows({"ablation-forms": {"runs": runs}})}
+    assert rows["Fig. 5 task 1, CReLU, vanilla"][3] == verdicts.REP
+    assert rows["Fig. 5 task 1, CReLU, Eq. 2 as written"][3] == verdicts.REP        # 0.10 vs 0.13
+    assert rows["Fig. 5 task 1, CReLU, authors' bound, Table 1 rule (502f93a)"][3] == verdicts.NOT
+    assert rows["Task 1, CReLU: authors' bound, Table 1 rule (502f93a) beats vanilla"][3] == verdicts.REP
+    assert rows["Task 1, CReLU: Eq. 2 as written beats vanilla"][3] != verdicts.REP
+    assert not any("L2" in k for k in rows)   # no records, no rows

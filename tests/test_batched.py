@@ -892,3 +892,22 @@ def test_task_lengths_in_one_batch_equal_single_runs_and_resume_across_the_stack
         resumed = run_batched(cfgs, dirs, progress=False)
         assert [_comparable(r) for r in resumed] == full
         assert [_comparable(json.loads((d / "record.json").read_text())) for d in dirs] == full
+
+
+def test_the_paper_scales_scheduler_forms_equal_single_runs(tmp_path, mnist_root):
+    """Every form of the scheduler that the paper scale runs (issue 35), with its scheduler block as
+    params.yaml resolves it there: the scheduled arm as the authors ran it (the families' refinement
+    `scales.paper.families`), Eq. 2 as the paper writes it (`*-eq2`) and the other version of the authors'
+    rule (`*-authors-nowarm`), CReLU and L2, each batch (forms whose rule differs cannot share one) against
+    train.run. Floor 0: the rules fire at these few steps."""
+    paper = config.load_params("params.yaml")
+    runs = ("crelu-scheduled", "crelu-eq2", "crelu-authors-nowarm", "l2-scheduled", "l2-eq2", "l2-authors-nowarm")
+    cfgs = [tiny(r, data={"root": mnist_root},
+                 scheduler=dict(config.resolve_run(paper, "paper", r, 0)["scheduler"], floor=0.0)) for r in runs]
+    assert len({json.dumps(c["scheduler"], sort_keys=True) for c in cfgs}) >= 4   # the forms differ
+    groups: dict = {}
+    for c in cfgs:
+        groups.setdefault((c["model"]["activation"], c["scheduler"]["cool"], c["scheduler"]["warm_frac"]), []).append(c)
+    for i, group in enumerate(groups.values()):
+        batch = _check_equal(group, tmp_path / f"group{i}")
+        assert any(r != "none" for rec in batch for l in ("1", "2", "3") for r in rec["decisions"]["layers"][l]["rule"])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import experiment_runs
 from .pipeline import curves_path, metrics_path, record_path, summary_path
 from .record import load_record
 
@@ -238,7 +239,7 @@ def load_experiment(params: dict, scale: str, experiment: str, log=print) -> dic
     """{run: [record per seed that exists]}; missing records are reported, not fatal."""
     seeds = params["scales"][scale]["seeds"]
     out = {}
-    for run in params["experiments"][experiment]["runs"]:
+    for run in experiment_runs(params, scale, experiment):
         out[run] = []
         for s in seeds:
             p = Path(record_path(params, scale, run, s))
@@ -271,6 +272,7 @@ def run_summary(records: list[dict]) -> dict:
     out["final_lr_per_layer"] = [stat(col) for col in
                                  (np.array([m[-1] for m in lrs if m.size]).T if any(m.size for m in lrs) else [])]
     out["warm_tasks_frac"] = stat([warm_tasks_frac(r) for r in records])
+    out["rule_counts"] = mean_rule_counts(records)
     names = sorted({k for r in records for t in r.get("tasks", []) for k in (t.get("indicators") or {})})
     ind = {}
     for k in names:
@@ -279,6 +281,15 @@ def run_summary(records: list[dict]) -> dict:
                   "last": stat([final_window_mean(s, planned_tasks(r)) for s, r in zip(series, records)])}
     out["indicators"] = ind
     return out
+
+
+def mean_rule_counts(records: list[dict]) -> dict:
+    """{layer: {rule: mean over seeds}} of Algorithm 1's decisions over the whole run (record
+    `rule_counts`: what the scheduler did, or, in a vanilla or reset run, would have done)."""
+    counts = [r["rule_counts"] for r in records if r.get("rule_counts")]
+    layers = sorted({k for c in counts for k in c}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))
+    return {k: {rule: float(np.mean([c.get(k, {}).get(rule, 0) for c in counts]))
+                for rule in ("cool", "warm", "none")} for k in layers}
 
 
 def final_window_mean(values: np.ndarray, n_planned: int) -> float:

@@ -1,7 +1,9 @@
 """Configuration: params.yaml is the single source of truth.
 
 A *run config* is `run_defaults`, overridden by the scale's `run` block, then by the run's family in
-`families` (named by the run's `extends`), then by the named run in `runs`, then by the seed. `params.schema.yaml` (beside this file) validates both params.yaml and every
+`families` (named by the run's `extends`), then by the scale's refinement of that family
+(`scales.<scale>.families`, e.g. the scheduler as the authors ran it at the paper scale), then by the
+named run in `runs`, then by the seed. `params.schema.yaml` (beside this file) validates both params.yaml and every
 resolved run config, so a bad value fails before any compute with a message naming the key.
 """
 from __future__ import annotations
@@ -81,9 +83,14 @@ def validate_params(params: dict) -> dict:
         for e in scale.get("experiments", []):
             if e not in params["experiments"]:
                 raise ConfigError(f"invalid params.yaml:\n  scales.{name}.experiments: unknown experiment {e!r}")
-        for r in scale.get("runs", []):
-            if r not in params["runs"]:
-                raise ConfigError(f"invalid params.yaml:\n  scales.{name}.runs: unknown run {r!r}")
+        for key in ("runs", "skip_runs"):
+            for r in scale.get(key, []):
+                if r not in params["runs"]:
+                    raise ConfigError(f"invalid params.yaml:\n  scales.{name}.{key}: unknown run {r!r}")
+        for f in scale.get("families", {}):
+            if f not in params.get("families", {}):
+                raise ConfigError(f"invalid params.yaml:\n  scales.{name}.families.{f}: unknown family {f!r}; "
+                                  f"known: {sorted(params.get('families', {}))}")
     # every run must resolve to a valid config at every scale: catch impossible combinations early
     for scale in params["scales"]:
         for run in params["runs"]:
@@ -119,12 +126,19 @@ def run_family(params: dict, run: str) -> str | None:
     return params["runs"][run].get("extends")
 
 
+def experiment_runs(params: dict, scale: str, experiment: str) -> list[str]:
+    """An experiment's runs at a scale: its `runs` less those the scale leaves out (`runs`, `skip_runs`)."""
+    allowed = set(params["scales"][scale].get("runs") or params["runs"])
+    allowed -= set(params["scales"][scale].get("skip_runs", []))
+    return [r for r in params["experiments"][experiment]["runs"] if r in allowed]
+
+
 def run_names(params: dict, scale: str) -> list[str]:
     """The runs the pipeline executes at a scale: those its experiments use (restricted to the scale's
-    `runs` list if it has one), in params.yaml order. Other runs stay runnable with trainability-run."""
-    used = {r for e in experiment_names(params, scale) for r in params["experiments"][e]["runs"]}
-    allowed = set(params["scales"][scale].get("runs") or params["runs"])
-    return [r for r in params["runs"] if r in used and r in allowed]
+    `runs` list if it has one, less its `skip_runs`), in params.yaml order. Other runs stay runnable with
+    trainability-run."""
+    used = {r for e in experiment_names(params, scale) for r in experiment_runs(params, scale, e)}
+    return [r for r in params["runs"] if r in used]
 
 
 def resolve_run(params: dict, scale: str, run: str, seed: int) -> dict:
@@ -136,6 +150,7 @@ def resolve_run(params: dict, scale: str, run: str, seed: int) -> dict:
     family = entry.pop("extends", None)
     if family is not None:
         cfg = deep_merge(cfg, params.get("families", {}).get(family))
+        cfg = deep_merge(cfg, params["scales"][scale].get("families", {}).get(family))
     cfg = deep_merge(cfg, entry)
     cfg["seed"] = int(seed)
     cfg.setdefault("wandb", {})

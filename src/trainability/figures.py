@@ -20,16 +20,16 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from . import analysis  # noqa: E402
 from .methods import METHOD_NAMES, METHODS, arm_of, method_of, methods_in  # noqa: E402
 from .pipeline import figure_paths  # noqa: E402
-from .verdicts import PAPER_FIG5_EARLY, STREAMS  # noqa: E402
+from .verdicts import FORMS, PAPER_FIG5_EARLY, STREAMS  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8,
                      "figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3})
 
 ARM_COLORS = {"vanilla": "0.25", "reset": "tab:orange", "scheduled": "tab:blue", "global": "tab:green",
-              "noise": "tab:purple", "curvature": "tab:brown", "authors": "tab:red"}
+              "noise": "tab:purple", "curvature": "tab:brown", "authors": "tab:red", "eq2": "tab:cyan"}
 ARM_LABELS = {"vanilla": "vanilla", "reset": "reset", "scheduled": "per-layer scheduler",
               "global": "global scheduler", "noise": "noise-only bound", "curvature": "curvature-only bound",
-              "authors": "scheduler, authors' Eq. 2 settings"}
+              "authors": "scheduler, authors' Eq. 2 settings", "eq2": "scheduler, Eq. 2 as written"}
 ARM_STYLES = {"reset": "--", "noise": "-.", "global": "-."}
 LENGTH_COLORS = {"short": "tab:red", "scheduled": "tab:orange", "long": "tab:blue"}   # paper Figs. 7-8
 FIG3_COLORS = {"alpha": "tab:blue", "alpha_vol": "tab:orange", "alpha_g": "tab:red", "alpha_tilde": "tab:green"}
@@ -481,14 +481,17 @@ def ablation_stream(runs, ctx):
     methods = [m for m in methods_in(runs) if any(runs.get(f"{m}-{a}") for a in ("vanilla", "scheduled"))]
     fig, axes = plt.subplots(1, len(methods) + 1, figsize=(5.2 * (len(methods) + 1), 4.6), squeeze=False)
     axes = axes[0]
+    # Eq. 2 as written beside the scheduled arm where a scale runs it (its scheduled arm is the authors' form)
+    arms = ("vanilla", "scheduled") + (("eq2",) if any(r.endswith("-eq2") for r in runs) else ())
+    w = len(arms) + 1
     for ax, method in zip(axes, methods):
         ticks, top = [], 0.2
         streams = [(suf, st) for suf, st in STREAMS.items()
                    if any(runs.get(f"{method}-{a}{suf}") for a in ("vanilla", "scheduled"))]
         for i, (suffix, stream) in enumerate(streams):
-            for j, arm in enumerate(("vanilla", "scheduled")):
+            for j, arm in enumerate(arms):
                 recs = runs.get(f"{method}-{arm}{suffix}") or []
-                x = i * 3 + j
+                x = i * w + j
                 vals = [analysis.task_values(r, "online_acc")[0] for r in recs if analysis.task_values(r, "online_acc").size]
                 if vals:
                     ax.bar(x, np.mean(vals), color=ARM_COLORS[arm], alpha=0.55, width=0.8,
@@ -496,9 +499,9 @@ def ablation_stream(runs, ctx):
                     ax.plot([x] * len(vals), vals, "o", color=ARM_COLORS[arm], ms=5)
                     ax.text(x, np.mean(vals) + 0.01, f"{np.mean(vals):.2f}", ha="center", fontsize=8)
                     top = max(top, max(vals))
-            ticks.append((i * 3 + 0.5, STREAM_TICKS[suffix]))
+            ticks.append((i * w + (len(arms) - 1) / 2, STREAM_TICKS[suffix]))
         ax.set_ylim(0, top * 1.45)   # room for the legend above the bars
-        ax.set_xlim(-0.8, 3 * max(len(streams), 2) - 1.2)
+        ax.set_xlim(-0.8, w * max(len(streams), 2) - 1.2)
         for arm, ls in (("vanilla", "--"), ("scheduled", "-")):
             ax.axhline(PAPER_FIG5_EARLY[(method, arm)][0], color=ARM_COLORS[arm], ls=ls, lw=1.2,
                        label=f"paper Fig. 5 task 1, {arm}")
@@ -527,9 +530,71 @@ def ablation_stream(runs, ctx):
     return fig
 
 
+FORM_COLORS = {"vanilla": "0.25", "eq2": "tab:blue", "authors": "tab:red", "authors-nowarm": "tab:purple"}
+FORM_TICKS = {"vanilla": "vanilla", "eq2": "Eq. 2\nas written", "authors": "authors'\nbound", "authors-nowarm":
+              "authors' bound,\nno warm, cool .95"}
+
+
+def ablation_forms(runs, ctx):
+    """Beyond the paper: the scheduler as the paper writes it (Eq. 2 and Algorithm 1) vs as the authors ran
+    it (their per-method bound, with the Table 1 rule and with their camera-ready rule), on task 1 of the
+    authors' stream. Top: task-1 online accuracy per form (dots = seeds, bar = mean) against the paper's
+    Fig. 5 at task 1; bottom: each scheduled form's per-layer LR through task 1, with its cool / warm
+    decision counts per layer (mean over seeds)."""
+    methods = [m for m in METHODS if any(runs.get(f"{m}-{f}") for f in FORMS)]
+    fig, axes = plt.subplots(2, len(methods), figsize=(5.4 * len(methods), 8.6), squeeze=False)
+    for col, method in enumerate(methods):
+        ax, top = axes[0, col], 0.2
+        forms = [f for f in FORMS if f"{method}-{f}" in runs]
+        for x, form in enumerate(forms):
+            vals = [analysis.task_values(r, "online_acc")[0] for r in runs[f"{method}-{form}"]
+                    if analysis.task_values(r, "online_acc").size]
+            if vals:
+                ax.bar(x, np.mean(vals), color=FORM_COLORS[form], alpha=0.55, width=0.8)
+                ax.plot([x] * len(vals), vals, "o", color=FORM_COLORS[form], ms=5)
+                ax.text(x, np.mean(vals) + 0.01, f"{np.mean(vals):.2f}", ha="center", fontsize=8)
+                top = max(top, max(vals))
+            else:
+                ax.text(x, 0.02, "no data", ha="center", fontsize=8, rotation=90)
+        for arm, ls in (("vanilla", "--"), ("scheduled", "-")):
+            ax.axhline(PAPER_FIG5_EARLY[(method, arm)][0], color="k", ls=ls, lw=1.0,
+                       label=f"paper Fig. 5 task 1, {'vanilla' if arm == 'vanilla' else 'scheduler'}")
+        ax.axhline(0.1, color="0.6", lw=0.8, ls=":")
+        ax.set_ylim(0, top * 1.35)
+        ax.set_xticks(range(len(forms)), [FORM_TICKS[f] for f in forms], fontsize=8)
+        recs0 = next((runs[r] for r in runs if r.startswith(method + "-") and runs[r]), [])
+        ax.set_title(method_title(method, recs0) + ": task 1")
+        ax.set_ylabel("Task accuracy (online), task 1")
+        ax.legend(loc="upper left", fontsize=7)
+        ax, text = axes[1, col], []
+        for form in (f for f in forms if f != "vanilla"):
+            recs = runs[f"{method}-{form}"]
+            for layer, ls in zip(("1", "2", "3"), ("-", "--", ":")):
+                x, m = decision_matrix(recs, "lr", layer, task_filter=lambda t: t == 0, x="task")
+                if m.size:
+                    band(ax, x - 1, m, FORM_COLORS[form], label=f"{FORM_TICKS[form].replace(chr(10), ' ')}, "
+                         f"layer {layer}" if layer == "1" else None, ls=ls, log=True)
+            rc = analysis.mean_rule_counts(recs)
+            if rc:
+                text.append(f"{FORM_TICKS[form].replace(chr(10), ' ')}: cool/warm per layer "
+                            + ", ".join(f"{rc[k]['cool']:.0f}/{rc[k]['warm']:.0f}" for k in rc if k.isdigit()))
+        ax.set_yscale("log")
+        ax.set_xlabel("fraction of task 1 (layers: solid 1, dashed 2, dotted 3)")
+        ax.set_ylabel("learning rate")
+        ax.set_title(f"{METHOD_NAMES[method]}: learned LR through task 1")
+        if ax.lines:
+            ax.legend(loc="upper right", fontsize=7)
+            ax.text(0.02, 0.02, "\n".join(text), transform=ax.transAxes, fontsize=7, va="bottom",
+                    bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+        else:
+            note(ax, "no decisions")
+    finish(fig, "ablation-forms", ctx["title"], ctx["scale"], runs)
+    return fig
+
+
 FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
            "fig9": fig9, "ablation-global": ablation_global, "ablation-bound": ablation_bound,
-           "ablation-authors": ablation_authors, "ablation-stream": ablation_stream}
+           "ablation-authors": ablation_authors, "ablation-stream": ablation_stream, "ablation-forms": ablation_forms}
 
 
 def make_figure(params: dict, scale: str, experiment: str, ema: float = 0.0, ema_steps: float = 0.6,

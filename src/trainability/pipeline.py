@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import experiment_names, load_params, run_family, run_names
+from .config import experiment_names, experiment_runs, load_params, run_family, run_names
 
 TABLES = ("table1.md", "results.md", "results.csv", "paper_vs_ours.md")
 
@@ -53,7 +53,7 @@ def table_paths(scale: str) -> list[str]:
 
 def experiment_records(params: dict, scale: str, experiment: str) -> list[str]:
     seeds = params["scales"][scale]["seeds"]
-    return [record_path(params, scale, r, s) for r in params["experiments"][experiment]["runs"] for s in seeds]
+    return [record_path(params, scale, r, s) for r in experiment_runs(params, scale, experiment) for s in seeds]
 
 
 def run_jobs(params: dict, scale: str) -> tuple[dict[str, list[str]], list[str]]:
@@ -101,6 +101,16 @@ def write_effective_params(params: dict, folder: str = ".snakemake/params") -> s
     return str(path)
 
 
+def family_params(params: dict, scale: str, run: str) -> list[str]:
+    """The params.yaml keys of a run's family that a DVC stage depends on: `families.<f>` and, where the
+    scale refines it, `scales.<scale>.families.<f>`."""
+    f = run_family(params, run)
+    if f is None:
+        return []
+    return [f"families.{f}"] + ([f"scales.{scale}.families.{f}"]
+                                if f in params["scales"][scale].get("families", {}) else [])
+
+
 def stage_name(*parts) -> str:
     """DVC stage names allow letters, digits, '_' and '-' only."""
     return "_".join(str(p) for p in parts).replace(".", "p")
@@ -125,7 +135,7 @@ def dvc_yaml(params: dict) -> dict:
                              "outs": ["data/MNIST/raw"]}}
     seeds = params["scales"][scale]["seeds"]
     groups, runs = run_jobs(params, scale)
-    for group, members in groups.items():
+    for group, members in groups.items():   # a batched stage depends on its whole scale entry
         stages[stage_name("run", group)] = {
             "cmd": guard + f"{py} -m trainability.batched --scale {scale} --runs {' '.join(members)} --no-progress",
             "deps": ["data/MNIST/raw", "src/trainability"],
@@ -139,7 +149,7 @@ def dvc_yaml(params: dict) -> dict:
                 "cmd": guard + f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",
                 "deps": ["data/MNIST/raw", "src/trainability"],
                 "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"]
-                          + ([f"families.{run_family(params, run)}"] if run_family(params, run) else []),
+                          + family_params(params, scale, run),
                 "outs": [{f"{out}/record.json": {"cache": True}}]}
     for exp in experiment_names(params, scale):
         recs = experiment_records(params, scale, exp)

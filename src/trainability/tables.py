@@ -11,7 +11,7 @@ from pathlib import Path
 from .analysis import load_summary, write_csv
 from .config import deep_merge, experiment_names
 from .pipeline import TABLES, table_paths
-from .verdicts import NODATA, NOT, PART, REP, STREAM_RULE, VERDICT_RULES, finite, tally, verdict_rows
+from .verdicts import FORMS_RULE, NODATA, NOT, PART, REP, STREAM_RULE, VERDICT_RULES, finite, tally, verdict_rows
 
 # Tag of each run-config key, copied from the comments in params.yaml / docs/LEDGER.md
 # (paper = stated in the paper, code = the authors' code, choice = ours).
@@ -94,7 +94,9 @@ def table1(params: dict, scale: str) -> str:
         if k in base and base[k] != v:
             tag = f"choice (scale `{scale}`; default {show(base[k])}: {tag})"
         rows.append([f"`{k}`", show(v), tag])
-    families = [[f"`{f}`", f"`{json.dumps(o or {}, sort_keys=True)}`", RUN_TAGS.get(f, "")]
+    refined = params["scales"][scale].get("families", {})   # the scale's refinements, merged in
+    families = [[f"`{f}`", f"`{json.dumps(deep_merge(o or {}, refined.get(f)), sort_keys=True)}`",
+                 RUN_TAGS.get(f, "") + (f"; scheduler: `scales.{scale}.families` [code]" if f in refined else "")]
                 for f, o in sorted(params.get("families", {}).items())]
     runs = [[f"`{r}`", f"`{json.dumps(o or {}, sort_keys=True)}`", RUN_TAGS.get(r.split("-")[0], "")]
             for r, o in sorted(params["runs"].items())]
@@ -102,7 +104,7 @@ def table1(params: dict, scale: str) -> str:
             f"Generated from params.yaml: `run_defaults` overridden by `scales.{scale}.run`. "
             f"Seeds: {params['scales'][scale]['seeds']}. {params['scales'][scale].get('description', '')}\n\n"
             + table(["setting", "value", "tag"], rows)
-            + "\n## Families (settings shared by a method's runs)\n\n" + table(["family", "settings", "tag"], families)
+            + "\n## Families (settings shared by a method's runs, with the scale's refinements)\n\n" + table(["family", "settings", "tag"], families)
             + "\n## Runs (overrides of the settings above, after the family they extend)\n\n"
             + table(["run", "overrides", "tag"], runs))
 
@@ -162,7 +164,8 @@ def paper_vs_ours(params: dict, scale: str, summaries: dict) -> str:
             + (f"\nMissing summaries: {', '.join(missing)}.\n" if missing else "")
             + f"\nTally: {counts[REP]} reproduced, {counts[PART]} partly, {counts[NOT]} not reproduced, "
               f"{counts[NODATA]} no data.\n\n" + VERDICT_RULES
-            + (STREAM_RULE if "ablation-stream" in summaries else "") + "\n"
+            + (STREAM_RULE if "ablation-stream" in summaries else "")
+            + (FORMS_RULE if "ablation-forms" in summaries else "") + "\n"
             + table(["claim", "paper", "ours", "verdict"], rows))
 
 

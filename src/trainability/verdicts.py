@@ -54,6 +54,16 @@ STREAM_RULE = """\
   task 1.
 """
 
+FORMS_RULE = """\
+- *ablation-forms (task 1)*: the scheduler's forms on the authors' stream, task 1, against the paper's
+  Fig. 5 read at task 1 (the scheduled level for every scheduled form): reproduced if |ours - paper| <=
+  0.05, partly if <= 0.10; "beats vanilla" as *A beats B* on task 1.
+"""
+# the scheduler's forms of experiment ablation-forms, by run-name arm (docs/LEDGER.md "Which scheduler made Fig. 5")
+FORMS = {"vanilla": "vanilla", "eq2": "Eq. 2 as written",
+         "authors": "authors' bound, Table 1 rule (502f93a)",
+         "authors-nowarm": "authors' bound, no warm, cool 0.95 (camera-ready)"}
+
 # Paper Fig. 5 (task accuracy, 40 tasks x 250 epochs, 3 seeds): (text, value at task 40, shape)
 PAPER_FIG5 = {
     ("crelu", "vanilla"): ("~0.10 throughout", 0.10, "chance"),
@@ -167,12 +177,12 @@ def stream_rows(summaries: dict) -> list[list[str]]:
     rows = []
     for method in (m for m in methods_in(runs) if m in METHOD_NAMES):   # methods the paper has numbers for
         for suffix, stream in STREAMS.items():
-            stats = {arm: run_stats(summaries, "ablation-stream", f"{method}-{arm}{suffix}")
-                     for arm in ("vanilla", "scheduled")}
+            arms = ("vanilla", "scheduled") + (("eq2",) if f"{method}-eq2{suffix}" in runs else ())
+            stats = {arm: run_stats(summaries, "ablation-stream", f"{method}-{arm}{suffix}") for arm in arms}
             if not any(stats.values()):
                 continue
             for arm, st in stats.items():
-                paper = PAPER_FIG5_EARLY[(method, arm)][0]
+                paper = PAPER_FIG5_EARLY[(method, "vanilla" if arm == "vanilla" else "scheduled")][0]
                 first = (st or {}).get("first_acc")
                 if not first or not finite(first.get("mean")):
                     v = NODATA
@@ -184,8 +194,36 @@ def stream_rows(summaries: dict) -> list[list[str]]:
                 ours = f"{fmt(first)}, seeds [{first['min']:.3f}, {first['max']:.3f}]" if v != NODATA else "n/a"
                 rows.append([f"Fig. 5 task 1, {METHOD_NAMES[method]} {arm}, {stream}", f"{paper:.2f}", ours, v])
             g = lambda a: (stats[a] or {}).get("first_acc")  # noqa: E731
-            rows.append([f"Task 1, {METHOD_NAMES[method]}: scheduler beats vanilla, {stream}", "yes",
-                         f"{fmt(g('scheduled'))} vs {fmt(g('vanilla'))}", beats(g("scheduled"), g("vanilla"))])
+            for arm in arms[1:]:
+                what = "scheduler" if arm == "scheduled" else "Eq. 2 as written"
+                rows.append([f"Task 1, {METHOD_NAMES[method]}: {what} beats vanilla, {stream}", "yes",
+                             f"{fmt(g(arm))} vs {fmt(g('vanilla'))}", beats(g(arm), g("vanilla"))])
+    return rows
+
+
+def forms_rows(summaries: dict) -> list[list[str]]:
+    """Experiment ablation-forms: task-1 accuracy of each form of the scheduler against the paper's Fig. 5
+    at task 1 (FORMS_RULE), and whether each scheduled form beats vanilla on task 1."""
+    runs = ((summaries.get("ablation-forms") or {}).get("runs") or {})
+    rows = []
+    for method in (m for m in methods_in(runs) if m in METHOD_NAMES):
+        first = {form: ((run_stats(summaries, "ablation-forms", f"{method}-{form}") or {}).get("first_acc"))
+                 for form in FORMS}
+        for form, label in FORMS.items():
+            st = first[form]
+            if f"{method}-{form}" not in runs:
+                continue
+            paper = PAPER_FIG5_EARLY[(method, "vanilla" if form == "vanilla" else "scheduled")][0]
+            if not st or not finite(st.get("mean")):
+                rows.append([f"Fig. 5 task 1, {METHOD_NAMES[method]}, {label}", f"{paper:.2f}", "n/a", NODATA])
+                continue
+            diff = abs(st["mean"] - paper)
+            v = REP if diff <= 0.05 else PART if diff <= 0.10 else NOT
+            rows.append([f"Fig. 5 task 1, {METHOD_NAMES[method]}, {label}", f"{paper:.2f}",
+                         f"{fmt(st)}, seeds [{st['min']:.3f}, {st['max']:.3f}]", v])
+            if form != "vanilla":
+                rows.append([f"Task 1, {METHOD_NAMES[method]}: {label} beats vanilla", "yes",
+                             f"{fmt(st)} vs {fmt(first['vanilla'])}", beats(st, first["vanilla"])])
     return rows
 
 
@@ -391,14 +429,17 @@ FIGURE_ROWS = (fig1_rows, fig2_rows, fig3_rows, fig4_rows, fig5_rows, fig6_rows,
 
 def verdict_rows(params: dict, scale: str, summaries: dict) -> list[list[str]]:
     """Every row [claim, paper, ours, verdict] of the paper-vs-ours table at `scale`: the paper's
-    figures (when any of their experiments ran), then the ablation-stream rows (when it ran)."""
+    figures (when any of their experiments ran), then the ablation-stream and ablation-forms rows (when
+    they ran)."""
     paper_scale = scale.startswith("paper")
     rows = []
-    if set(summaries) - {"ablation-stream"}:   # the paper's figures (absent at scale paper-task1)
+    if set(summaries) - {"ablation-stream", "ablation-forms"}:   # the paper's figures (not at paper-task1)
         for figure_rows in FIGURE_ROWS:
             rows += figure_rows(params, summaries, paper_scale)
     if "ablation-stream" in summaries:
         rows += stream_rows(summaries)
+    if "ablation-forms" in summaries:
+        rows += forms_rows(summaries)
     return rows
 
 
