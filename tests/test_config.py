@@ -98,3 +98,30 @@ def test_a_run_entry_changes_that_run_only_and_a_family_all_its_runs():
     p["families"]["l2"]["regularizer"]["lam"] = 1e-2
     assert config.resolve_run(p, "smoke", "l2-scheduled", 0)["regularizer"] == {"kind": "l2", "lam": 1e-2}
     assert "extends" not in config.resolve_run(p, "smoke", "l2-scheduled", 0)
+
+
+def test_a_scales_family_refinement_comes_after_the_family_and_before_the_run():
+    """scales.<s>.families (issue 35): at the paper scale the scheduled arms run the authors' per-method
+    bound; Eq. 2 as written (*-eq2) is spelled out in its run entry, so it is the paper's at every scale."""
+    p = config.validate_params(copy.deepcopy(PARAMS))
+    paper = {r: config.resolve_run(p, "paper", r, 0)["scheduler"] for r in ("crelu-scheduled", "l2-long", "wass-eq2")}
+    assert (paper["crelu-scheduled"]["statistic"], paper["crelu-scheduled"]["beta"]) == ("sq_dev", 20.0)
+    assert paper["l2-long"]["statistic"] == "lam_bar" and paper["l2-long"]["code_alpha_agg"] is True
+    for scale in p["scales"]:
+        eq2 = config.resolve_run(p, scale, "wass-eq2", 0)["scheduler"]
+        assert (eq2["statistic"], eq2["beta"], eq2["code_alpha_agg"]) == ("vol", 1.0, False), scale
+    assert config.resolve_run(p, "default", "crelu-scheduled", 0)["scheduler"]["statistic"] == "vol"
+    q = _broken(["scales", "default", "families"], {"crelu": {"optim": {"lr": 5e-3}}})
+    assert config.resolve_run(q, "default", "crelu-scheduled", 0)["optim"]["lr"] == 5e-3
+    assert config.resolve_run(q, "default", "relu-vanilla", 0)["optim"]["lr"] == 1e-3   # no family: untouched
+    with pytest.raises(config.ConfigError, match="scales.default.families.gelu: unknown family"):
+        config.validate_params(_broken(["scales", "default", "families"], {"gelu": {}}))
+
+
+def test_skip_runs_leave_a_run_out_of_a_scales_experiments():
+    p = config.validate_params(copy.deepcopy(PARAMS))
+    assert "crelu-eq2" in config.experiment_runs(p, "paper", "fig5")
+    assert "crelu-eq2" not in config.experiment_runs(p, "default", "fig5")
+    assert "crelu-eq2" not in config.run_names(p, "default") and "crelu-eq2" in config.run_names(p, "paper")
+    with pytest.raises(config.ConfigError, match="scales.smoke.skip_runs: unknown run 'nope'"):
+        config.validate_params(_broken(["scales", "smoke", "skip_runs"], ["nope"]))
