@@ -9,17 +9,25 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-configfile: "params.yaml"
-
-from trainability.config import ConfigError, validate_params, resolve_run, config_hash, experiment_names
+from trainability.config import ConfigError, read_yaml, validate_params, resolve_run, config_hash, experiment_names
 from trainability import pipeline
 
-# params.schema.yaml plus cross-references (trainability.config): the message names the key
+# Snakemake's own loader says "not valid JSON or YAML" without a line: parse it first for the line and column
+try:
+    read_yaml("params.yaml")
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
+configfile: "params.yaml"
+
+# params.schema.yaml plus cross-references (trainability.config): the message names the key, and a
+# hint about --config's strings when the command line gave a --config
 try:
     validate_params(config)
 except ConfigError as e:
-    raise WorkflowError(f"{e}\n(snakemake --config passes nested values as strings: put numbers in "
-                        "params.yaml, or use trainability-run --set for one run)") from None
+    hint = ("\n(snakemake --config passes nested values as strings: put numbers in params.yaml, or use "
+            "trainability-run --set for one run)") if workflow.config_settings.config else ""
+    raise WorkflowError(f"{e}{hint}") from None
 # Jobs read this file, not params.yaml: it is the config Snakemake planned with, `--config` overrides
 # included, so a job trains exactly what the plan (and its record.json) says. Named by its content.
 PARAMS = pipeline.write_effective_params(config)
