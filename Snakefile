@@ -3,6 +3,7 @@
 #        snakemake --cores N --config scale=smoke
 #        snakemake -n                   (the plan)       snakemake --report report.html
 # Experiments, runs and scales are defined in params.yaml only (validated below before any job runs).
+import os
 import re
 import sys
 from snakemake.utils import min_version
@@ -11,6 +12,8 @@ min_version("9.0")
 
 from trainability.config import ConfigError, read_yaml, validate_params, resolve_run, config_hash, experiment_names
 from trainability import pipeline
+from trainability.record import damaged as damaged_record
+from trainability import data as data_module
 
 # Snakemake's own loader says "not valid JSON or YAML" without a line: parse it first for the line and column
 try:
@@ -35,6 +38,16 @@ SCALE = config["scale"]
 SEEDS = config["scales"][SCALE]["seeds"]
 PY = sys.executable  # jobs use the interpreter that runs Snakemake (the project's venv)
 
+# A rerun checks the outputs it would otherwise trust. Every record is a target of `all`, so a deleted
+# one is redone and what reads it after it (by mtime). A damaged one (truncated, emptied: record.damaged
+# reads its first and last bytes) is moved aside to record.json.damaged, so it counts as deleted.
+RECORDS = list(dict.fromkeys(r for e in experiment_names(config, SCALE)
+                             for r in pipeline.experiment_records(config, SCALE, e)))
+for _rec in RECORDS:
+    if os.path.exists(_rec) and (_why := damaged_record(_rec)):
+        os.replace(_rec, _rec + ".damaged")
+        print(f"warning: {_rec} is damaged ({_why}): moved to {_rec}.damaged, its run is redone", file=sys.stderr)
+
 report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
@@ -50,3 +63,4 @@ rule all:
         [pipeline.summary_path(config, SCALE, e) for e in experiment_names(config, SCALE)],
         [f for e in experiment_names(config, SCALE) for f in pipeline.figure_paths(SCALE, e)],
         pipeline.table_paths(SCALE),
+        RECORDS,

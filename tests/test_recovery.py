@@ -51,3 +51,121 @@ def test_schema_hint_about_config_strings_only_with_a_config(workflow_copy):
     assert "--config passes nested values" not in plain.stdout + plain.stderr
     given = sh(BIN / "snakemake", "-n", "--config", "scale=smoke", cwd=workflow_copy, check=False)
     assert given.returncode != 0 and "--config passes nested values" in given.stdout + given.stderr
+
+
+def _fake_smoke_outputs(copy: Path, copy_data: bool = False) -> dict:
+    """Every output of the smoke DAG in `copy`, as files of the right shape written oldest-first (data,
+    records, then what reads them), so `snakemake -n` there has nothing to do. MNIST is the real one
+    (links to the repository's files, or copies of them)."""
+    from trainability import config, data, pipeline
+    raw = data.prepare_mnist(ROOT / "data")
+    (copy / "data/MNIST/raw").mkdir(parents=True)
+    for name in data.SHA256:
+        if copy_data:
+            shutil.copy(raw / name, copy / "data/MNIST/raw" / name)
+        else:
+            (copy / "data/MNIST/raw" / name).symlink_to(raw / name)
+    stamp = copy / "data/MNIST/raw/.snakemake_timestamp"   # what Snakemake reads as the folder's mtime
+    stamp.touch()
+    os.utime(stamp, (1_600_000_000, 1_600_000_000))
+    params = config.load_params(copy / "params.yaml")
+    exps = config.experiment_names(params, "smoke")
+    records = list(dict.fromkeys(r for e in exps for r in pipeline.experiment_records(params, "smoke", e)))
+    later = [f for e in exps for f in [pipeline.summary_path(params, "smoke", e), pipeline.metrics_path(params, "smoke", e),
+                                      pipeline.curves_path(params, "smoke", e), *pipeline.figure_paths("smoke", e)]]
+    later += pipeline.table_paths("smoke")
+    for i, f in enumerate(records + later):
+        p = copy / f
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text('{"config": {}, "status": "completed", "provenance": {}, "tasks": []}')
+        t = 1_700_000_000 + (i if i < len(records) else len(records) + 100)   # data < records < summaries
+        os.utime(p, (t, t))
+    return {"records": records, "params": params}
+
+
+def _planned(out) -> list[str]:
+    """The rules of the jobs a `snakemake -n` plans, one entry per job."""
+    return [line.split()[1].rstrip(":") for line in out.stdout.splitlines() if line.startswith("rule ")]
+
+
+def test_a_rerun_redoes_a_deleted_or_damaged_record(workflow_copy):
+    """A deleted record (what reads it up to date) was 'Nothing to be done': now its run is redone, and
+    the experiments that read it after it. A truncated or emptied one is named, moved aside and redone."""
+    fake = _fake_smoke_outputs(workflow_copy)
+    args = [BIN / "snakemake", "-n", "--config", "scale=smoke"]
+    assert "Nothing to be done" in sh(*args, cwd=workflow_copy).stdout
+    gone, cut = "results/smoke/runs/l2-vanilla/seed0/record.json", "results/smoke/runs/crelu-reset/seed1/record.json"
+    (workflow_copy / gone).unlink()
+    planned = _planned(sh(*args, cwd=workflow_copy))
+    users = [e for e, x in fake["params"]["experiments"].items() if "l2-vanilla" in x["runs"]
+             and e in fake["params"]["scales"]["smoke"]["experiments"]]
+    assert planned.count("run") == 1 and planned.count("experiment") == len(users), planned
+    (workflow_copy / cut).write_text('{"config": {"n_tasks": 3}, "status": "comp')
+    out = sh(*args, cwd=workflow_copy)
+    assert f"warning: {cut} is damaged (truncated): moved to {cut}.damaged, its run is redone" in out.stderr
+    assert _planned(out).count("run") == 2 and (workflow_copy / f"{cut}.damaged").exists()
+    (workflow_copy / cut).write_text("{}")
+    assert f"{cut} is damaged (not a run record)" in sh(*args, cwd=workflow_copy).stderr
+
+
+@pytest.mark.parametrize("content, reason", [('{"config": {"n_tasks": 3}, "sta', "not valid JSON"),
+                                             ("{}", "no config, status, provenance, tasks"),
+                                             ("[1]", "no config"), ("\xff", "not valid JSON")])
+def test_a_damaged_record_is_one_line_naming_it_and_the_remedy(tmp_path, content, reason):
+    from trainability.record import DamagedFileError, damaged, load_record
+    p = tmp_path / "record.json"
+    p.write_text(content)
+    with pytest.raises(DamagedFileError) as e:
+        load_record(p)
+    assert str(e.value).startswith(f"{p} is damaged ({reason}") and "delete it and run again" in str(e.value)
+    assert "\n" not in str(e.value) and damaged(p) is not None
+
+
+def test_the_experiment_job_on_a_damaged_record_fails_in_one_line(tmp_path):
+    """What the experiment job runs (workflow/scripts/aggregate.py) on a truncated record: exit 1, one
+    line naming the file, no traceback."""
+    import yaml
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["results_dir"] = str(tmp_path / "results")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rec = tmp_path / "results/smoke/runs/l2-vanilla/seed0/record.json"
+    rec.parent.mkdir(parents=True)
+    rec.write_text('{"config": {"n_tasks": 3}, "status": "comp')
+    out = sh(sys.executable, "workflow/scripts/aggregate.py", "--params", tmp_path / "params.yaml", "--scale", "smoke",
+             "--experiment", "fig2", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {rec} is damaged (not valid JSON")
+
+
+def test_trainability_run_redoes_an_empty_record_and_names_a_damaged_checkpoint(tmp_path, mnist_root, capsys):
+    from trainability.train import main
+    base = ["--scale", "smoke", "--run", "l2-vanilla", "--set", f"data.root={mnist_root}", "--set", "n_tasks=1",
+            "--set", "wandb.mode=disabled", "--set", "indicators.enabled=false", "--no-progress", "--out", str(tmp_path)]
+    (tmp_path / "record.json").write_text("{}")
+    assert main(base) == 0
+    assert f"warning: {tmp_path / 'record.json'} is damaged (no config, status, provenance, tasks); running that run " \
+        "again" in capsys.readouterr().err
+    (tmp_path / "record.json").unlink()
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a zip")
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'checkpoint.pt'} is damaged (") and err.endswith("rerun with --fresh, "
+                                                                                              "or delete it, to start that run over")
+    assert "\n" not in err and main(base + ["--fresh"]) == 0
+
+
+def test_a_rerun_repairs_a_flipped_mnist_byte_without_redoing_the_runs(workflow_copy):
+    """A flipped byte in an MNIST file was 'Nothing to be done': now the rerun finds it by SHA-256 and
+    rewrites the file from the offline copy; the runs (which verified the files they read) stand."""
+    from trainability.data import SHA256, _sha256
+    _fake_smoke_outputs(workflow_copy, copy_data=True)
+    f = workflow_copy / "data/MNIST/raw/train-labels-idx1-ubyte"
+    with open(f, "r+b") as fh:
+        fh.seek(1000)
+        b = fh.read(1)
+        fh.seek(1000)
+        fh.write(bytes([b[0] ^ 1]))
+    assert _sha256(f) != SHA256[f.name]
+    out = sh(BIN / "snakemake", "-n", "--config", "scale=smoke", cwd=workflow_copy)
+    assert f"data/MNIST/raw/train-labels-idx1-ubyte is corrupted" in out.stderr and "Rewriting it" in out.stderr
+    assert _sha256(f) == SHA256[f.name] and "Nothing to be done" in out.stdout
