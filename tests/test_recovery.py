@@ -169,3 +169,74 @@ def test_a_rerun_repairs_a_flipped_mnist_byte_without_redoing_the_runs(workflow_
     out = sh(BIN / "snakemake", "-n", "--config", "scale=smoke", cwd=workflow_copy)
     assert f"data/MNIST/raw/train-labels-idx1-ubyte is corrupted" in out.stderr and "Rewriting it" in out.stderr
     assert _sha256(f) == SHA256[f.name] and "Nothing to be done" in out.stdout
+
+
+def _smoke_copy_with_data(copy: Path) -> None:
+    from trainability import data
+    raw = data.prepare_mnist(ROOT / "data")
+    (copy / "data/MNIST/raw").mkdir(parents=True)
+    for name in data.SHA256:
+        (copy / "data/MNIST/raw" / name).symlink_to(raw / name)
+    (copy / "data/MNIST/raw/.snakemake_timestamp").touch()
+
+
+def _start_and_wait_for_the_job(cmd, copy, log):
+    """Start snakemake in its own process group (as a terminal's foreground job) and wait until its run
+    job writes its log."""
+    import time
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", WANDB_MODE="disabled")
+    p = subprocess.Popen([str(c) for c in cmd], cwd=copy, env=env, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(600):
+        if (copy / log).exists() and "trainability" in _children(p.pid):
+            return p
+        time.sleep(0.1)
+    p.kill()
+    raise AssertionError(p.communicate()[0][-3000:])
+
+
+def _children(pid: int) -> str:
+    return subprocess.run(["ps", "-o", "args=", "--ppid", str(pid)], capture_output=True, text=True).stdout + \
+        subprocess.run(["pgrep", "-a", "-g", str(os.getpgid(pid))], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_the_readme_command_recovers_from_an_interruption(workflow_copy, how):
+    """Ctrl-C (SIGINT to the foreground process group) mid-job: the same command again finishes, no
+    extra flag (profiles/default's rerun-incomplete). SIGKILL of snakemake alone: its job goes on as an
+    orphan; once it has ended, `snakemake --unlock` and the same command finish (the README says so)."""
+    import signal
+    import time
+    import yaml
+    _smoke_copy_with_data(workflow_copy)
+    short = workflow_copy / "short.yaml"   # one task, no indicators: a shorter job, the same recovery
+    short.write_text(yaml.safe_dump({"scales": {"smoke": {"run": {"n_tasks": 1, "indicators": {"enabled": False}}}}}))
+    target = "results/smoke/runs/l2-vanilla/seed0/record.json"
+    cmd = [BIN / "snakemake", "--cores", "1", "--config", "scale=smoke", "--configfile", short, "--", target]
+    p = _start_and_wait_for_the_job(cmd, workflow_copy, "results/smoke/logs/l2-vanilla-seed0.log")
+    if how == "ctrl-c":
+        os.killpg(p.pid, signal.SIGINT)
+        p.communicate(timeout=120)
+        assert list((workflow_copy / ".snakemake/incomplete").iterdir()), "the job was not interrupted"
+    else:
+        lock = workflow_copy / "results/smoke/runs/l2-vanilla/seed0/.lock"
+        for _ in range(300):
+            if lock.exists() and lock.read_text().strip().isdigit():
+                break
+            time.sleep(0.1)
+        orphan = int(lock.read_text())
+        p.kill()
+        p.communicate(timeout=60)
+        locked = sh(*cmd, cwd=workflow_copy, check=False)
+        assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+        for _ in range(1200):   # the orphan finishes its run (or it would hold the run folder)
+            try:
+                os.kill(orphan, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        sh(BIN / "snakemake", "--unlock", cwd=workflow_copy)
+    again = sh(*cmd, cwd=workflow_copy, env={"WANDB_MODE": "disabled"})
+    assert "Nothing to be done" not in again.stdout + again.stderr or how == "kill"
+    import json
+    assert json.loads((workflow_copy / target).read_text())["status"] == "completed"
