@@ -16,5 +16,8 @@ rule prepare_data:
         f"{pipeline.results_dir(config)}/logs/prepare_data.log",
     resources:
         runtime=10,
+        # the four idx files (55 MB) and a temporary copy of the one being written: without it Snakemake's
+        # default for a rule without inputs, 50 GB, goes to a cluster's scheduler (profiles/slurm)
+        disk_mb=200,
     shell:
         "{PY} -m trainability.data --root {config[run_defaults][data][root]} > {log} 2>&1"
