@@ -240,3 +240,15 @@ def test_the_readme_command_recovers_from_an_interruption(workflow_copy, how):
     assert "Nothing to be done" not in again.stdout + again.stderr or how == "kill"
     import json
     assert json.loads((workflow_copy / target).read_text())["status"] == "completed"
+
+
+def test_no_job_asks_a_cluster_for_50_gb_of_disk(workflow_copy):
+    """With the full default resources (what a cluster executor gets), Snakemake gives a rule without
+    inputs 50 GB of disk: prepare_data declares what it needs."""
+    out = sh(BIN / "snakemake", "-n", "--forceall", "--default-resources", "--config", "scale=smoke",
+             cwd=workflow_copy)
+    lines = out.stdout.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.strip().startswith("rule prepare_data") or
+             line.strip().startswith("localrule prepare_data"))
+    res = next(line for line in lines[i:] if "resources:" in line)
+    assert "disk_mb=200," in res and "disk_mb=50000" not in out.stdout, res
