@@ -15,9 +15,11 @@ BIN = Path(sys.executable).parent
 
 def sh(*args, cwd=ROOT, check=True, timeout=600, env=None):
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", **(env or {}))
-    p = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+                       check=False)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-3000:]}")
     return p
 
 
@@ -71,7 +73,8 @@ def _fake_smoke_outputs(copy: Path, copy_data: bool = False) -> dict:
     params = config.load_params(copy / "params.yaml")
     exps = config.experiment_names(params, "smoke")
     records = list(dict.fromkeys(r for e in exps for r in pipeline.experiment_records(params, "smoke", e)))
-    later = [f for e in exps for f in [pipeline.summary_path(params, "smoke", e), pipeline.metrics_path(params, "smoke", e),
+    later = [f for e in exps for f in [pipeline.summary_path(params, "smoke", e),
+                                      pipeline.metrics_path(params, "smoke", e),
                                       pipeline.curves_path(params, "smoke", e), *pipeline.figure_paths("smoke", e)]]
     later += pipeline.table_paths("smoke")
     for i, f in enumerate(records + later):
@@ -140,7 +143,8 @@ def test_the_experiment_job_on_a_damaged_record_fails_in_one_line(tmp_path):
 def test_trainability_run_redoes_an_empty_record_and_names_a_damaged_checkpoint(tmp_path, mnist_root, capsys):
     from trainability.train import main
     base = ["--scale", "smoke", "--run", "l2-vanilla", "--set", f"data.root={mnist_root}", "--set", "n_tasks=1",
-            "--set", "wandb.mode=disabled", "--set", "indicators.enabled=false", "--no-progress", "--out", str(tmp_path)]
+            "--set", "wandb.mode=disabled", "--set", "indicators.enabled=false", "--no-progress",
+            "--out", str(tmp_path)]
     (tmp_path / "record.json").write_text("{}")
     assert main(base) == 0
     assert f"warning: {tmp_path / 'record.json'} is damaged (no config, status, provenance, tasks); running that run " \
@@ -149,8 +153,8 @@ def test_trainability_run_redoes_an_empty_record_and_names_a_damaged_checkpoint(
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a zip")
     assert main(base) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {tmp_path / 'checkpoint.pt'} is damaged (") and err.endswith("rerun with --fresh, "
-                                                                                              "or delete it, to start that run over")
+    assert err.startswith(f"error: {tmp_path / 'checkpoint.pt'} is damaged (")
+    assert err.endswith("rerun with --fresh, or delete it, to start that run over")
     assert "\n" not in err and main(base + ["--fresh"]) == 0
 
 
@@ -167,7 +171,7 @@ def test_a_rerun_repairs_a_flipped_mnist_byte_without_redoing_the_runs(workflow_
         fh.write(bytes([b[0] ^ 1]))
     assert _sha256(f) != SHA256[f.name]
     out = sh(BIN / "snakemake", "-n", "--config", "scale=smoke", cwd=workflow_copy)
-    assert f"data/MNIST/raw/train-labels-idx1-ubyte is corrupted" in out.stderr and "Rewriting it" in out.stderr
+    assert "data/MNIST/raw/train-labels-idx1-ubyte is corrupted" in out.stderr and "Rewriting it" in out.stderr
     assert _sha256(f) == SHA256[f.name] and "Nothing to be done" in out.stdout
 
 
@@ -207,6 +211,7 @@ def test_the_readme_command_recovers_from_an_interruption(workflow_copy, how):
     orphan; once it has ended, `snakemake --unlock` and the same command finish (the README says so)."""
     import signal
     import time
+
     import yaml
     _smoke_copy_with_data(workflow_copy)
     short = workflow_copy / "short.yaml"   # one task, no indicators: a shorter job, the same recovery
