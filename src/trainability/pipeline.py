@@ -112,13 +112,6 @@ EXPERIMENT_MODULES = ("analysis", "figures", "methods", "verdicts")
 TABLE_MODULES = ("analysis", "methods", "tables", "verdicts")
 
 
-# What a run stage depends on: the code, which includes data.py and the SHA-256 of every MNIST file (a run
-# verifies the files it reads, and prepares them when missing), not the data folder itself, which a fresh
-# clone lacks: `dvc repro --dry` hashes the deps of every stage it plans and failed there (exit 255). A
-# damaged data file makes the `data` stage stale, and `dvc repro` rewrites it without redoing the runs.
-RUN_DEPS = ["src/trainability"]
-
-
 def dvc_yaml(params: dict) -> dict:
     """dvc.yaml for params['scale']: one stage per (run, seed), per experiment, and for the tables."""
     scale = params["scale"]
@@ -135,7 +128,7 @@ def dvc_yaml(params: dict) -> dict:
     for group, members in groups.items():
         stages[stage_name("run", group)] = {
             "cmd": guard + f"{py} -m trainability.batched --scale {scale} --runs {' '.join(members)} --no-progress",
-            "deps": list(RUN_DEPS),
+            "deps": ["data/MNIST/raw", "src/trainability"],
             "params": ["scale", "run_defaults", f"scales.{scale}"] + [f"runs.{r}" for r in members]
                       + sorted({f"families.{f}" for r in members if (f := run_family(params, r))}),
             "outs": [{record_path(params, scale, r, s): {"cache": True}} for r in members for s in seeds]}
@@ -144,7 +137,7 @@ def dvc_yaml(params: dict) -> dict:
             out = run_dir(params, scale, run, seed)
             stages[stage_name("run", run, f"seed{seed}")] = {
                 "cmd": guard + f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",
-                "deps": list(RUN_DEPS),
+                "deps": ["data/MNIST/raw", "src/trainability"],
                 "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"]
                           + ([f"families.{run_family(params, run)}"] if run_family(params, run) else []),
                 "outs": [{f"{out}/record.json": {"cache": True}}]}
