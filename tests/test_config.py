@@ -125,3 +125,37 @@ def test_skip_runs_leave_a_run_out_of_a_scales_experiments():
     assert "crelu-eq2" not in config.run_names(p, "default") and "crelu-eq2" in config.run_names(p, "paper")
     with pytest.raises(config.ConfigError, match="scales.smoke.skip_runs: unknown run 'nope'"):
         config.validate_params(_broken(["scales", "smoke", "skip_runs"], ["nope"]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_numbers_are_refused(value):
+    """YAML has .nan and .inf, JSON Schema's ranges let NaN through (NaN <= 0 is false): refused by name."""
+    with pytest.raises(config.ConfigError, match=r"run_defaults\.optim\.lr: .* is not a finite number"):
+        config.validate_params(_broken(["run_defaults", "optim", "lr"], value))
+
+
+def test_nan_in_params_yaml_and_in_set_is_refused(tmp_path):
+    text = open("params.yaml").read().replace("optim: {lr: 1.0e-3,", "optim: {lr: .nan,")
+    assert ".nan" in text
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(config.ConfigError, match="run_defaults.optim.lr"):
+        config.load_params(tmp_path / "params.yaml")
+    for value in ("nan", ".nan", ".inf", "-.inf"):
+        with pytest.raises(config.ConfigError, match="optim.lr"):
+            config.resolve_with_sets(PARAMS, "smoke", "l2-vanilla", 0, [f"optim.lr={value}"])
+
+
+def test_set_reads_exponent_numbers_and_keeps_quoted_strings():
+    cfg = config.resolve_run(PARAMS, "smoke", "l2-vanilla", seed=0)
+    assert config.set_dotted(cfg, "optim.lr=3e-4")["optim"]["lr"] == 3e-4     # YAML 1.1 reads a string
+    assert config.set_dotted(cfg, "optim.betas=[0.9, 1e-3]")["optim"]["betas"] == [0.9, 1e-3]
+    named = config.resolve_with_sets(PARAMS, "smoke", "l2-vanilla", 0, ['wandb.name="1e3"'])
+    assert named["wandb"]["name"] == "1e3"
+    assert config.set_dotted(cfg, "wandb.name='my run'")["wandb"]["name"] == "my run"
+    assert config.set_dotted(cfg, "wandb.name=abc")["wandb"]["name"] == "abc"
+
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path):
+    (tmp_path / "params.yaml").write_text("scale: smoke\nruns:\n  a: {lr: [1, 2}\n")
+    with pytest.raises(config.ConfigError, match=r"params.yaml is not valid YAML at line 3, column \d+"):
+        config.load_params(tmp_path / "params.yaml")

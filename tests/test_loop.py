@@ -153,3 +153,31 @@ def test_stack_phases_predict_where_the_loop_shrinks_the_stack(tmp_path):
     assert [(models, epochs) for models, epochs, _ in phases] == [([0, 1], 16), ([1], 4)]
     # task ends: epochs 3, 4, 6, 8, 9, 12, 15, 16, then 20
     assert [ends for _, _, ends in phases] == [8, 1]
+
+
+def test_a_resumed_stream_says_from_which_task(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    train_stream(Diary(), CFG, ckpt, ["k"], progress=False, stop_after_task=0)
+    capsys.readouterr()
+    train_stream(Diary(), CFG, ckpt, ["k"], progress=False)
+    assert f"resuming from task 1 of 2 ({ckpt}: epoch 2, step 6)" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_named_with_the_remedy(tmp_path):
+    """A truncated checkpoint, or another file in its place: one error naming the file and --fresh,
+    nothing trained over it."""
+    import pytest
+
+    from trainability.record import DamagedFileError
+    ckpt = tmp_path / "ckpt.pt"
+    train_stream(Diary(), CFG, ckpt, ["k"], progress=False, stop_after_task=0)
+    whole = ckpt.read_bytes()
+    for damage in (whole[:len(whole) // 2], b"not a checkpoint", b""):
+        ckpt.write_bytes(damage)
+        engine = Diary()
+        with pytest.raises(DamagedFileError, match=rf"{ckpt} is damaged \(.*\): rerun with --fresh, or delete it"):
+            train_stream(engine, CFG, ckpt, ["k"], progress=False)
+        assert engine.log == []
+    torch.save([1, 2], ckpt)
+    with pytest.raises(DamagedFileError, match="not a checkpoint of this project"):
+        train_stream(Diary(), CFG, ckpt, ["k"], progress=False)

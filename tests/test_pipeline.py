@@ -58,6 +58,20 @@ def test_smoke_records_are_complete(smoke_dag):
     assert list((ROOT / "wandb").glob("offline-run-*")), "every run logs to W&B (offline)"
 
 
+def test_the_scheduler_changes_learning_rates_in_every_scheduled_smoke_run(smoke_dag):
+    """The smoke scale smoke-tests the controller: every scheduled run's learning rates move."""
+    from trainability.config import resolve_run, run_names
+    params = yaml.safe_load(open(ROOT / "params.yaml"))
+    scheduled = [r for r in run_names(params, "smoke") if resolve_run(params, "smoke", r, 0)["arm"] == "scheduled"]
+    assert len(scheduled) >= 20
+    for run in scheduled:
+        for seed in params["scales"]["smoke"]["seeds"]:
+            rec = json.loads((ROOT / f"results/smoke/runs/{run}/seed{seed}/record.json").read_text())
+            lr0 = rec["config"]["optim"]["lr"]
+            lrs = [lr for series in rec["decisions"]["layers"].values() for lr in series.get("lr", [])]
+            assert any(abs(lr - lr0) > 1e-12 * lr0 for lr in lrs), f"{run} seed {seed}: no learning rate changed"
+
+
 def test_second_snakemake_is_a_noop(smoke_dag):
     out = sh(str(BIN / "snakemake"), "-n", "--config", "scale=smoke")
     assert "Nothing to be done" in out.stdout + out.stderr

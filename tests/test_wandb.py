@@ -48,3 +48,22 @@ def test_online_without_network_falls_back_to_offline(tmp_path, mnist_root, monk
     rec = run(_cfg(tmp_path, mnist_root, "online"), tmp_path / "run", progress=False)
     assert rec["status"] == "completed"
     assert glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "*.wandb"))
+
+
+def test_an_offline_init_does_not_import_wandb_launch(tmp_path, mnist_root):
+    """W&B's job-input lookup imports W&B Launch (wandb.apis.public.artifacts, the largest part of an
+    offline init's time); nothing staged inputs here, so it is skipped, and the run is still logged."""
+    import subprocess
+    import sys
+    code = ("import sys, yaml\n"
+            "from trainability import config\nfrom trainability.train import run\n"
+            f"cfg = config.resolve_run(yaml.safe_load(open('params.yaml')), 'smoke', 'l2-vanilla', 0)\n"
+            f"cfg = config.deep_merge(cfg, {{'n_tasks': 1, 'indicators': {{'enabled': False}}, "
+            f"'data': {{'root': {mnist_root!r}}}, 'wandb': {{'mode': 'offline', 'dir': {str(tmp_path / 'wb')!r}}}}})\n"
+            f"assert run(cfg, {str(tmp_path / 'run')!r}, progress=False)['status'] == 'completed'\n"
+            "print('launch' if 'wandb.sdk.launch' in sys.modules else 'no launch')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("no launch")
+    assert glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "*.wandb"))

@@ -13,6 +13,8 @@ import copy
 import functools
 import hashlib
 import json
+import math
+import re
 from importlib.resources import files
 from pathlib import Path
 
@@ -36,21 +38,34 @@ def _key_path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
+def _finite_number(_, x) -> bool:
+    """JSON Schema's "number", finite: JSON has no NaN or infinity, but YAML does (`.nan`, `.inf`), and
+    every range check passes for NaN (NaN <= 0 is false), so NaN would reach PyTorch."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _validator(schema: dict):
     """JSON Schema 2020-12 (as Snakemake) with a strict "integer": 3.0 is refused where a count is expected (JSON Schema accepts
-    whole-number floats as integers, and they crash range() and tensor shapes later)."""
+    whole-number floats as integers, and they crash range() and tensor shapes later), and a finite "number"."""
     import jsonschema
 
-    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many({
+        "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+        "number": _finite_number})
     return jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)(schema)
+
+
+def _message(error) -> str:
+    if error.validator == "type" and isinstance(error.instance, float) and not math.isfinite(error.instance):
+        return f"{error.instance} is not a finite number"
+    return error.message
 
 
 def _check(instance: dict, schema: dict, what: str) -> None:
     validator = _validator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"  {_key_path(e)}: {e.message}" for e in errors[:10]]
+        lines = [f"  {_key_path(e)}: {_message(e)}" for e in errors[:10]]
         raise ConfigError(f"invalid {what}:\n" + "\n".join(lines))
 
 
@@ -98,16 +113,23 @@ def validate_params(params: dict) -> dict:
     return params
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> dict:
+def read_yaml(path: str | Path):
+    """A YAML file's content; a syntax error becomes a ConfigError naming the file, line and column (the
+    Snakefile checks params.yaml with it before Snakemake's own loader, which gives neither)."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"params file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    loaded = read_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of keys (scale, scales, run_defaults, runs, ...)")
     params = deep_merge(loaded, overrides)
@@ -171,21 +193,27 @@ def validate_run(cfg: dict, where: str = "run config") -> dict:
     return cfg
 
 
+class _SetLoader(yaml.SafeLoader):
+    """YAML for --set values: PyYAML's YAML 1.1 reads an unquoted 3e-4 or 1e3 as a string (its floats need
+    a dot and a signed exponent); YAML 1.2 reads them as numbers, as users mean. Only plain (unquoted)
+    scalars are resolved, so a quoted "1e3" stays a string."""
+
+
+_SetLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def set_dotted(cfg: dict, assignment: str) -> dict:
-    """Apply a `key.sub=value` override (value parsed as YAML) to a copy of cfg."""
+    """Apply a `key.sub=value` override (value parsed as YAML, with YAML 1.2's exponent floats) to a copy of cfg."""
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_SetLoader)
     except yaml.YAMLError:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML (quote a string, "
                           "e.g. --set 'wandb.name=\"my run\"')") from None
-    if isinstance(value, str):
-        try:  # PyYAML (YAML 1.1) reads "3e-4" as a string; users mean a number
-            value = float(value)
-        except ValueError:
-            pass
     override: dict = {}
     node = override
     parts = key.split(".")

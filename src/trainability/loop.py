@@ -45,8 +45,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .record import save_checkpoint
+from .record import DamagedFileError, save_checkpoint
 
+RESTART = "rerun with --fresh, or delete it, to start that run over"
 # the checkpoint's layout; one of another layout is ignored (2: a task clock per model)
 LAYOUT = 2
 
@@ -68,6 +69,19 @@ def steps_per_task(cfg: dict) -> tuple[int, int, int]:
     return epochs, per_epoch, epochs * per_epoch
 
 
+def load_checkpoint(path: Path, device) -> dict:
+    """A checkpoint written by train_stream; one that cannot be read (truncated, overwritten, not a
+    checkpoint) raises DamagedFileError naming it and the remedy: nothing is trained over it unasked."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:   # zip, unpickling, EOF, OS errors: torch.load's failures have no common type
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise DamagedFileError(path, f"{type(e).__name__}: {reason}", RESTART) from None
+    if not isinstance(ckpt, dict):
+        raise DamagedFileError(path, "not a checkpoint of this project", RESTART)
+    return ckpt
+
+
 def train_stream(engine, cfg: dict, ckpt_path: Path, key, *, resume: bool = True, progress: bool = True,
                  desc: str = "run", stop_after_task: int | None = None) -> None:
     """Train `engine` through the stream of `cfg` (the shared settings of its runs), resuming from
@@ -87,13 +101,15 @@ def train_stream(engine, cfg: dict, ckpt_path: Path, key, *, resume: bool = True
     orig = list(range(len(lengths)))   # the engine's models as positions in the full list of runs
     start_epoch, step = 0, 0
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=engine.device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, engine.device)
         if ckpt.get("key") == key and ckpt.get("layout") == LAYOUT:
             if ckpt["models"] != orig:
                 engine.keep(ckpt["models"])
                 orig, lengths = ckpt["models"], [lengths[m] for m in ckpt["models"]]
             engine.load_state_dict(ckpt["engine"])
             start_epoch, step = ckpt["next_epoch"], ckpt["step"]
+            print(f"resuming from task {start_epoch // shortest} of {T} ({ckpt_path}: epoch {start_epoch}, "
+                  f"step {step})", file=sys.stderr, flush=True)
         else:  # left by an interrupted run of configs that have since changed, or by an older engine
             print(f"warning: ignoring {ckpt_path} (written for other configs or by an older engine)",
                   file=sys.stderr)

@@ -19,6 +19,16 @@ from .config import config_hash
 
 RECORD_NAME = "record.json"
 CHECKPOINT_NAME = "checkpoint.pt"
+RECORD_KEYS = ("config", "status", "provenance", "tasks")   # what every reader of a record relies on
+REDO = "delete it and run again: that run is redone (snakemake, dvc repro or trainability-run)"
+
+
+class DamagedFileError(RuntimeError):
+    """A record or checkpoint that cannot be read; the message (one line) names the file and the remedy."""
+
+    def __init__(self, path, reason: str, remedy: str = REDO):
+        self.path, self.reason, self.remedy = Path(path), reason, remedy
+        super().__init__(f"{path} is damaged ({reason}): {remedy}")
 
 
 def _git_commit() -> str | None:
@@ -104,7 +114,36 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def load_record(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A run record; a truncated, unparsable or incomplete file raises DamagedFileError naming it."""
+    path = Path(path)
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DamagedFileError(path, f"not valid JSON: {e.msg} at character {e.pos}") from None
+    except UnicodeDecodeError:
+        raise DamagedFileError(path, "not UTF-8 text") from None
+    missing = [k for k in RECORD_KEYS if k not in rec] if isinstance(rec, dict) else list(RECORD_KEYS)
+    if missing:
+        raise DamagedFileError(path, f"no {', '.join(missing)}")
+    return rec
+
+
+def damaged(path: str | Path) -> str | None:
+    """Why the record at `path` is damaged, from its first and last bytes (free, whatever its size, so
+    the pipeline checks every record before planning), or None. A record is written by
+    write_json_atomic from new_record's dict: it starts with '{"config":' and ends with '}'. This finds
+    a truncated or emptied file, not a byte changed inside (load_record names that file when read)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(10)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 1))
+        tail = f.read(1)
+    if head != b'{"config":':
+        return "empty" if size == 0 else "not a run record"
+    if tail != b"}":
+        return "truncated"
+    return None
 
 
 # -- a run's life, shared by both engines (train.run and batched.run_batched write the same records)
@@ -116,8 +155,8 @@ def finished_record(path: Path, chash: str) -> dict | None:
         return None
     try:
         rec = load_record(path)
-    except ValueError:
-        print(f"warning: {path} is not valid JSON; running again", file=sys.stderr)
+    except DamagedFileError as e:
+        print(f"warning: {e.path} is damaged ({e.reason}); running that run again", file=sys.stderr)
         return None
     done = rec["status"] in ("completed", "diverged") and rec["provenance"]["config_hash"] == chash
     return rec if done else None

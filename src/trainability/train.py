@@ -27,8 +27,8 @@ from .loop import measures, steps_per_task, train_stream
 from .measure import DecisionProbe
 from .models import build_model, param_groups
 from .optim import ramped_betas
-from .record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record,
-                     new_record)
+from .record import (CHECKPOINT_NAME, RECORD_NAME, DamagedFileError, append_decision, end_task, finish_record,
+                     finished_record, new_record)
 from .regularizers import adam_weight_decay, build_regularizer
 from .scheduler import build_scheduler
 from .streams import batches, input_dim, make_stream, mix_seed
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         with run_folder_lock(out):
             rec = run(cfg, out, meta={"run": args.run, "scale": scale}, resume=not args.fresh,
                       progress=not args.no_progress)
-    except (RunFolderError, DataError) as e:
+    except (RunFolderError, DataError, DamagedFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for tr in rec["tasks"]:

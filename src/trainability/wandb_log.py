@@ -26,6 +26,24 @@ def run_summary(record: dict) -> dict:
             "mean_online_acc": sum(r["online_acc"] for r in tasks) / len(tasks)}
 
 
+def _skip_launch_inputs(wandb) -> None:
+    """wandb.init ends by applying the inputs a W&B Launch agent staged in this process, and to look
+    for them it imports W&B Launch (with wandb.apis.public.artifacts: seconds of import per run, the
+    largest part of an offline init). Inputs can only be staged through wandb.sdk.launch, so when
+    nothing imported it there is nothing to apply and the lookup is skipped."""
+    if "wandb.sdk.launch" in sys.modules:
+        return
+    run_cls = wandb.sdk.wandb_run.Run
+    if hasattr(run_cls, "_detect_and_apply_job_inputs") and not getattr(run_cls, "_trainability_skip", False):
+        original = run_cls._detect_and_apply_job_inputs
+
+        def detect(self):
+            if "wandb.sdk.launch" in sys.modules:
+                original(self)
+        run_cls._detect_and_apply_job_inputs = detect
+        run_cls._trainability_skip = True
+
+
 class WandbLogger:
     def __init__(self, cfg: dict, *, project: str, name: str | None, group: str | None,
                  mode: str = "offline", entity: str | None = None, dir: str = ".",
@@ -37,6 +55,7 @@ class WandbLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             os.makedirs(dir, exist_ok=True)
             import wandb
+            _skip_launch_inputs(wandb)
 
             def init(m: str):
                 # online: give up after 15 s (a set key without network would cost each job 60 s)

@@ -9,6 +9,7 @@ import sys
 
 from trainability.analysis import aggregate
 from trainability.config import params_and_scale, params_parser
+from trainability.record import DamagedFileError
 
 
 def main(argv=None) -> int:
@@ -23,4 +24,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DamagedFileError as e:   # one line naming the file and the remedy, not a traceback
+        sys.exit(f"error: {e}")

@@ -8,6 +8,7 @@ import sys
 
 from trainability.config import params_and_scale, params_parser
 from trainability.figures import FIGURES, make_figure
+from trainability.record import DamagedFileError
 
 
 def main(argv=None) -> int:
@@ -24,4 +25,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DamagedFileError as e:   # one line naming the file and the remedy, not a traceback
+        sys.exit(f"error: {e}")
