@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 
 from count_ops import VIEWS
 from trainability import batched, config
-from trainability.planning import stacks
+from trainability.pipeline import stacks
 
 JOBS = ["batch-l2-vanilla", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla-appendix"]
 ARITHMETIC = "Lanczos arithmetic (recurrence, reorthogonalisation, basis)"

@@ -37,7 +37,7 @@ import torch
 
 from bench_batched import _sync
 from trainability import batched, config
-from trainability.planning import stacks
+from trainability.pipeline import stacks
 from trainability.measure import buffers_kept
 
 JOBS = ["batch-l2-vanilla-appendix", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla"]

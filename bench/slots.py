@@ -35,7 +35,8 @@ import torch
 from bench_batched import _sync
 from project_paper import makespan
 from trainability import batched, config
-from trainability.planning import check_batchable, stacks
+from trainability.pipeline import stacks
+from trainability.planning import check_batchable
 
 
 def _train_for(engine, clock: dict, seconds: float) -> tuple[int, float]:
