@@ -124,7 +124,7 @@ def stage_name(*parts) -> str:
 
 # the modules whose code an experiment stage (aggregate + figure) and the tables stage run: a change in
 # one of them reruns the stage under `dvc repro`
-EXPERIMENT_MODULES = ("analysis", "figures", "methods", "verdicts")
+EXPERIMENT_MODULES = ("analysis", "figures", "methods", "plotting", "verdicts")
 TABLE_MODULES = ("analysis", "methods", "tables", "verdicts")
 
 
