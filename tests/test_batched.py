@@ -78,7 +78,7 @@ def _check_equal(cfgs, tmp_path, rtol=RTOL, rounding_chaotic=()):
     """Every model of one batch against its single run. On a GPU, the models in `rounding_chaotic` (Wasserstein
     on the authors' stream) are compared in their first decision and their record's shape only: on the CPU a
     1e-7 relative nudge of such a model's initial weights already moves its record beyond 5e-3 from its second
-    decision on (the L2 models' stays within it; bench/rounding_sensitivity.py), and the GPU's two engines
+    decision on (the L2 models' stays within it; bench/README.md: rounding_sensitivity.py), and the GPU's two engines
     round differently (baddbmm against addmm)."""
     singles = [run(c, tmp_path / f"single{i}", progress=False) for i, c in enumerate(cfgs)]
     batch = run_batched(cfgs, [tmp_path / f"batch{i}" for i in range(len(cfgs))], progress=False)
@@ -183,7 +183,7 @@ def test_batchnorm_models_equal_single_runs(tmp_path, mnist_root):
     # The Linear bias before a BatchNorm has a true gradient of zero: what each engine computes is
     # rounding noise, which Adam scales to steps of size lr. Continuous quantities still agree to RTOL;
     # an accuracy may differ by a few of the 512 images (counts measured: at most 2).
-    # The Wasserstein model (3) adds the sort's amplification (bench/rounding_sensitivity.py): on an AMD EPYC
+    # The Wasserstein model (3) adds the sort's amplification (bench/README.md: rounding_sensitivity.py): on an AMD EPYC
     # CPU its third task's indicators differed by 0.2% between the engines (2026-11-27). It is compared in
     # its first task and first decision, and in its record's shape.
     acc = ("online_acc", "end_acc")
@@ -315,7 +315,7 @@ def test_lockstep_problems_equal_each_solved_alone():
 def _ahead(problems, rounds: int, max_iter: int, extra: int) -> tuple:
     """lanczos_ahead's rounds, and with extra > 0 up to `extra` more, one a call, for the rows still going
     (DecisionGraph._more's chain of one-round graphs; its CPU stand-in: lanczos_more)."""
-    from trainability.batched import lanczos_ahead, lanczos_more
+    from trainability.stacked.lanczos import lanczos_ahead, lanczos_more
     got = lanczos_ahead(problems, rounds, max_iter, capacity=rounds + extra + 1)
 
     def more(kry):
