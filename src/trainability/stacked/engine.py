@@ -10,16 +10,17 @@ import torch.nn.functional as F
 
 from .. import config
 from ..data import load_mnist
+from ..devices import setup_device
 from ..indicators import task_start_indicators
-from ..loop import measures, steps_per_task, train_stream
+from ..loop import acts, measures, steps_per_task, train_stream
 from ..models import build_model
 from ..optim import ramped_betas
 from ..planning import check_batchable
-from ..record import CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record, new_record
-from ..regularizers import hessian_shift
-from ..streams import epoch_order, input_dim, make_stream
-from ..train import _sub_seed, _wandb_logger, setup_device, task_online_acc
-from ..wandb_log import run_summary, task_metrics
+from ..record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record, new_record,
+                      task_online_acc)
+from ..regularizers import adam_weight_decay, hessian_shift, wasserstein_lam
+from ..streams import epoch_order, input_dim, make_stream, split_batches, sub_seed
+from ..wandb_log import replay_record
 from .adam import StackedAdam
 from .graphs import CudaGraphStep, DecisionGraph
 from .model import StackedMLP, clear_grads
@@ -59,7 +60,6 @@ class BatchedRuns:
         self.B = B = c0["batch_size"]
         self.n_images = c0["stream"]["n_images"]
         self.drop_last = c0["stream"]["drop_last"]
-        self.n_full = self.n_images // B   # full minibatches per epoch; one partial more unless drop_last
         self.betas0 = tuple(c0["optim"]["betas"])
 
         # data: one stream per distinct seed, on the device; model m reads seed slot sidx[m]
@@ -71,22 +71,21 @@ class BatchedRuns:
 
         models = []
         for c in cfgs:
-            torch.manual_seed(_sub_seed(c["seed"], 0))   # as train.Learner
+            torch.manual_seed(sub_seed(c["seed"], 0))   # as train.Learner
             models.append(build_model(c["model"], input_dim(c["stream"])))
         self.net = net = StackedMLP(models, device)
         self.L = L = net.n_layers
         self.lr0 = [float(c["optim"]["lr"]) for c in cfgs]
         lr = torch.tensor(self.lr0, dtype=torch.float64, device=device).unsqueeze(1).repeat(1, L)
-        self.wd = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "l2" else 0.0 for c in cfgs],
-                               device=device)
+        self.wd = torch.tensor([adam_weight_decay(c["regularizer"]) for c in cfgs], device=device)
         self.adam = StackedAdam(net, lr, self.wd, self.betas0, c0["optim"]["eps"], fused=c0["fused_adam"])
-        self.lam_w = [c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs]
+        self.lam_w = [wasserstein_lam(c["regularizer"]) for c in cfgs]
         self.wass = StackedWasserstein(net, self.lam_w) if any(x > 0 for x in self.lam_w) else None
         # the probe runs for every model when any measures (its Lanczos for the measuring ones only); only
         # the measuring ones keep its rows
         self.measuring_m = [measures(c) for c in cfgs]
         self.measuring = any(self.measuring_m)
-        init_seeds = [_sub_seed(c["seed"], 0) for c in cfgs]
+        init_seeds = [sub_seed(c["seed"], 0) for c in cfgs]
         # the whole network as one more decision column: for measure.global (its lam_max) and the global variant
         global_lam = [c["measure"]["global"] for c in cfgs]
         self.global_variant = [c["scheduler"]["variant"] == "global" for c in cfgs]
@@ -97,7 +96,7 @@ class BatchedRuns:
                                   torch.tensor([hessian_shift(c["regularizer"]) for c in cfgs], device=device)) \
             if self.measuring else None
         self.sched = StackedScheduler(self.adam, B, [c["scheduler"] for c in cfgs],
-                                      [c["arm"] == "scheduled" for c in cfgs], L + global_column) \
+                                      [acts(c) for c in cfgs], L + global_column) \
             if self.measuring else None
         # each model's decision rows: its layers, and "global" for the global variant (as scheduler.step)
         self.row_keys = [list(range(1, L + 1)) + (["global"] if g else []) for g in self.global_variant]
@@ -177,13 +176,13 @@ class BatchedRuns:
         for m, t in tasks.items():
             c = self.cfgs[m]
             if t > 0 and c["arm"] == "reset":   # as train.SingleRun: a fresh model, optimiser, probe and scheduler
-                torch.manual_seed(_sub_seed(c["seed"], t))
+                torch.manual_seed(sub_seed(c["seed"], t))
                 net.load(m, build_model(c["model"], input_dim(c["stream"])))
                 self.adam.reset(m, self.lr0[m])
                 if self.wass is not None:
                     self.wass.reset(m)
                 if self.probe is not None:
-                    self.probe.reset(m, _sub_seed(c["seed"], t))
+                    self.probe.reset(m, sub_seed(c["seed"], t))
                     self.sched.reset(m)
                     self.rule_counts[m] = no_rules(self.L)
         # each (seed, task)'s labels once: models of one seed at one task share them
@@ -198,7 +197,7 @@ class BatchedRuns:
                 reg = self.wass.for_model(m, model) if self.lam_w[m] > 0 else None
                 self.indicators[m] = task_start_indicators(c, model, self.xs[self.sidx[m]], self.ys[m], reg,
                                                            float(self.wd[m]))
-            self.gens[m] = torch.Generator(device=self.device).manual_seed(_sub_seed(c["seed"], t, 1))
+            self.gens[m] = torch.Generator(device=self.device).manual_seed(sub_seed(c["seed"], t, 1))
             self.steps_done[m], self.diverged[m], self.correct_frozen[m] = 0, False, None
             self.row_start[m] = self.rows_base + len(self.rows)
         self.open |= set(tasks)
@@ -211,13 +210,10 @@ class BatchedRuns:
                 acc.index_fill_(0, idx, 0)
 
     def minibatches(self, epoch: int):
-        """streams.batches' minibatches for every model, as views of one (M, n) order: (M, B) each, then
-        the partial (M, b) one unless drop_last."""
-        B, n_full = self.B, self.n_full
+        """streams.batches' minibatches for every model: streams.split_batches of one (M, n) order, (M, B)
+        views each, then the partial (M, b) one unless drop_last."""
         order = torch.stack([epoch_order(self.n_images, g) for g in self.gens])
-        full = order[:, :n_full * B].view(self.M, n_full, B)
-        tail = [order[:, n_full * B:]] if not self.drop_last and self.n_images % B else []
-        return [full[:, j] for j in range(n_full)] + tail
+        return list(split_batches(order, self.B, self.drop_last))
 
     def step(self, bidx, *, step: int, frac: list[float] | None, decide: bool) -> None:
         full = bidx.shape[1] == self.B
@@ -390,7 +386,7 @@ class BatchedRuns:
             return
         for run in self.left + [self._run(m) for m in range(self.M)]:
             finish_record(run["record"], run["out_dir"] / RECORD_NAME, run["rule_counts"])
-            log_to_wandb(run["record"], run["cfg"], run["meta"])
+            replay_record(run["record"], run["cfg"], run["meta"])
 
 
 def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = None, resume: bool = True,
@@ -413,21 +409,3 @@ def run_batched(cfgs: list[dict], out_dirs: list, *, metas: list[dict] | None = 
     # the models still in the engine, and those that left it when their runs ended
     mine = dict(zip(engine.out_dirs, engine.records)) | {run["out_dir"]: run["record"] for run in engine.left}
     return [mine[d] for d in out_dirs]
-
-
-def log_to_wandb(rec: dict, cfg: dict, meta: dict) -> None:
-    """Replay a finished record into W&B (one W&B run per model, as train.run logs)."""
-    logger = _wandb_logger(cfg, meta)
-    if logger.run is None:
-        return
-    d = rec["decisions"]
-    if cfg["wandb"]["log_decisions"]:
-        for i, s in enumerate(d["step"]):
-            logger.log({f"layer{l}/{k}": v[i] for l, series in d["layers"].items() for k, v in series.items()
-                        if k != "rule"}, step=s)
-    step = 0
-    for tr in rec["tasks"]:
-        step += tr["steps"]
-        logger.log(task_metrics(tr), step=step)
-    logger.summary(dict(run_summary(rec), batched=True))
-    logger.finish(exit_code=0 if rec["status"] == "completed" else 1)

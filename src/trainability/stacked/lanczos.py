@@ -1,5 +1,5 @@
 """eigen._lanczos for many independent problems in lockstep (the stacked probe's layer blocks and whole
-networks): the device side (`Krylov`), the host's stopping rule over every row (`_RowRule`, eigen.ritz_step),
+networks): the device side (`Krylov`), the host's stopping rule over every row (`RowRule`, eigen.ritz_step),
 and rounds run without the host (`lanczos_ahead`, `lanczos_rounds`: what the decision graph replays)."""
 from __future__ import annotations
 
@@ -96,12 +96,14 @@ def lanczos_ahead(problems: list[tuple], rounds: int, max_iter: int,
     return (kry, *lanczos_rounds(kry, rounds))
 
 
-class _RowRule:
+class RowRule:
     """The host side of batched_lanczos, every row of every problem together (R rows, float64 CPU tensors):
     the alphas (a non-finite one stored as 0: eigh never sees NaN) and betas so far, and each row's Ritz
     value, previous Ritz value, Ritz vector coefficients, products, failed and active flags. `rounds` runs
     the stopping rule (eigen.ritz_step) over a span of rounds: one round after each eager round of
-    products, all the rounds run ahead (DecisionGraph) at once."""
+    products, all the rounds run ahead (DecisionGraph) at once. `ritz`: the rule's one host step, a class
+    attribute so that a profiler can wrap it (bench/count_ops.py counts its ops apart)."""
+    ritz = staticmethod(ritz_step)
 
     def __init__(self, n: torch.Tensor, active: torch.Tensor, tol: float, min_iter: int, max_iter: int):
         R = len(n)
@@ -134,7 +136,7 @@ class _RowRule:
         for k in range(k0, k1 + 1):
             if not len(on):
                 break
-            th, y, converged, exhausted = ritz_step(a[:, :k], b[:, :k - 1], b[:, k - 1], theta_prev, k, self.tol,
+            th, y, converged, exhausted = RowRule.ritz(a[:, :k], b[:, :k - 1], b[:, k - 1], theta_prev, k, self.tol,
                                                     self.min_iter, n_on, self.max_iter)
             ok = ~bad[:, k - k0]
             if not ok.all():   # failed rows: stopped, their round-k results dropped
@@ -164,7 +166,7 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     `skip` (host bools, one per row of all problems in order) marks rows nobody reads: they are never
     active (theta NaN, 0 products, their start back as vector), so a model that does not measure cannot
     keep a batch's Lanczos going. `ahead`, lanczos_ahead's output for these problems: its rounds come to
-    the host in one transfer and the rule runs over them as if they came one by one (`_RowRule.rounds`);
+    the host in one transfer and the rule runs over them as if they came one by one (`RowRule.rounds`);
     rows still going after them take more products here. The same bits either way (each row's arithmetic
     is its own). `ahead` may carry a fourth item, `more`: Krylov states -> (states, alphas, betas) of
     further rounds of every row (DecisionGraph's graphs of one round each), or None when it has no more;
@@ -176,7 +178,7 @@ def batched_lanczos(problems: list[tuple], tol: float, max_iter: int, min_iter: 
     R = sum(sizes)
     all_rows = torch.arange(R)
     n = torch.tensor([v.shape[1] for _, v in problems for _ in range(v.shape[0])])   # each row's dimension
-    rule = _RowRule(n, torch.ones(R, dtype=torch.bool) if skip is None else ~skip, tol, min_iter, max_iter)
+    rule = RowRule(n, torch.ones(R, dtype=torch.bool) if skip is None else ~skip, tol, min_iter, max_iter)
     rounds = [0] * len(problems)   # each problem's rounds of products: its Krylov space is that many vectors
 
     def going(p: int) -> bool:   # a problem takes products while it has an active row (tol = 0: to max_iter)

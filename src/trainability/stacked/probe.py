@@ -36,7 +36,9 @@ class StackedProbe:
     products are the cross-entropy's Hessian's, written out (`_r_op_hvps`; autograd's for BatchNorm), plus
     `shift` (M,) times V: each model's regulariser adds a multiple of I to its Hessian
     (regularizers.hessian_shift), so the Wasserstein penalty's sort is not differentiated twice in every
-    product."""
+    product. `solve`: the Lanczos it runs (batched_lanczos), an attribute so that a profiler can time it
+    (bench/decision_profile.py)."""
+    solve = staticmethod(batched_lanczos)
 
     def __init__(self, net: StackedMLP, adam: StackedAdam, B: int, seeds: list[int], eig_tol: float,
                  eig_max_iter: int, code_alpha_agg: list[bool], global_lam: list[bool], global_column: bool,
@@ -126,7 +128,7 @@ class StackedProbe:
                 problems, rounds = list(zip(self.hvps(inputs, labels, loss_closure), starts)), None
             else:
                 problems, rounds = got
-            solved = batched_lanczos(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip), ahead=rounds)
+            solved = self.solve(problems, self.eig_tol, self.eig_max_iter, skip=torch.cat(skip), ahead=rounds)
             solved = [self._all_models(sol, v) for sol, v in zip(solved[:L], all_starts)] + solved[L:]
             for l in range(L):
                 self.vecs[l] = solved[l][1].detach()

@@ -8,10 +8,9 @@ from types import SimpleNamespace
 import torch
 
 from .. import bounds
-from ..scheduler import ROW_FIELDS, algorithm1_rule, layer_bounds
+from ..scheduler import BOUNDS, ROW_FIELDS, RULE_CONSTANTS, algorithm1_rule, chosen_bound, layer_bounds, lr_after
 from .adam import StackedAdam
 
-BOUNDS = ("combined", "noise", "curvature")
 RULES = ("none", "cool", "warm")
 NUM_FIELDS = tuple(f for f in ROW_FIELDS if f != "rule")
 
@@ -30,9 +29,9 @@ class StackedScheduler:
     def __init__(self, adam: StackedAdam, B: int, cfgs: list[dict], act: list[bool], columns: int):
         s = cfgs[0]
         self.adam, self.B = adam, B
-        self.safety, self.cool, self.warm, self.floor = s["safety"], s["cool"], s["warm"], s["floor"]
-        self.warm_frac, self.warm_factor = s["warm_frac"], s["warm_factor"]
-        self.kappa, self.W = s["kappa"], s["window"]
+        for k in RULE_CONSTANTS:   # shared by the batch (planning.PER_MODEL_KEYS)
+            setattr(self, k, s[k])
+        self.W = s["window"]
         dev = torch.device("cpu")
         M, L = adam.lr.shape
         betas = [c["beta"] for c in cfgs]
@@ -87,15 +86,14 @@ class StackedScheduler:
         st = self._push(lam_bar)
         g, s2, B = m["grad_sq"], m["sigma2_ps"], m.get("batch_size", self.B)
         bd = self._bounds(m, lam_bar, st, B)
-        bound = torch.stack([bd["alpha_tilde"], bd["alpha_g"], bd["tau"]]).gather(   # BOUNDS' order
-            0, self.bound_idx.view(1, -1, 1).expand(1, *lam_bar.shape)).squeeze(0)
+        bound = chosen_bound(bd, self.bound_idx)
         alpha = m["alpha"]
         cool, warm = algorithm1_rule(alpha, bound, task_frac, self)
         if cool.shape[1] > L:   # a global-variant model's layers follow its whole-network rule
             cool, warm = (torch.cat([torch.where(self.glob, r[:, L:], r[:, :L]), r[:, L:]], 1) for r in (cool, warm))
         act = self.act.unsqueeze(1)
         lr = m["lr"]
-        lr_row = torch.where(act & cool[:, :L], lr * self.cool, torch.where(act & warm[:, :L], lr * self.warm, lr))
+        lr_row = lr_after(lr, cool[:, :L], warm[:, :L], act, self)
         self.adam.lr.copy_(lr_row)
         rule = torch.where(cool, 1.0, torch.where(warm, 2.0, 0.0)).double()
         if cool.shape[1] > L:
