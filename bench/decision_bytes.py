@@ -6,7 +6,7 @@ its launches are gone.
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --jobs batch-l2-vanilla --out bytes.json
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --time 20 --jobs batch-l2-vanilla   # + product ms
 
-For each job (its own configs, all seeds) the engine (batched.BatchedRuns, decision_graph on) runs
+For each job (its own configs, all seeds) the engine (stacked.engine.BatchedRuns, decision_graph on) runs
 DecisionGraph's body once on a full minibatch of task 1, under a dispatch mode that adds up, for every
 ATen op that is not a view, the bytes of its tensor inputs and outputs. That is an upper bound on the
 op's memory traffic (a cache or a fused kernel reads less), and its sum divided by the device's bandwidth
@@ -44,7 +44,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from count_ops import VIEWS
-from trainability import batched, config
+from trainability import config
+from trainability.stacked.engine import BatchedRuns
+from trainability.stacked.graphs import DecisionGraph
+from trainability.stacked.lanczos import Krylov, RowRule
+from trainability.stacked.model import clear_grads
 from trainability.pipeline import stacks
 
 JOBS = ["batch-l2-vanilla", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla-appendix"]
@@ -80,7 +84,7 @@ def in_phase(counter: Bytes, name: str, fn):
 
 def engine_at_task_start(cfgs: list[dict], tmp: Path):
     """The job's engine on the CPU at the start of task 1, and its first full minibatch."""
-    engine = batched.BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
+    engine = BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
     engine.start_task(dict.fromkeys(range(engine.M), 0))
     engine.ramp([0] * engine.M)
     return engine, next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
@@ -102,18 +106,18 @@ def job_bytes(name: str, cfgs: list[dict], tmp: Path, time_reps: int = 0) -> dic
     probe.hvps = lambda *args: [
         in_phase(counter, f"products: layer {i + 1}" if i < L else "products: whole network (measure.global)", op)
         for i, op in enumerate(hvps(*args))]
-    product, extend = batched._Krylov.product, batched._Krylov.extend
+    product, extend = Krylov.product, Krylov.extend
     try:
-        batched._Krylov.product = in_phase(counter, ARITHMETIC, product)
-        batched._Krylov.extend = in_phase(counter, ARITHMETIC, extend)
+        Krylov.product = in_phase(counter, ARITHMETIC, product)
+        Krylov.extend = in_phase(counter, ARITHMETIC, extend)
         with counter:
             engine.decision_graph(bidx, starts)
     finally:
-        batched._Krylov.product, batched._Krylov.extend = product, extend
+        Krylov.product, Krylov.extend = product, extend
     total = sum(counter.bytes.values())
     row = {"job": name, "models": len(cfgs), "measuring": sum(engine.measuring_m),
            "global_models": len(probe.global_models) if probe.global_problem else 0,
-           "rounds": batched.DecisionGraph.ROUNDS, "ops": sum(counter.ops.values()), "gb": total / 1e9,
+           "rounds": DecisionGraph.ROUNDS, "ops": sum(counter.ops.values()), "gb": total / 1e9,
            "phases": by_phase(counter)}
     if time_reps and probe.global_problem:
         row["global_product_ms"] = time_global_products(engine, bidx, time_reps)
@@ -129,9 +133,9 @@ def decision_phases(engine) -> list[tuple]:
     return [(engine, "decision_forward_backward", "graph (decision_step_graph): the step's forward and backward"),
             (engine.decision_graph, "_body", "graph (decision_graph): the body"),
             (engine.decision_graph, "_more", "graph (decision_graph): the rounds past ROUNDS (a graph of one round each)"),
-            (batched, "batched_lanczos", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
-            (batched._RowRule, "rounds", "host: the stopping rule (host tensors)"),
-            (batched, "ritz_step", "host: the stopping rule's tridiagonal solves (host tensors)"),
+            (engine.probe, "solve", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
+            (RowRule, "rounds", "host: the stopping rule (host tensors)"),
+            (RowRule, "ritz", "host: the stopping rule's tridiagonal solves (host tensors)"),
             (engine.probe, "_fields", host), (engine.sched, "step", host),
             (engine.adam, "step", "eager: Adam"),
             (engine.probe, "_starts", "eager: start vectors"), (engine.probe, "_global_start", "eager: start vectors")]
@@ -205,7 +209,7 @@ def plain_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_reps: int = 0)
     engine, bidx = engine_at_task_start(cfgs, tmp)
     engine.step(bidx, step=0, frac=[0.0] * engine.M, decide=False)   # Adam's state, as in a run
     counter = OpBytes()
-    batched._clear_grads(engine.net.params())
+    clear_grads(engine.net.params())
     with counter:
         engine.plain_step(bidx)
     total = sum(counter.bytes.values())
@@ -259,7 +263,7 @@ def time_penalty_gradient(engine, bidx, reps: int) -> dict:
     def written_out():
         engine.forward_backward(bidx, engine.correct.clone())
     return interleaved({"autograd": autograd, "add_grad": written_out}, reps,
-                       before=lambda: batched._clear_grads(engine.net.params()))
+                       before=lambda: clear_grads(engine.net.params()))
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from trainability import config
-from trainability.batched import run_batched
+from trainability.stacked.engine import run_batched
 
 
 def summarise(jobs, recs) -> dict:

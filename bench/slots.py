@@ -7,7 +7,7 @@ and the whole scale's makespan on that many slots from it.
 
 `--slots` K worker processes each build one job of the scale (default: the K longest in --projection, which
 `snakemake --cores N` would start first on a GPU with K slots; else the first K planned) with the real
-engine (batched.BatchedRuns, the job's own configs, indicators off) and warm it up (CUDA graph captures,
+engine (stacked.engine.BatchedRuns, the job's own configs, indicators off) and warm it up (CUDA graph captures,
 torch.compile, the first decisions). Then, phase by phase, the workers meet at a barrier and some of them
 train for --seconds, a decision every measure.every steps as in a run: first each worker alone (its solo
 rate, steps per second), then workers 1..j together for j = 2..K. A worker's speed beside j - 1 others is
@@ -34,9 +34,10 @@ import torch
 
 from bench_batched import _sync
 from project_paper import makespan
-from trainability import batched, config
+from trainability import config
 from trainability.pipeline import stacks
 from trainability.planning import check_batchable
+from trainability.stacked.engine import BatchedRuns
 
 
 def _train_for(engine, clock: dict, seconds: float) -> tuple[int, float]:
@@ -72,7 +73,7 @@ def worker(w: int, name: str, cfgs: list[dict], device: str, phases: list[list[i
     dev = torch.device(device)
     check_batchable(cfgs)   # (resolve_with_sets validated each)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = batched.BatchedRuns(cfgs, dev, [{} for _ in cfgs], [Path(tmp) / f"m{i}" for i in range(len(cfgs))])
+        engine = BatchedRuns(cfgs, dev, [{} for _ in cfgs], [Path(tmp) / f"m{i}" for i in range(len(cfgs))])
         engine.start_task(dict.fromkeys(range(engine.M), 0))
         clock = {"epoch": 0, "batch": None, "j": 0, "step": 0}
         _train_for(engine, clock, 0.0)   # a first step: the engine's one-off costs start here
