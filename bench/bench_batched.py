@@ -69,7 +69,8 @@ def stacked_step(M, device, B, measure, graph=False, fused=False, seed=0):
 
     def loss(keep=False, idx=idx):   # the engine's on-device gather of each minibatch
         logits, a, z = net.forward(x[:, idx], keep)
-        return F.cross_entropy(logits.flatten(0, 1), y[:, idx].flatten(), reduction="none").view(M, B).mean(1).sum(), a, z
+        ce = F.cross_entropy(logits.flatten(0, 1), y[:, idx].flatten(), reduction="none")
+        return ce.view(M, B).mean(1).sum(), a, z
 
     def plain(idx):
         loss(idx=idx)[0].backward()

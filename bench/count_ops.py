@@ -19,7 +19,8 @@ from bench_batched import stacked_step
 
 # no kernel of their own: metadata changes of a tensor
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select", "detach",
-         "alias", "as_strided", "permute", "split", "split_with_sizes", "unbind", "_reshape_alias", "reshape", "flatten", "lift_fresh"}
+         "alias", "as_strided", "permute", "split", "split_with_sizes", "unbind", "_reshape_alias", "reshape",
+         "flatten", "lift_fresh"}
 
 
 class Count(TorchDispatchMode):

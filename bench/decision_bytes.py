@@ -19,14 +19,16 @@ With --plain, a plain training step instead (what CudaGraphStep replays between 
 gather, forward, backward, the Wasserstein penalty's gradient, Adam), split by ATen op; the Adam update
 is the eager one (fused_adam's compiled kernels read each tensor once).
 
-    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --plain --time 10 --jobs batch-l2-vanilla batch-l2-long
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --plain --time 10 \\
+        --jobs batch-l2-vanilla batch-l2-long
 
 With --decision, a whole decision step by phase: what the graphs replay, what runs eagerly (a launch and
 Python's dispatch each), and what runs on host tensors, no launch (the stopping rule, the measurement's
 small arithmetic, Algorithm 1).
 
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --jobs batch-l2-long batch-crelu-long
-    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --time 10 --jobs batch-l2-long   # + host ms
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --time 10 \\
+        --jobs batch-l2-long   # + host ms
 """
 from __future__ import annotations
 
@@ -132,7 +134,8 @@ def decision_phases(engine) -> list[tuple]:
     host = "host: the measurement's fields and Algorithm 1 (host tensors)"
     return [(engine, "decision_forward_backward", "graph (decision_step_graph): the step's forward and backward"),
             (engine.decision_graph, "_body", "graph (decision_graph): the body"),
-            (engine.decision_graph, "_more", "graph (decision_graph): the rounds past ROUNDS (a graph of one round each)"),
+            (engine.decision_graph, "_more",
+             "graph (decision_graph): the rounds past ROUNDS (a graph of one round each)"),
             (engine.probe, "solve", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
             (RowRule, "rounds", "host: the stopping rule (host tensors)"),
             (RowRule, "ritz", "host: the stopping rule's tridiagonal solves (host tensors)"),
@@ -297,10 +300,12 @@ def main() -> int:
         cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
         with tempfile.TemporaryDirectory() as tmp:
             row = plain_step_bytes(name, cfgs, Path(tmp), a.time) if a.plain else \
-                decision_step_bytes(name, cfgs, Path(tmp), a.time) if a.decision else job_bytes(name, cfgs, Path(tmp), a.time)
+                decision_step_bytes(name, cfgs, Path(tmp), a.time) if a.decision else \
+                job_bytes(name, cfgs, Path(tmp), a.time)
         rows.append(row)
         if a.decision:
-            print(f"{name}: {row['models']} models, a decision step: {row['ops']} ops, {row['gb']:.1f} GB touched", flush=True)
+            print(f"{name}: {row['models']} models, a decision step: {row['ops']} ops, {row['gb']:.1f} GB touched",
+                  flush=True)
             for k, v in row["phases"].items():
                 print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB")
             for k, ms in row.get("host_ms", {}).items():
@@ -323,7 +328,8 @@ def main() -> int:
                 print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB {100 * v['gb'] / row['gb']:5.1f}%")
             if "global_product_ms" in row:
                 t = row["global_product_ms"]
-                print(f"    the whole network's product ({row['global_models']} models): autograd {t['autograd']:.1f} ms, "
+                print(f"    the whole network's product ({row['global_models']} models): "
+                      f"autograd {t['autograd']:.1f} ms, "
                       f"written out {t['written_out']:.1f} ms: {t['autograd'] / t['written_out']:.2f}x (medians of "
                       f"{a.time}, interleaved, one thread); they differ by {t['rel_diff']:.1e} of the norm")
         if a.out:

@@ -177,7 +177,8 @@ def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: in
         for _ in range(decisions):
             steps(K - 1)
             ph.clear()
-            s, _ = timed(lambda: engine.step(batches[i % len(batches)], step=i, frac=[0.0] * engine.M, decide=True), device)
+            s, _ = timed(lambda: engine.step(batches[i % len(batches)], step=i, frac=[0.0] * engine.M, decide=True),
+                         device)
             i += 1
             dec.append((s, ph.lanczos_s + ph.ahead_s, ph.rounds, ph.sched_s, ph.ahead_s))
     finally:
@@ -223,7 +224,8 @@ def main() -> int:
                         "profiled in turn for each job, e.g. --rounds 10 16 (the decisions profiled are task 1's "
                         "first, which may need fewer rounds than later tasks)")
     p.add_argument("--extra", type=int, default=DecisionGraph.EXTRA,
-                   help="with decision_graph: the rounds past --rounds from graphs of one round each (DecisionGraph.EXTRA)")
+                   help="with decision_graph: the rounds past --rounds from graphs of one round each "
+                        "(DecisionGraph.EXTRA)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     device = torch.device(a.device)
@@ -250,16 +252,19 @@ def main() -> int:
               f" + Algorithm 1 {row['scheduler_ms']:.1f} + rest {row['rest_ms']:.1f};"
               f"  decisions are {100 * row['decision_share']:.0f}% of the job's time", flush=True)
         if "wasserstein_fwd_bwd_ms" in row:
-            print(f"{'':>26} Wasserstein penalty alone: {row['wasserstein_fwd_bwd_ms']:.2f} ms forward+backward (eager)")
+            print(f"{'':>26} Wasserstein penalty alone: {row['wasserstein_fwd_bwd_ms']:.2f} ms "
+                  "forward+backward (eager)")
         if h:
             print(f"{'':>26} one round of HVPs: eager {h['eager_ms']:.2f} ms" +
-                  (f", as a CUDA graph {h['graph_ms']:.2f} ms (bit-equal: {h['graph_equal']})" if "graph_ms" in h else "") +
+                  (f", as a CUDA graph {h['graph_ms']:.2f} ms (bit-equal: {h['graph_equal']})"
+                   if "graph_ms" in h else "") +
                   (f", capture failed: {h['graph_error']}" if "graph_error" in h else ""))
         for key, what in (("profile", "one decision"), ("plain_profile", "ten plain steps")):
             if key in row:
                 pr = row[key]
                 print(f"{'':>26} {what} under torch.profiler: {pr['kernels']} kernels, GPU busy "
-                      f"{pr['gpu_busy_ms']:.1f} of {pr['wall_ms']:.1f} ms ({100 * pr['busy_fraction']:.0f}%); the most time:")
+                      f"{pr['gpu_busy_ms']:.1f} of {pr['wall_ms']:.1f} ms ({100 * pr['busy_fraction']:.0f}%); "
+                      "the most time:")
                 for k in pr["top"]:
                     print(f"{'':>30} {k['ms']:7.2f} ms {k['count']:5d}x  {k['kernel']}")
         if a.out:

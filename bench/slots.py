@@ -1,7 +1,8 @@
 """Several batched jobs at once on one device: each job's speed beside the others against alone, measured,
 and the whole scale's makespan on that many slots from it.
 
-    python bench/slots.py --device cuda --slots 4 --projection bench/out/gpu/projection.json --out bench/out/gpu/slots.json
+    python bench/slots.py --device cuda --slots 4 --projection bench/out/gpu/projection.json \\
+        --out bench/out/gpu/slots.json
     python bench/slots.py --device cpu --slots 2 --seconds 4 --jobs batch-crelu-long batch-l2-long \\
         --set stream.n_images=2560 --set measure.every=4          # a CPU try-out of the script
 
@@ -55,7 +56,8 @@ def _train_for(engine, clock: dict, seconds: float) -> tuple[int, float]:
                 clock["epoch"] += 1
             clock["batch"], clock["j"] = engine.minibatches(clock["epoch"]), 0
         idx = clock["batch"][clock["j"]]
-        engine.step(idx, step=clock["step"], frac=[0.0] * engine.M, decide=engine.measuring and (clock["step"] + 1) % K == 0)
+        decide = engine.measuring and (clock["step"] + 1) % K == 0
+        engine.step(idx, step=clock["step"], frac=[0.0] * engine.M, decide=decide)
         if clock["j"] == 0:
             engine.ramp([clock["epoch"]] * engine.M)
         clock["j"] += 1
@@ -106,7 +108,8 @@ def measure(jobs: list[tuple[str, list[dict]]], device: str, seconds: float) -> 
     out = {"device": device, "seconds": seconds, "jobs": [n for n, _ in jobs], "phases": rows,
            "solo_steps_per_s": {jobs[w][0]: v for w, v in solo.items()}, "slot_speed": {1: 1.0}}
     for j in range(2, K + 1):
-        beside = {jobs[r["worker"]][0]: r["steps"] / r["seconds"] / solo[r["worker"]] for r in rows if r["together"] == j}
+        beside = {jobs[r["worker"]][0]: r["steps"] / r["seconds"] / solo[r["worker"]]
+                  for r in rows if r["together"] == j}
         out.setdefault("speed_beside", {})[j] = beside
         out["slot_speed"][j] = sum(beside.values()) / len(beside)
     return out
@@ -120,7 +123,8 @@ def plot(out: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     js = sorted(int(j) for j in out["slot_speed"])
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.bar(js, [j * out["slot_speed"][str(j)] for j in js], color="#9ecae1", label="throughput against one job at a time")
+    ax.bar(js, [j * out["slot_speed"][str(j)] for j in js], color="#9ecae1",
+           label="throughput against one job at a time")
     for n in out["jobs"]:
         pts = [(1, 1.0)] + [(int(j), v[n]) for j, v in out.get("speed_beside", {}).items() if n in v]
         ax.plot(*zip(*sorted(pts)), "o-", ms=4, label=f"{n}: speed against alone")

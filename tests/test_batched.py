@@ -700,7 +700,8 @@ def test_the_probes_products_are_autograds_through_the_whole_objective(tmp_path,
     lam_w = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs],
                          device=dev)
     gen = torch.Generator().manual_seed(0)
-    randn = lambda *shape: torch.randn(*shape, generator=gen).to(dev)   # the same draws on any device
+    def randn(*shape):   # the same draws on any device
+        return torch.randn(*shape, generator=gen).to(dev)
 
     def autograds(ps, rows, V):
         """autograd's (H + wd I) V on the rows `rows` of the stack's tensors ps (the other rows' V zero)."""

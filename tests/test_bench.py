@@ -38,8 +38,8 @@ def test_nothing_imports_from_tests(script):
 
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if s.endswith(".py")])
 def test_script_help_runs(script):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(BENCH), os.environ.get("PYTHONPATH", "")]),
-               MPLBACKEND="Agg")
+    path = os.pathsep.join([str(ROOT / "src"), str(BENCH), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, MPLBACKEND="Agg")
     out = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and "usage" in out.stdout, out.stderr[-2000:]

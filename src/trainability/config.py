@@ -1,7 +1,8 @@
 """Configuration: params.yaml is the single source of truth.
 
 A *run config* is `run_defaults`, overridden by the scale's `run` block, then by the run's family in
-`families` (named by the run's `extends`), then by the named run in `runs`, then by the seed. `params.schema.yaml` (beside this file) validates both params.yaml and every
+`families` (named by the run's `extends`), then by the named run in `runs`, then by the seed.
+`params.schema.yaml` (beside this file) validates both params.yaml and every
 resolved run config, so a bad value fails before any compute with a message naming the key.
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ def _key_path(error) -> str:
 
 
 def _validator(schema: dict):
-    """JSON Schema 2020-12 (as Snakemake) with a strict "integer": 3.0 is refused where a count is expected (JSON Schema accepts
-    whole-number floats as integers, and they crash range() and tensor shapes later)."""
+    """JSON Schema 2020-12 (as Snakemake) with a strict "integer": 3.0 is refused where a count is expected
+    (JSON Schema accepts whole-number floats as integers, and they crash range() and tensor shapes later)."""
     import jsonschema
 
     checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(

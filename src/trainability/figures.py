@@ -70,7 +70,8 @@ def fig2(runs, ctx):
     for ax, run, color in zip(axes[0], order, colors):
         recs = runs.get(run) or []
         lr = (recs[0]["config"]["optim"]["lr"] if recs else float("nan"))
-        ax.set_title(f"L2 lr={lr:g}  (first {min(FIG2_TASKS, max(len(r['tasks']) for r in recs) if recs else 0)} tasks)")
+        shown = min(FIG2_TASKS, max(len(r['tasks']) for r in recs) if recs else 0)
+        ax.set_title(f"L2 lr={lr:g}  (first {shown} tasks)")
         task_axis(ax, "Task ID (decision steps at task + fraction)")
         ax.set_ylabel("Task accuracy (solid)")
         if not recs:
@@ -110,7 +111,7 @@ def fig3(runs, ctx):
         recs = runs.get(run) or []
         n_done = min((len(r.get("tasks", [])) for r in recs), default=0)
         last = max(n_done - 1, 0)
-        cols = ((f"task 1", lambda t: t == 0), (f"tasks 1-{min(10, max(n_done, 1))}", lambda t: t < 10),
+        cols = (("task 1", lambda t: t == 0), (f"tasks 1-{min(10, max(n_done, 1))}", lambda t: t < 10),
                 (f"task {last + 1} (last)", lambda t, l=last: t == l))
         for ax, (cname, filt) in zip(row, cols):
             ax.set_title(f"{method_title(method_of(run), recs)}: {cname}")
@@ -313,7 +314,8 @@ def ablation_stream(runs, ctx):
             for j, arm in enumerate(("vanilla", "scheduled")):
                 recs = runs.get(f"{method}-{arm}{suffix}") or []
                 x = i * 3 + j
-                vals = [analysis.task_values(r, "online_acc")[0] for r in recs if analysis.task_values(r, "online_acc").size]
+                vals = [analysis.task_values(r, "online_acc")[0] for r in recs
+                        if analysis.task_values(r, "online_acc").size]
                 if vals:
                     ax.bar(x, np.mean(vals), color=ARM_COLORS[arm], alpha=0.55, width=0.8,
                            label=f"ours, {arm} (dots: seeds)" if i == 0 else None)

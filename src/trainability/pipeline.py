@@ -152,7 +152,8 @@ def dvc_yaml(params: dict) -> dict:
         for seed in seeds:
             out = run_dir(params, scale, run, seed)
             stages[stage_name("run", run, f"seed{seed}")] = {
-                "cmd": guard + f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",
+                "cmd": guard + f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out}"
+                               " --no-progress",
                 "deps": ["data/MNIST/raw", "src/trainability"],
                 "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"]
                           + ([f"families.{run_family(params, run)}"] if run_family(params, run) else []),

@@ -1,4 +1,5 @@
-"""Task streams (paper Sec. 5, App. D.1; docs/METHOD.md §1): random-label MNIST (the paper) and permuted-pixel MNIST (beyond it).
+"""Task streams (paper Sec. 5, App. D.1; docs/METHOD.md §1): random-label MNIST (the paper) and
+permuted-pixel MNIST (beyond it).
 
 Data live on the device as tensors; every random draw is a function of (seed, task) alone, so a task
 can be regenerated after a restart without any saved random state.

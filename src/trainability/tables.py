@@ -16,7 +16,8 @@ from .verdicts import NODATA, NOT, PART, REP, STREAM_RULE, VERDICT_RULES, finite
 # Tag of each run-config key, copied from the comments in params.yaml / docs/LEDGER.md
 # (paper = stated in the paper, code = the authors' code, choice = ours).
 TAGS = {
-    "device": "choice", "threads": "choice", "cuda_graph": "choice", "decision_graph": "choice", "decision_step_graph": "choice", "fused_adam": "choice", "tf32": "choice",
+    "device": "choice", "threads": "choice", "cuda_graph": "choice", "decision_graph": "choice",
+    "decision_step_graph": "choice", "fused_adam": "choice", "tf32": "choice",
     "n_tasks": "paper", "epochs_per_task": "paper",
     "epochs_factor": "choice (task-length ablation factor)", "batch_size": "paper", "arm": "paper",
     "stream.kind": "paper", "stream.n_images": "code (App. D.1 says 21,000)", "stream.label_fraction": "paper",

@@ -16,8 +16,8 @@ from ..loop import acts, measures, steps_per_task, train_stream
 from ..models import build_model
 from ..optim import ramped_betas
 from ..planning import check_batchable
-from ..record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record, new_record,
-                      task_online_acc)
+from ..record import (CHECKPOINT_NAME, RECORD_NAME, append_decision, end_task, finish_record, finished_record,
+                      new_record, task_online_acc)
 from ..regularizers import adam_weight_decay, hessian_shift, wasserstein_lam
 from ..streams import epoch_order, input_dim, make_stream, split_batches, sub_seed
 from ..wandb_log import replay_record
@@ -90,7 +90,8 @@ class BatchedRuns:
         global_lam = [c["measure"]["global"] for c in cfgs]
         self.global_variant = [c["scheduler"]["variant"] == "global" for c in cfgs]
         global_column = any(global_lam) or any(self.global_variant)
-        self.probe = StackedProbe(net, self.adam, B, init_seeds, c0["measure"]["eig_tol"], c0["measure"]["eig_max_iter"],
+        self.probe = StackedProbe(net, self.adam, B, init_seeds, c0["measure"]["eig_tol"],
+                                  c0["measure"]["eig_max_iter"],
                                   [c["scheduler"]["code_alpha_agg"] for c in cfgs], global_lam,
                                   global_column, self.measuring_m,
                                   torch.tensor([hessian_shift(c["regularizer"]) for c in cfgs], device=device)) \

@@ -23,7 +23,8 @@ class Krylov:
 
     def __init__(self, hvp, v: torch.Tensor, max_iter: int, capacity: int = 8):
         self.hvp, self.v = hvp, v
-        self.basis = v.new_empty(v.shape[0], min(max_iter + 1, capacity), v.shape[1])   # max_iter products, one more extend
+        # max_iter products, one more extend
+        self.basis = v.new_empty(v.shape[0], min(max_iter + 1, capacity), v.shape[1])
         self.basis[:, 0] = v
         self.k, self.b_prev, self.max_iter = 1, None, max_iter
         self.zero = v.new_zeros(())   # where's value for stopped rows, a tensor: where(..., out=) takes no scalar
@@ -132,7 +133,8 @@ class RowRule:
         bad = torch.zeros(len(self.n), K, dtype=torch.bool)
         bad[rows] = ~finite
         on = self.active.nonzero().squeeze(1)   # the rows going, and their data
-        a, b, n_on, bad, theta_prev = self.alphas[on, :k1], self.betas[on, :k1], self.n[on], bad[on], self.theta_prev[on]
+        a, b, n_on = self.alphas[on, :k1], self.betas[on, :k1], self.n[on]
+        bad, theta_prev = bad[on], self.theta_prev[on]
         for k in range(k0, k1 + 1):
             if not len(on):
                 break

@@ -49,7 +49,8 @@ class StackedMLP:
             else:
                 self.slope = negative_slope(activation, rho)   # a float: one for all
         else:   # relu / leaky_relu / identity mixed: each model's LeakyReLU slope (models.negative_slope)
-            self.slope = torch.tensor([negative_slope(m.activation, m.rho) for m in models], device=device).view(-1, 1, 1)
+            slopes = [negative_slope(m.activation, m.rho) for m in models]
+            self.slope = torch.tensor(slopes, device=device).view(-1, 1, 1)
             self.act = functools.partial(_leaky_per_model, slope=self.slope)
         L = models[0].n_layers
 

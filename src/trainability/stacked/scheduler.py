@@ -99,8 +99,8 @@ class StackedScheduler:
         if cool.shape[1] > L:
             lr_row = torch.cat([lr_row, lr_row[:, :1]], 1)   # the global row logs the first group's LR
         row = {"lr": lr_row, "alpha": alpha, **bd, "bound": bound, "lam_max": m["lam_max"],
-               "lam_bar": lam_bar, "vol": st["vol"], "mu": st["mu"], "sigma2_win": st["sigma2"], "sigma2_ps": s2, "grad_sq": g,
-               "eig_iters": m["eig_iters"]}
+               "lam_bar": lam_bar, "vol": st["vol"], "mu": st["mu"], "sigma2_win": st["sigma2"], "sigma2_ps": s2,
+               "grad_sq": g, "eig_iters": m["eig_iters"]}
         return torch.stack([row[f] for f in NUM_FIELDS] + [rule])
 
     def state_dict(self) -> dict:
