@@ -23,28 +23,13 @@ from ..streams import epoch_order, input_dim, make_stream, split_batches, sub_se
 from ..wandb_log import replay_record
 from .adam import StackedAdam
 from .graphs import CudaGraphStep, DecisionGraph
-from .model import StackedMLP, clear_grads
+from .model import StackedMLP, clear_grads, evaluate_stack
 from .probe import StackedProbe
 from .regularizers import StackedWasserstein
 from .scheduler import StackedScheduler, no_rules, rows_to_dicts
 # 2: BatchNorm buffers and the whole-network column (global_vecs); 3: the scheduler's windows oldest first;
 # 4: loop.train_stream's layout; 5: a task clock per model. A checkpoint of another format is ignored
 CHECKPOINT_FORMAT = 5
-
-
-@torch.no_grad()
-def evaluate_stack(net: StackedMLP, xs, ys, sidx, chunk: int = 2048):
-    """End-of-task loss and accuracy of every model of `net` on its whole task: (M,) each, on the host.
-    Model m reads images xs[sidx[m]] and labels ys[m]."""
-    M, N = len(sidx), xs.shape[1]
-    loss = torch.zeros(M, dtype=torch.float64, device=xs.device)
-    correct = torch.zeros(M, dtype=torch.float64, device=xs.device)
-    for i in range(0, N, chunk):
-        x, y = xs[sidx, i:i + chunk], ys[:, i:i + chunk]
-        logits, _, _ = net.forward(x, train=False)
-        loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, -1).sum(1).double()
-        correct += (logits.argmax(2) == y).sum(1).double()
-    return (loss / N).tolist(), (correct / N).tolist()
 
 
 class BatchedRuns:

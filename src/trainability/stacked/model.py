@@ -185,3 +185,18 @@ class StackedMLP:
 def clear_grads(params: list[torch.Tensor]) -> None:
     for p in params:
         p.grad = None
+
+
+@torch.no_grad()
+def evaluate_stack(net: StackedMLP, xs, ys, sidx, chunk: int = 2048):
+    """End-of-task loss and accuracy of every model of `net` on its whole task: (M,) each, on the host.
+    Model m reads images xs[sidx[m]] and labels ys[m]."""
+    M, N = len(sidx), xs.shape[1]
+    loss = torch.zeros(M, dtype=torch.float64, device=xs.device)
+    correct = torch.zeros(M, dtype=torch.float64, device=xs.device)
+    for i in range(0, N, chunk):
+        x, y = xs[sidx, i:i + chunk], ys[:, i:i + chunk]
+        logits, _, _ = net.forward(x, train=False)
+        loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, -1).sum(1).double()
+        correct += (logits.argmax(2) == y).sum(1).double()
+    return (loss / N).tolist(), (correct / N).tolist()
