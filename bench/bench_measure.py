@@ -96,7 +96,8 @@ def main() -> None:
     probe = DecisionProbe(model, opt, args.batch, eig_tol=args.tol, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     L = model.n_layers
-    step_times, ours_t, auth_t, errs, iters = [], [], [], {l: [] for l in range(1, L + 1)}, {l: [] for l in range(1, L + 1)}
+    step_times, ours_t, auth_t = [], [], []
+    errs, iters = {l: [] for l in range(1, L + 1)}, {l: [] for l in range(1, L + 1)}
 
     n_steps = args.warmup + args.decisions * args.K
     for step in range(1, n_steps + 1):

@@ -14,12 +14,13 @@ import collections
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import trainability.batched as batched
+from trainability.stacked.lanczos import RowRule
 from bench_batched import stacked_step
 
 # no kernel of their own: metadata changes of a tensor
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select", "detach",
-         "alias", "as_strided", "permute", "split", "split_with_sizes", "unbind", "_reshape_alias", "reshape", "flatten", "lift_fresh"}
+         "alias", "as_strided", "permute", "split", "split_with_sizes", "unbind", "_reshape_alias", "reshape",
+         "flatten", "lift_fresh"}
 
 
 class Count(TorchDispatchMode):
@@ -44,7 +45,7 @@ def main() -> None:
     for i in range(4):   # Adam state, then a first decision: the counted one warm-starts as in a run
         step(i == 3)
     counter = Count()
-    ritz = batched.ritz_step
+    ritz = RowRule.ritz   # the host rule's hook (a static method)
 
     rounds = [0]
 
@@ -59,10 +60,10 @@ def main() -> None:
         step(False)
     plain = sum(counter.ops.values())
     counter.ops.clear()
-    batched.ritz_step = host_ritz
+    RowRule.ritz = host_ritz
     with counter:
         step(True)
-    batched.ritz_step = ritz
+    RowRule.ritz = staticmethod(ritz)
     print(f"{a.models} models: plain step {plain} ops; decision step {sum(counter.ops.values())} ops outside "
           f"eigen.ritz_step, {sum(counter.host_ops.values())} inside (host); {rounds[0]} host round trips "
           f"(device-to-host syncs)")

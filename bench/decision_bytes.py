@@ -6,7 +6,7 @@ its launches are gone.
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --jobs batch-l2-vanilla --out bytes.json
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --time 20 --jobs batch-l2-vanilla   # + product ms
 
-For each job (its own configs, all seeds) the engine (batched.BatchedRuns, decision_graph on) runs
+For each job (its own configs, all seeds) the engine (stacked.engine.BatchedRuns, decision_graph on) runs
 DecisionGraph's body once on a full minibatch of task 1, under a dispatch mode that adds up, for every
 ATen op that is not a view, the bytes of its tensor inputs and outputs. That is an upper bound on the
 op's memory traffic (a cache or a fused kernel reads less), and its sum divided by the device's bandwidth
@@ -19,14 +19,16 @@ With --plain, a plain training step instead (what CudaGraphStep replays between 
 gather, forward, backward, the Wasserstein penalty's gradient, Adam), split by ATen op; the Adam update
 is the eager one (fused_adam's compiled kernels read each tensor once).
 
-    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --plain --time 10 --jobs batch-l2-vanilla batch-l2-long
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --plain --time 10 \\
+        --jobs batch-l2-vanilla batch-l2-long
 
 With --decision, a whole decision step by phase: what the graphs replay, what runs eagerly (a launch and
 Python's dispatch each), and what runs on host tensors, no launch (the stopping rule, the measurement's
 small arithmetic, Algorithm 1).
 
     PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --jobs batch-l2-long batch-crelu-long
-    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --time 10 --jobs batch-l2-long   # + host ms
+    PYTHONPATH=src:bench .venv/bin/python bench/decision_bytes.py --decision --time 10 \\
+        --jobs batch-l2-long   # + host ms
 """
 from __future__ import annotations
 
@@ -44,8 +46,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from count_ops import VIEWS
-from trainability import batched, config
-from trainability.planning import stacks
+from trainability import config
+from trainability.stacked.engine import BatchedRuns
+from trainability.stacked.graphs import DecisionGraph
+from trainability.stacked.lanczos import Krylov, RowRule
+from trainability.stacked.model import clear_grads
+from trainability.pipeline import stacks
 
 JOBS = ["batch-l2-vanilla", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla-appendix"]
 ARITHMETIC = "Lanczos arithmetic (recurrence, reorthogonalisation, basis)"
@@ -80,7 +86,7 @@ def in_phase(counter: Bytes, name: str, fn):
 
 def engine_at_task_start(cfgs: list[dict], tmp: Path):
     """The job's engine on the CPU at the start of task 1, and its first full minibatch."""
-    engine = batched.BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
+    engine = BatchedRuns(cfgs, torch.device("cpu"), [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
     engine.start_task(dict.fromkeys(range(engine.M), 0))
     engine.ramp([0] * engine.M)
     return engine, next(b for b in engine.minibatches(0) if b.shape[1] == engine.B)
@@ -102,18 +108,18 @@ def job_bytes(name: str, cfgs: list[dict], tmp: Path, time_reps: int = 0) -> dic
     probe.hvps = lambda *args: [
         in_phase(counter, f"products: layer {i + 1}" if i < L else "products: whole network (measure.global)", op)
         for i, op in enumerate(hvps(*args))]
-    product, extend = batched._Krylov.product, batched._Krylov.extend
+    product, extend = Krylov.product, Krylov.extend
     try:
-        batched._Krylov.product = in_phase(counter, ARITHMETIC, product)
-        batched._Krylov.extend = in_phase(counter, ARITHMETIC, extend)
+        Krylov.product = in_phase(counter, ARITHMETIC, product)
+        Krylov.extend = in_phase(counter, ARITHMETIC, extend)
         with counter:
             engine.decision_graph(bidx, starts)
     finally:
-        batched._Krylov.product, batched._Krylov.extend = product, extend
+        Krylov.product, Krylov.extend = product, extend
     total = sum(counter.bytes.values())
     row = {"job": name, "models": len(cfgs), "measuring": sum(engine.measuring_m),
            "global_models": len(probe.global_models) if probe.global_problem else 0,
-           "rounds": batched.DecisionGraph.ROUNDS, "ops": sum(counter.ops.values()), "gb": total / 1e9,
+           "rounds": DecisionGraph.ROUNDS, "ops": sum(counter.ops.values()), "gb": total / 1e9,
            "phases": by_phase(counter)}
     if time_reps and probe.global_problem:
         row["global_product_ms"] = time_global_products(engine, bidx, time_reps)
@@ -128,10 +134,11 @@ def decision_phases(engine) -> list[tuple]:
     host = "host: the measurement's fields and Algorithm 1 (host tensors)"
     return [(engine, "decision_forward_backward", "graph (decision_step_graph): the step's forward and backward"),
             (engine.decision_graph, "_body", "graph (decision_graph): the body"),
-            (engine.decision_graph, "_more", "graph (decision_graph): the rounds past ROUNDS (a graph of one round each)"),
-            (batched, "batched_lanczos", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
-            (batched._RowRule, "rounds", "host: the stopping rule (host tensors)"),
-            (batched, "ritz_step", "host: the stopping rule's tridiagonal solves (host tensors)"),
+            (engine.decision_graph, "_more",
+             "graph (decision_graph): the rounds past ROUNDS (a graph of one round each)"),
+            (engine.probe, "solve", "eager: Lanczos after the body (eager rounds, Ritz vectors)"),
+            (RowRule, "rounds", "host: the stopping rule (host tensors)"),
+            (RowRule, "ritz", "host: the stopping rule's tridiagonal solves (host tensors)"),
             (engine.probe, "_fields", host), (engine.sched, "step", host),
             (engine.adam, "step", "eager: Adam"),
             (engine.probe, "_starts", "eager: start vectors"), (engine.probe, "_global_start", "eager: start vectors")]
@@ -205,7 +212,7 @@ def plain_step_bytes(name: str, cfgs: list[dict], tmp: Path, time_reps: int = 0)
     engine, bidx = engine_at_task_start(cfgs, tmp)
     engine.step(bidx, step=0, frac=[0.0] * engine.M, decide=False)   # Adam's state, as in a run
     counter = OpBytes()
-    batched._clear_grads(engine.net.params())
+    clear_grads(engine.net.params())
     with counter:
         engine.plain_step(bidx)
     total = sum(counter.bytes.values())
@@ -259,7 +266,7 @@ def time_penalty_gradient(engine, bidx, reps: int) -> dict:
     def written_out():
         engine.forward_backward(bidx, engine.correct.clone())
     return interleaved({"autograd": autograd, "add_grad": written_out}, reps,
-                       before=lambda: batched._clear_grads(engine.net.params()))
+                       before=lambda: clear_grads(engine.net.params()))
 
 
 def main() -> int:
@@ -293,10 +300,12 @@ def main() -> int:
         cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
         with tempfile.TemporaryDirectory() as tmp:
             row = plain_step_bytes(name, cfgs, Path(tmp), a.time) if a.plain else \
-                decision_step_bytes(name, cfgs, Path(tmp), a.time) if a.decision else job_bytes(name, cfgs, Path(tmp), a.time)
+                decision_step_bytes(name, cfgs, Path(tmp), a.time) if a.decision else \
+                job_bytes(name, cfgs, Path(tmp), a.time)
         rows.append(row)
         if a.decision:
-            print(f"{name}: {row['models']} models, a decision step: {row['ops']} ops, {row['gb']:.1f} GB touched", flush=True)
+            print(f"{name}: {row['models']} models, a decision step: {row['ops']} ops, {row['gb']:.1f} GB touched",
+                  flush=True)
             for k, v in row["phases"].items():
                 print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB")
             for k, ms in row.get("host_ms", {}).items():
@@ -319,7 +328,8 @@ def main() -> int:
                 print(f"    {k:62s} {v['ops']:5d} ops {v['gb']:7.2f} GB {100 * v['gb'] / row['gb']:5.1f}%")
             if "global_product_ms" in row:
                 t = row["global_product_ms"]
-                print(f"    the whole network's product ({row['global_models']} models): autograd {t['autograd']:.1f} ms, "
+                print(f"    the whole network's product ({row['global_models']} models): "
+                      f"autograd {t['autograd']:.1f} ms, "
                       f"written out {t['written_out']:.1f} ms: {t['autograd'] / t['written_out']:.2f}x (medians of "
                       f"{a.time}, interleaved, one thread); they differ by {t['rel_diff']:.1e} of the norm")
         if a.out:

@@ -4,7 +4,7 @@
     python bench/decision_profile.py --device cpu --jobs batch-crelu-long --set stream.n_images=2560  # try-out
 
 For each job the paper scale plans (pipeline.run_jobs; default: four of them), the real engine
-(batched.BatchedRuns, the job's own configs, cuda_graph on) trains the first steps of task 1 on the
+(stacked.engine.BatchedRuns, the job's own configs, cuda_graph on) trains the first steps of task 1 on the
 paper stream, then, each timed with the device synchronised before and after:
 
 - a plain step (the CUDA graph's replay on CUDA) and an eager one, each the median of 40;
@@ -36,8 +36,10 @@ from pathlib import Path
 import torch
 
 from bench_batched import _sync
-from trainability import batched, config
-from trainability.planning import stacks
+from trainability import config
+from trainability.stacked.engine import BatchedRuns
+from trainability.stacked.graphs import DecisionGraph
+from trainability.pipeline import stacks
 from trainability.measure import buffers_kept
 
 JOBS = ["batch-l2-vanilla-appendix", "batch-l2-long", "batch-crelu-long", "batch-l2-vanilla"]
@@ -57,7 +59,7 @@ class Phases:
 
     def __init__(self, engine, device):
         self.device, self.lanczos_s, self.ahead_s, self.sched_s, self.rounds = device, 0.0, 0.0, 0.0, 0
-        orig_lanczos, orig_sched, orig_ahead = batched.batched_lanczos, engine.sched.step, engine.decision_graph
+        orig_lanczos, orig_sched, orig_ahead = engine.probe.solve, engine.sched.step, engine.decision_graph
 
         def lanczos(*args, **kwargs):
             s, out = timed(lambda: orig_lanczos(*args, **kwargs), device)
@@ -73,10 +75,10 @@ class Phases:
             s, out = timed(lambda: orig_ahead(*args, **kwargs), device)
             self.ahead_s += s
             return out
-        batched.batched_lanczos, engine.sched.step = lanczos, sched
+        engine.probe.solve, engine.sched.step = lanczos, sched   # the probe's and the scheduler's public hooks
         if orig_ahead is not None:
             engine.decision_graph = ahead
-        self._undo = lambda: (setattr(batched, "batched_lanczos", orig_lanczos), setattr(engine.sched, "step", orig_sched),
+        self._undo = lambda: (setattr(engine.probe, "solve", orig_lanczos), setattr(engine.sched, "step", orig_sched),
                               setattr(engine, "decision_graph", orig_ahead))
 
     def clear(self) -> None:
@@ -144,7 +146,7 @@ def kernel_profile(fn, device, top: int = 8) -> dict:
 
 
 def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: int, reps: int, tmp: Path) -> dict:
-    engine = batched.BatchedRuns(cfgs, device, [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
+    engine = BatchedRuns(cfgs, device, [{} for _ in cfgs], [tmp / f"m{i}" for i in range(len(cfgs))])
     K = cfgs[0]["measure"]["every"]
     engine.start_task(dict.fromkeys(range(engine.M), 0))
     engine.ramp([0] * engine.M)
@@ -175,7 +177,8 @@ def profile_job(name: str, cfgs: list[dict], device: torch.device, decisions: in
         for _ in range(decisions):
             steps(K - 1)
             ph.clear()
-            s, _ = timed(lambda: engine.step(batches[i % len(batches)], step=i, frac=[0.0] * engine.M, decide=True), device)
+            s, _ = timed(lambda: engine.step(batches[i % len(batches)], step=i, frac=[0.0] * engine.M, decide=True),
+                         device)
             i += 1
             dec.append((s, ph.lanczos_s + ph.ahead_s, ph.rounds, ph.sched_s, ph.ahead_s))
     finally:
@@ -216,12 +219,13 @@ def main() -> int:
     p.add_argument("--decisions", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--rounds", nargs="+", type=int, default=[batched.DecisionGraph.ROUNDS],
+    p.add_argument("--rounds", nargs="+", type=int, default=[DecisionGraph.ROUNDS],
                    help="with decision_graph: the rounds its body runs ahead (DecisionGraph.ROUNDS), each value "
                         "profiled in turn for each job, e.g. --rounds 10 16 (the decisions profiled are task 1's "
                         "first, which may need fewer rounds than later tasks)")
-    p.add_argument("--extra", type=int, default=batched.DecisionGraph.EXTRA,
-                   help="with decision_graph: the rounds past --rounds from graphs of one round each (DecisionGraph.EXTRA)")
+    p.add_argument("--extra", type=int, default=DecisionGraph.EXTRA,
+                   help="with decision_graph: the rounds past --rounds from graphs of one round each "
+                        "(DecisionGraph.EXTRA)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     device = torch.device(a.device)
@@ -234,7 +238,7 @@ def main() -> int:
     rows = []
     for name, rounds in ((n, r) for n in a.jobs for r in a.rounds):
         cfgs = [config.resolve_with_sets(params, a.scale, r, s, sets) for r in groups[name] for s in seeds]
-        batched.DecisionGraph.ROUNDS, batched.DecisionGraph.EXTRA = rounds, a.extra   # read at capture
+        DecisionGraph.ROUNDS, DecisionGraph.EXTRA = rounds, a.extra   # read at capture
         with tempfile.TemporaryDirectory() as tmp:
             row = profile_job(name, cfgs, device, a.decisions, a.reps, Path(tmp))
         row["graph_rounds"], row["graph_extra"] = rounds, a.extra
@@ -248,16 +252,19 @@ def main() -> int:
               f" + Algorithm 1 {row['scheduler_ms']:.1f} + rest {row['rest_ms']:.1f};"
               f"  decisions are {100 * row['decision_share']:.0f}% of the job's time", flush=True)
         if "wasserstein_fwd_bwd_ms" in row:
-            print(f"{'':>26} Wasserstein penalty alone: {row['wasserstein_fwd_bwd_ms']:.2f} ms forward+backward (eager)")
+            print(f"{'':>26} Wasserstein penalty alone: {row['wasserstein_fwd_bwd_ms']:.2f} ms "
+                  "forward+backward (eager)")
         if h:
             print(f"{'':>26} one round of HVPs: eager {h['eager_ms']:.2f} ms" +
-                  (f", as a CUDA graph {h['graph_ms']:.2f} ms (bit-equal: {h['graph_equal']})" if "graph_ms" in h else "") +
+                  (f", as a CUDA graph {h['graph_ms']:.2f} ms (bit-equal: {h['graph_equal']})"
+                   if "graph_ms" in h else "") +
                   (f", capture failed: {h['graph_error']}" if "graph_error" in h else ""))
         for key, what in (("profile", "one decision"), ("plain_profile", "ten plain steps")):
             if key in row:
                 pr = row[key]
                 print(f"{'':>26} {what} under torch.profiler: {pr['kernels']} kernels, GPU busy "
-                      f"{pr['gpu_busy_ms']:.1f} of {pr['wall_ms']:.1f} ms ({100 * pr['busy_fraction']:.0f}%); the most time:")
+                      f"{pr['gpu_busy_ms']:.1f} of {pr['wall_ms']:.1f} ms ({100 * pr['busy_fraction']:.0f}%); "
+                      "the most time:")
                 for k in pr["top"]:
                     print(f"{'':>30} {k['ms']:7.2f} ms {k['count']:5d}x  {k['kernel']}")
         if a.out:

@@ -1,5 +1,5 @@
-"""The first tasks of the paper-scale stream (the authors': 60,000 images x 250 epochs, 58,750 steps per task, beta ramp) on a GPU,
-within a wall-clock budget: does the per-layer scheduler beat vanilla in the paper's own regime?
+"""The first tasks of the paper-scale stream (the authors': 60,000 images x 250 epochs, 58,750 steps per task,
+beta ramp) on a GPU, within a wall-clock budget: does the per-layer scheduler beat vanilla in the paper's own regime?
 
     python bench/paper_probe.py --runs l2-vanilla l2-scheduled --seeds 0 --budget-s 240 --out bench/out/probe
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from trainability import config
-from trainability.batched import run_batched
+from trainability.stacked.engine import run_batched
 
 
 def summarise(jobs, recs) -> dict:

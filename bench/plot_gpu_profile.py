@@ -43,7 +43,8 @@ def main() -> int:
     ax = axes[0]
     parts = [("plain steps (39)", lambda r: (r["K"] - 1) * r["plain_ms"], "#4c72b0"),
              ("gradient + 16 rounds, CUDA graph", lambda r: r.get("ahead_ms", 0.0), "#c44e52"),
-             ("Lanczos rounds (host rule, eager rounds)", lambda r: r["lanczos_ms"] - r.get("ahead_ms", 0.0), "#dd8452"),
+             ("Lanczos rounds (host rule, eager rounds)", lambda r: r["lanczos_ms"] - r.get("ahead_ms", 0.0),
+              "#dd8452"),
              ("Algorithm 1", lambda r: r["scheduler_ms"], "#55a868"),
              ("rest of the decision step", lambda r: r["rest_ms"], "#8172b3")]
     w = 0.8 / len(profiles)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from trainability import config
-from trainability.batched import run_batched
+from trainability.stacked.engine import run_batched
 from trainability.loop import steps_per_task
 from trainability.pipeline import run_jobs
 from trainability.planning import stack_phases

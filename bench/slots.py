@@ -1,13 +1,14 @@
 """Several batched jobs at once on one device: each job's speed beside the others against alone, measured,
 and the whole scale's makespan on that many slots from it.
 
-    python bench/slots.py --device cuda --slots 4 --projection bench/out/gpu/projection.json --out bench/out/gpu/slots.json
+    python bench/slots.py --device cuda --slots 4 --projection bench/out/gpu/projection.json \\
+        --out bench/out/gpu/slots.json
     python bench/slots.py --device cpu --slots 2 --seconds 4 --jobs batch-crelu-long batch-l2-long \\
         --set stream.n_images=2560 --set measure.every=4          # a CPU try-out of the script
 
 `--slots` K worker processes each build one job of the scale (default: the K longest in --projection, which
 `snakemake --cores N` would start first on a GPU with K slots; else the first K planned) with the real
-engine (batched.BatchedRuns, the job's own configs, indicators off) and warm it up (CUDA graph captures,
+engine (stacked.engine.BatchedRuns, the job's own configs, indicators off) and warm it up (CUDA graph captures,
 torch.compile, the first decisions). Then, phase by phase, the workers meet at a barrier and some of them
 train for --seconds, a decision every measure.every steps as in a run: first each worker alone (its solo
 rate, steps per second), then workers 1..j together for j = 2..K. A worker's speed beside j - 1 others is
@@ -34,8 +35,10 @@ import torch
 
 from bench_batched import _sync
 from project_paper import makespan
-from trainability import batched, config
-from trainability.planning import check_batchable, stacks
+from trainability import config
+from trainability.pipeline import stacks
+from trainability.planning import check_batchable
+from trainability.stacked.engine import BatchedRuns
 
 
 def _train_for(engine, clock: dict, seconds: float) -> tuple[int, float]:
@@ -53,7 +56,8 @@ def _train_for(engine, clock: dict, seconds: float) -> tuple[int, float]:
                 clock["epoch"] += 1
             clock["batch"], clock["j"] = engine.minibatches(clock["epoch"]), 0
         idx = clock["batch"][clock["j"]]
-        engine.step(idx, step=clock["step"], frac=[0.0] * engine.M, decide=engine.measuring and (clock["step"] + 1) % K == 0)
+        decide = engine.measuring and (clock["step"] + 1) % K == 0
+        engine.step(idx, step=clock["step"], frac=[0.0] * engine.M, decide=decide)
         if clock["j"] == 0:
             engine.ramp([clock["epoch"]] * engine.M)
         clock["j"] += 1
@@ -71,7 +75,7 @@ def worker(w: int, name: str, cfgs: list[dict], device: str, phases: list[list[i
     dev = torch.device(device)
     check_batchable(cfgs)   # (resolve_with_sets validated each)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = batched.BatchedRuns(cfgs, dev, [{} for _ in cfgs], [Path(tmp) / f"m{i}" for i in range(len(cfgs))])
+        engine = BatchedRuns(cfgs, dev, [{} for _ in cfgs], [Path(tmp) / f"m{i}" for i in range(len(cfgs))])
         engine.start_task(dict.fromkeys(range(engine.M), 0))
         clock = {"epoch": 0, "batch": None, "j": 0, "step": 0}
         _train_for(engine, clock, 0.0)   # a first step: the engine's one-off costs start here
@@ -104,7 +108,8 @@ def measure(jobs: list[tuple[str, list[dict]]], device: str, seconds: float) -> 
     out = {"device": device, "seconds": seconds, "jobs": [n for n, _ in jobs], "phases": rows,
            "solo_steps_per_s": {jobs[w][0]: v for w, v in solo.items()}, "slot_speed": {1: 1.0}}
     for j in range(2, K + 1):
-        beside = {jobs[r["worker"]][0]: r["steps"] / r["seconds"] / solo[r["worker"]] for r in rows if r["together"] == j}
+        beside = {jobs[r["worker"]][0]: r["steps"] / r["seconds"] / solo[r["worker"]]
+                  for r in rows if r["together"] == j}
         out.setdefault("speed_beside", {})[j] = beside
         out["slot_speed"][j] = sum(beside.values()) / len(beside)
     return out
@@ -118,7 +123,8 @@ def plot(out: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     js = sorted(int(j) for j in out["slot_speed"])
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.bar(js, [j * out["slot_speed"][str(j)] for j in js], color="#9ecae1", label="throughput against one job at a time")
+    ax.bar(js, [j * out["slot_speed"][str(j)] for j in js], color="#9ecae1",
+           label="throughput against one job at a time")
     for n in out["jobs"]:
         pts = [(1, 1.0)] + [(int(j), v[n]) for j, v in out.get("speed_beside", {}).items() if n in v]
         ax.plot(*zip(*sorted(pts)), "o-", ms=4, label=f"{n}: speed against alone")

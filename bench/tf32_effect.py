@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from trainability import config
-from trainability.batched import run_batched
+from trainability.stacked.engine import run_batched
 
 
 def _max_rel(a: list, b: list) -> float:

@@ -181,13 +181,15 @@ def test_verdict_rules():
     hi = analysis.stat([0.5, 0.52, 0.51])
     lo = analysis.stat([0.2, 0.3, 0.25])
     mid = analysis.stat([0.1, 0.6, 0.4])
-    assert verdicts.beats(hi, lo) == verdicts.REP and verdicts.beats(hi, mid) == verdicts.PART and verdicts.beats(lo, hi) == verdicts.NOT
+    assert verdicts.beats(hi, lo) == verdicts.REP and verdicts.beats(hi, mid) == verdicts.PART
+    assert verdicts.beats(lo, hi) == verdicts.NOT
     assert verdicts.beats(hi, None) == verdicts.NODATA
     assert verdicts.across([True, True]) == verdicts.REP and verdicts.across([True, False, None]) == verdicts.PART
     assert verdicts.across([False]) == verdicts.NOT and verdicts.across([None]) == verdicts.NODATA
     assert verdicts.shape_holds("chance", 0.1, 0.11) and not verdicts.shape_holds("rising", 0.3, 0.305)
     assert verdicts.shape_holds("falling", 0.18, 0.11) and verdicts.shape_holds("flat", 0.60, 0.615)
-    assert verdicts._direction(1.0, 1.2) == "up" and verdicts._direction(1.0, 1.01) == "flat" and verdicts._direction(None, 1) is None
+    assert verdicts._direction(1.0, 1.2) == "up" and verdicts._direction(1.0, 1.01) == "flat"
+    assert verdicts._direction(None, 1) is None
 
 
 def test_tables_without_summaries(tmp_path, monkeypatch):

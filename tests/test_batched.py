@@ -1,4 +1,4 @@
-"""Batched training (trainability.batched) against the one-model-at-a-time engine (train.run)."""
+"""Batched training (trainability.stacked) against the one-model-at-a-time engine (train.run)."""
 import contextlib
 import json
 import math
@@ -10,8 +10,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from trainability import batched, config
-from trainability.batched import batched_lanczos, run_batched
+from trainability import config
+from trainability.stacked.adam import _fused_adam_update
+from trainability.record import CHECKPOINT_NAME
+from trainability.stacked import engine as stacked_engine
+from trainability.stacked.engine import BatchedRuns, run_batched
+from trainability.stacked.graphs import CudaGraphStep, DecisionGraph
+from trainability.stacked.lanczos import batched_lanczos
+from trainability.stacked.model import clear_grads
+from trainability.stacked.scheduler import StackedScheduler
 from trainability.planning import check_batchable
 from trainability.eigen import _lanczos
 from trainability.train import run
@@ -71,7 +78,7 @@ def _check_equal(cfgs, tmp_path, rtol=RTOL, rounding_chaotic=()):
     """Every model of one batch against its single run. On a GPU, the models in `rounding_chaotic` (Wasserstein
     on the authors' stream) are compared in their first decision and their record's shape only: on the CPU a
     1e-7 relative nudge of such a model's initial weights already moves its record beyond 5e-3 from its second
-    decision on (the L2 models' stays within it; bench/rounding_sensitivity.py), and the GPU's two engines
+    decision on (the L2 models' stays within it; bench/README.md: rounding_sensitivity.py), and the GPU's two engines
     round differently (baddbmm against addmm)."""
     singles = [run(c, tmp_path / f"single{i}", progress=False) for i, c in enumerate(cfgs)]
     batch = run_batched(cfgs, [tmp_path / f"batch{i}" for i in range(len(cfgs))], progress=False)
@@ -176,7 +183,7 @@ def test_batchnorm_models_equal_single_runs(tmp_path, mnist_root):
     # The Linear bias before a BatchNorm has a true gradient of zero: what each engine computes is
     # rounding noise, which Adam scales to steps of size lr. Continuous quantities still agree to RTOL;
     # an accuracy may differ by a few of the 512 images (counts measured: at most 2).
-    # The Wasserstein model (3) adds the sort's amplification (bench/rounding_sensitivity.py): on an AMD EPYC
+    # The Wasserstein model (3) adds the sort's amplification (bench/README.md: rounding_sensitivity.py): on an AMD EPYC
     # CPU its third task's indicators differed by 0.2% between the engines (2026-11-27). It is compared in
     # its first task and first decision, and in its record's shape.
     acc = ("online_acc", "end_acc")
@@ -308,7 +315,7 @@ def test_lockstep_problems_equal_each_solved_alone():
 def _ahead(problems, rounds: int, max_iter: int, extra: int) -> tuple:
     """lanczos_ahead's rounds, and with extra > 0 up to `extra` more, one a call, for the rows still going
     (DecisionGraph._more's chain of one-round graphs; its CPU stand-in: lanczos_more)."""
-    from trainability.batched import lanczos_ahead, lanczos_more
+    from trainability.stacked.lanczos import lanczos_ahead, lanczos_more
     got = lanczos_ahead(problems, rounds, max_iter, capacity=rounds + extra + 1)
 
     def more(kry):
@@ -317,7 +324,7 @@ def _ahead(problems, rounds: int, max_iter: int, extra: int) -> tuple:
 
 
 def test_rounds_run_ahead_give_the_lockstep_bits():
-    """lanczos_ahead (R rounds of every row's products with no host stopping rule, what batched.DecisionGraph
+    """lanczos_ahead (R rounds of every row's products with no host stopping rule, what DecisionGraph
     replays), with or without E more rounds, one a call, for the rows still going after them (its graphs
     of one round), then batched_lanczos over them: the bits of the lockstep solver, with skipped rows, rows
     that stop long before their problem, and R below, at and beyond the rounds needed (below: the rows
@@ -390,7 +397,7 @@ def test_stacked_windows_equal_the_float_windows():
     M, C, W = 3, 2, 16
     sched_cfg = dict(tiny("l2-scheduled")["scheduler"], window=W)
     adam = SimpleNamespace(lr=torch.ones(M, C, dtype=torch.float64))
-    stacked = batched.StackedScheduler(adam, 64, [sched_cfg] * M, [True] * M, C)
+    stacked = StackedScheduler(adam, 64, [sched_cfg] * M, [True] * M, C)
     floats = [[VolatilityWindow(W) for _ in range(C)] for _ in range(M)]
     g = torch.Generator().manual_seed(0)
     for push in range(40):
@@ -506,7 +513,7 @@ def test_fused_adam_equals_single_runs(tmp_path, mnist_root):
     singles = [run(c, tmp_path / f"single{i}", progress=False) for i, c in enumerate(cfgs)]
     batch = run_batched([config.deep_merge(c, {"fused_adam": True}) for c in cfgs],
                         [tmp_path / f"batch{i}" for i in range(len(cfgs))], progress=False)
-    assert batched._fused_adam_update.cache_info().currsize == 1   # the compiled update was built
+    assert _fused_adam_update.cache_info().currsize == 1   # the compiled update was built
     for i, (s, b) in enumerate(zip(singles, batch)):
         b["config"]["fused_adam"] = False
         diffs = _close(_comparable(s), _comparable(b), RTOL)
@@ -532,7 +539,7 @@ class _Storages(TorchDispatchMode):
         return out
 
 
-class _StorageCheckedStep(batched.CudaGraphStep):
+class _StorageCheckedStep(CudaGraphStep):
     """A CPU stand-in for CudaGraphStep that checks what a graph needs: every call runs the step eagerly
     on one index tensor (copied in place, as before a replay) with the gradients cleared (as at the
     capture), and the step must touch the same outside storages at every call."""
@@ -546,7 +553,7 @@ class _StorageCheckedStep(batched.CudaGraphStep):
         if self.idx is None:
             self.idx = idx.clone()
         self.idx.copy_(idx)
-        batched._clear_grads(self.params)
+        clear_grads(self.params)
         with _Storages() as seen:
             out = self.step(self.idx)
         if self.graph is None:
@@ -583,8 +590,8 @@ def test_decision_graph_gives_the_eager_records(tmp_path, mnist_root, monkeypatc
     eagerly (3 rounds: most do; 16: few). The eager engine's records, exactly: with eager decisions on the
     partial minibatches between, a reset model, Wasserstein, a model that does not measure, and the whole
     network's problem (l2-global), over task boundaries."""
-    monkeypatch.setattr(batched.DecisionGraph, "ROUNDS", rounds)
-    monkeypatch.setattr(batched.DecisionGraph, "fallback", False)   # on CUDA: a failed capture fails the test
+    monkeypatch.setattr(DecisionGraph, "ROUNDS", rounds)
+    monkeypatch.setattr(DecisionGraph, "fallback", False)   # on CUDA: a failed capture fails the test
     d = {"data": {"root": mnist_root}, "n_tasks": 2, "stream": {"n_images": 600, "drop_last": False},
          "optim": {"beta_ramp": True}, "measure": {"every": 2}}   # decisions at steps 1, 3 (full) and 5 (partial)
     cfgs = [tiny("l2-scheduled", **d), tiny("l2-reset", **d), tiny("wass-scheduled", **d), tiny("l2-global", **d),
@@ -602,7 +609,7 @@ def test_decision_graph_gives_the_eager_records(tmp_path, mnist_root, monkeypatc
 
 def _engine_at_task_start(cfgs, tmp_path):
     """A BatchedRuns of cfgs at the start of task 1 (the beta ramp's first epoch), and its first full minibatch."""
-    engine = batched.BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
+    engine = BatchedRuns(cfgs, torch.device(cfgs[0]["device"]), [{} for _ in cfgs],
                                  [tmp_path / f"m{i}" for i in range(len(cfgs))])
     engine.start_task(dict.fromkeys(range(engine.M), 0))
     engine.ramp([0] * engine.M)
@@ -651,11 +658,11 @@ def test_the_steps_wasserstein_gradient_is_autograds(tmp_path, mnist_root, regs)
         engine.step(bidx, step=i, frac=[0.0] * engine.M, decide=False)
     assert engine.wass()[0] > 0
     params = engine.net.params()
-    batched._clear_grads(params)
+    clear_grads(params)
     xb, yb = engine.minibatch(bidx)
     (engine.objective(xb, yb)[2] + engine.wass().sum()).backward()
     want = [p.grad for p in params]
-    batched._clear_grads(params)
+    clear_grads(params)
     engine.forward_backward(bidx, engine.correct)
     assert all(torch.equal(p.grad, w) for p, w in zip(params, want))
     without = torch.autograd.grad(engine.objective(xb, yb)[2], params)
@@ -693,7 +700,8 @@ def test_the_probes_products_are_autograds_through_the_whole_objective(tmp_path,
     lam_w = torch.tensor([c["regularizer"]["lam"] if c["regularizer"]["kind"] == "wasserstein" else 0.0 for c in cfgs],
                          device=dev)
     gen = torch.Generator().manual_seed(0)
-    randn = lambda *shape: torch.randn(*shape, generator=gen).to(dev)   # the same draws on any device
+    def randn(*shape):   # the same draws on any device
+        return torch.randn(*shape, generator=gen).to(dev)
 
     def autograds(ps, rows, V):
         """autograd's (H + wd I) V on the rows `rows` of the stack's tensors ps (the other rows' V zero)."""
@@ -792,12 +800,12 @@ def test_a_failed_decision_graph_capture_leaves_the_decisions_eager(tmp_path, mn
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
-    init = batched.DecisionGraph.__init__
+    init = DecisionGraph.__init__
 
     def capturing(self, engine):
         init(self, engine)
         self.capture = True
-    monkeypatch.setattr(batched.DecisionGraph, "__init__", capturing)
+    monkeypatch.setattr(DecisionGraph, "__init__", capturing)
     d = {"data": {"root": mnist_root}, "n_tasks": 2, "measure": {"every": 2}}
     cfgs = [tiny("l2-scheduled", **d), tiny("wass-scheduled", **d)]
     eager = run_batched(cfgs, [tmp_path / f"eager{i}" for i in range(len(cfgs))], progress=False)
@@ -814,7 +822,7 @@ def test_the_graph_step_reads_and_writes_the_same_storages_every_call(tmp_path, 
     labels each task, a reset model, the beta ramp, Wasserstein's sort, eager decisions and partial
     minibatches in between) touch the same outside storages at every call, as a replay would, and the
     records equal the eager engine's exactly."""
-    monkeypatch.setattr(batched, "CudaGraphStep", _StorageCheckedStep)
+    monkeypatch.setattr(stacked_engine, "CudaGraphStep", _StorageCheckedStep)
     monkeypatch.setattr(_StorageCheckedStep, "calls", 0)
     eager, checked = _eager_and_graph(tmp_path, mnist_root)
     assert _StorageCheckedStep.calls == sum(s % 5 < 4 and (s + 1) % 3 != 0 for s in range(45)) == 24
@@ -827,7 +835,7 @@ def test_the_decision_step_graph_reads_and_writes_the_same_storages_every_call(t
     stand-in above: the full-minibatch decision steps' forward and backward (the layer activations kept, the
     probe reading them after) touch the same outside storages at every call, and the records equal the
     eager engine's exactly."""
-    monkeypatch.setattr(batched, "CudaGraphStep", _StorageCheckedStep)
+    monkeypatch.setattr(stacked_engine, "CudaGraphStep", _StorageCheckedStep)
     monkeypatch.setattr(_StorageCheckedStep, "calls", 0)
     eager, checked = _eager_and_graph(tmp_path, mnist_root, keys=GRAPH_KEYS)
     full_decisions = sum(s % 5 < 4 and (s + 1) % 3 == 0 for s in range(45))
@@ -842,7 +850,7 @@ def test_decision_step_graph_equals_the_eager_step(tmp_path, mnist_root, monkeyp
     their own (captured at the fourth, after three eager ones; Adam, the probe and Algorithm 1 eager after
     it), next to the plain steps' graph and the decision graph (a failed capture fails the test), as at the
     paper scale: the eager engine's records."""
-    monkeypatch.setattr(batched.DecisionGraph, "fallback", False)
+    monkeypatch.setattr(DecisionGraph, "fallback", False)
     eager, graph = _eager_and_graph(tmp_path, mnist_root, keys=GRAPH_KEYS, device="cuda")
     for i, (e, g) in enumerate(zip(eager, graph)):
         diffs = _close(_comparable(e), _comparable(g), 1e-6)
@@ -884,7 +892,7 @@ def test_task_lengths_in_one_batch_equal_single_runs_and_resume_across_the_stack
     for stop, stack in ((0, [0, 1, 4]), (4, [0])):   # the checkpoints at epochs 4 and 8, and who is left
         dirs = [tmp_path / f"stop{stop}-{i}" for i in range(5)]
         part = run_batched(cfgs, dirs, progress=False, stop_after_task=stop)
-        ckpt = torch.load(dirs[0] / ("batched-" + batched.CHECKPOINT_NAME), weights_only=False)
+        ckpt = torch.load(dirs[0] / ("batched-" + CHECKPOINT_NAME), weights_only=False)
         assert ckpt["next_epoch"] == 4 * (stop // 4 + 1) and ckpt["models"] == stack and len(part) == 5
         # no record is written before the job ends (Snakemake deletes a failed job's outputs): the runs
         # that left the stack are in the checkpoint, and written when the resumed job ends

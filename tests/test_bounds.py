@@ -104,4 +104,5 @@ def test_window_feeds_the_combined_bound():
         s = w.push(x)
     assert s["mu"] == 2.0 and s["sigma2"] == 1.0
     S = bounds.curvature_statistic("vol", 3.0, s)
-    assert bounds.alpha_tilde(4.0, 2.0, 8, S, beta=1.0) == pytest.approx(8 * 4.0 / (2.0 + 4.0 * 1.0 / (2.0 + bounds.EPS)))
+    want = 8 * 4.0 / (2.0 + 4.0 * 1.0 / (2.0 + bounds.EPS))
+    assert bounds.alpha_tilde(4.0, 2.0, 8, S, beta=1.0) == pytest.approx(want)

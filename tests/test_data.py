@@ -102,7 +102,7 @@ def test_corrupted_file_is_named_and_rewritten(fresh_root, tmp_path, capsys):
 
 
 def test_corrupted_file_without_the_wheel_is_named(fresh_root, tmp_path, monkeypatch):
-    bad = _corrupt(_copy_raw(fresh_root, tmp_path))
+    _corrupt(_copy_raw(fresh_root, tmp_path))
     _hide_wheel(monkeypatch)
     with pytest.raises(DataError) as e:
         load_mnist(tmp_path)

@@ -10,7 +10,7 @@ import yaml
 from trainability.scheduler import NoiseCurvatureScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = "\n".join(p.read_text() for p in sorted((ROOT / "src" / "trainability").glob("*.py")))
+SOURCE = "\n".join(p.read_text() for p in sorted((ROOT / "src" / "trainability").rglob("*.py")))
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 # Blocks handed over whole, whose keys are consumed structurally rather than by name:
@@ -64,6 +64,6 @@ def test_the_measurement_settings_reach_the_sharpness_indicator():
     call = text[text.index("def task_start_indicators("):]
     call = call[:call.index("\n\n")]
     assert 'eig_tol=m["eig_tol"]' in call and 'eig_max_iter=m["eig_max_iter"]' in call
-    for engine in ("train.py", "batched.py"):
+    for engine in ("train.py", "stacked/engine.py"):
         text = (src / engine).read_text()
         assert "task_start_indicators(" in text and "compute_indicators(" not in text, engine

@@ -1,4 +1,5 @@
-"""The paper's model (docs/METHOD.md §2): architecture, CReLU widths, activations, init, BatchNorm, per-layer Adam groups."""
+"""The paper's model (docs/METHOD.md §2): architecture, CReLU widths, activations, init, BatchNorm, per-layer
+Adam groups."""
 import math
 import pickle
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainability.models import MLP, build_model, param_groups
+from trainability.models import build_model, param_groups
 
 RELU_P = 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
 CRELU_P = 784 * 256 + 256 + 512 * 256 + 256 + 512 * 10 + 10

@@ -1,4 +1,5 @@
-"""The baselines' regularisers (docs/METHOD.md §3): Wasserstein-to-init (value and gradient by hand) and coupled L2 = Adam weight_decay."""
+"""The baselines' regularisers (docs/METHOD.md §3): Wasserstein-to-init (value and gradient by hand) and
+coupled L2 = Adam weight_decay."""
 import io
 
 import pytest

@@ -103,7 +103,7 @@ def test_checkpoint_of_another_config_is_ignored(tmp_path, mnist_root):
 
 def test_task_accuracy_is_the_mean_of_minibatch_accuracies():
     """A partial last minibatch weighs as much as a full one (the authors' mean of per-batch means)."""
-    from trainability.train import task_online_acc
+    from trainability.record import task_online_acc
     # 2 epochs of 600 images at B = 256: minibatches 256, 256, 88; hits 128 + 64 per epoch on full ones,
     # 44 on each partial one -> accuracies (0.5, 0.25, 0.5) per epoch
     assert task_online_acc(2 * 192, 2 * 44, 6, 600, 256, drop_last=False) == pytest.approx((0.5 + 0.25 + 0.5) / 3)
@@ -121,7 +121,7 @@ def test_partial_last_minibatch_is_kept_unless_drop_last(tmp_path, mnist_root):
 def test_cli_errors_are_one_line_and_come_before_training(tmp_path, mnist_root, capsys):
     """An unwritable --out, a folder another run holds, bad YAML and a malformed --set: a clear error
     naming the file or key, exit 2, before any training."""
-    from trainability.train import run_folder_lock
+    from trainability.record import run_folder_lock
     afile = tmp_path / "afile"
     afile.write_text("")
     base = ["--scale", "smoke", "--run", "l2-vanilla", "--set", f"data.root={mnist_root}",

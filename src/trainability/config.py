@@ -45,8 +45,9 @@ def _finite_number(_, x) -> bool:
 
 
 def _validator(schema: dict):
-    """JSON Schema 2020-12 (as Snakemake) with a strict "integer": 3.0 is refused where a count is expected (JSON Schema accepts
-    whole-number floats as integers, and they crash range() and tensor shapes later), and a finite "number"."""
+    """JSON Schema 2020-12 (as Snakemake) with a strict "integer": 3.0 is refused where a count is expected
+    (JSON Schema accepts whole-number floats as integers, and they crash range() and tensor shapes later),
+    and a finite "number"."""
     import jsonschema
 
     checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many({
@@ -150,9 +151,9 @@ def run_family(params: dict, run: str) -> str | None:
 
 def experiment_runs(params: dict, scale: str, experiment: str) -> list[str]:
     """An experiment's runs at a scale: its `runs` less those the scale leaves out (`runs`, `skip_runs`)."""
-    allowed = set(params["scales"][scale].get("runs") or params["runs"])
-    allowed -= set(params["scales"][scale].get("skip_runs", []))
-    return [r for r in params["experiments"][experiment]["runs"] if r in allowed]
+    sc = params["scales"][scale]
+    return [r for r in params["experiments"][experiment]["runs"]
+            if r in (sc.get("runs") or [r]) and r not in sc.get("skip_runs", [])]
 
 
 def run_names(params: dict, scale: str) -> list[str]:

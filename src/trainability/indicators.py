@@ -125,8 +125,8 @@ def task_start_indicators(cfg: dict, model: nn.Module, x: torch.Tensor, y: torch
 def compute_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_fixed: torch.Tensor,
                        y_fixed: torch.Tensor, regularizer=None, weight_decay: float = 0.0,
                        eig_tol: float = 1e-4, eig_max_iter: int = 100) -> dict[str, float]:
-    """All indicators of the paper's Sec. 3 / Fig. 1 (and two beyond it) at the current parameters, on a batch (x, y) and the
-    n fixed examples (x_fixed, y_fixed) of the Hessian rank. Leaves the model's .grad and BatchNorm
+    """All indicators of the paper's Sec. 3 / Fig. 1 (and two beyond it) at the current parameters, on a
+    batch (x, y) and the n fixed examples (x_fixed, y_fixed) of the Hessian rank. Leaves the model's .grad and BatchNorm
     statistics untouched (gradients via autograd.grad)."""
     params = list(model.parameters())
     with buffers_kept(model):

@@ -1,5 +1,5 @@
 """The continual-training loop (paper Sec. 5, Algorithm 1's clock; docs/METHOD.md §1-3): written once,
-followed by both engines (train.SingleRun: one model; batched.BatchedRuns: M stacked models).
+followed by both engines (train.SingleRun: one model; stacked.engine.BatchedRuns: M stacked models).
 
 A stream of `n_tasks` tasks; each task is `epochs` shuffled passes over its images in minibatches of B
 (the last one partial unless stream.drop_last). Every K-th step (measure.every) is a decision: the
@@ -52,9 +52,15 @@ RESTART = "rerun with --fresh, or delete it, to start that run over"
 LAYOUT = 2
 
 
+def acts(cfg: dict) -> bool:
+    """Whether a run's scheduler acts on its learning rates (Algorithm 1's act): in the scheduled arm only;
+    the vanilla and reset arms record the would-be rule."""
+    return cfg["arm"] == "scheduled"
+
+
 def measures(cfg: dict) -> bool:
     """Whether a run measures at decision steps: when asked to, and always in the scheduled arm."""
-    return cfg["measure"]["enabled"] or cfg["arm"] == "scheduled"
+    return cfg["measure"]["enabled"] or acts(cfg)
 
 
 def steps_per_task(cfg: dict) -> tuple[int, int, int]:

@@ -75,8 +75,8 @@ class LayerProbe:
         (bias: B delta_i). With ||delta_i a_i^T||^2 = ||delta_i||^2 ||a_i||^2:
             (1/B) sum_i ||g_i||^2 = B sum_i ||delta_i||^2 (||a_i||^2 + 1),   gbar = delta^T a (bias: sum_i delta_i),
             sigma2_ps = (1/B) sum_i ||g_i - gbar||^2 = (1/B) sum_i ||g_i||^2 - ||gbar||^2.
-        The regulariser does not pass through z, so it is excluded, as the authors' definition asks [code]. float64: the last
-        line subtracts two nearly equal numbers when the examples agree. Exact for losses that are a
+        The regulariser does not pass through z, so it is excluded, as the authors' definition asks [code].
+        float64: the last line subtracts two nearly equal numbers when the examples agree. Exact for losses that are a
         mean of per-example terms; with BatchNorm in training mode the examples are coupled, and this is
         example i's contribution to the batch gradient (Linear weight and bias only, BN's affine
         parameters are not included).

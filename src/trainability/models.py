@@ -1,7 +1,7 @@
-"""The MLPs of the paper (Sec. 5, Fig. 1; docs/METHOD.md §2): 784 -> 256 -> 256 -> 10 with ReLU, CReLU, LeakyReLU(rho), identity,
-or Linear -> BatchNorm1d -> activation. Layers are numbered 1..L; the output layer is L (the paper's
-layer 3). Each layer gets its own Adam parameter group (`param_groups`) so the scheduler of Algorithm 1 can
-give it its own learning rate.
+"""The MLPs of the paper (Sec. 5, Fig. 1; docs/METHOD.md §2): 784 -> 256 -> 256 -> 10 with ReLU, CReLU,
+LeakyReLU(rho), identity, or Linear -> BatchNorm1d -> activation. Layers are numbered 1..L; the output layer
+is L (the paper's layer 3). Each layer gets its own Adam parameter group (`param_groups`) so the scheduler of
+Algorithm 1 can give it its own learning rate.
 
 Init [code]: `nn.init.kaiming_uniform_(w, nonlinearity="relu")`, i.e. U(-b, b) with
 b = gain * sqrt(3 / fan_in) = sqrt(6 / fan_in) (gain sqrt(2), fan_in = the Linear's input width, so 512

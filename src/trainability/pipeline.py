@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import experiment_names, experiment_runs, load_params, run_family, run_names
+from .config import experiment_names, experiment_runs, load_params, resolve_run, run_family, run_names
 
 TABLES = ("table1.md", "results.md", "results.csv", "paper_vs_ours.md")
 
@@ -64,6 +64,22 @@ def run_jobs(params: dict, scale: str) -> tuple[dict[str, list[str]], list[str]]
         return {}, runs
     from .planning import batch_groups   # here, not at the top: the aggregation stages need no engine code
     return batch_groups(params, scale, runs), []
+
+
+def stacks(params: dict, scale: str) -> dict[str, list[str]]:
+    """{name: runs} of every batched job of `scale` and of the smaller stacks it shrinks to (the benches
+    profile those): a later phase is named after its first run (batch-l2-long: the 2x task length's
+    runs, the last phase of batch-l2-vanilla), or <job>/<k> where that is a job's name. Here, not in
+    planning: pipeline imports planning, never the reverse."""
+    from .planning import stack_phases
+    out, seed = {}, params["scales"][scale]["seeds"][0]
+    for name, runs in run_jobs(params, scale)[0].items():
+        out[name] = runs
+        cfgs = [resolve_run(params, scale, r, seed) for r in runs]
+        for k, (models, _, _) in enumerate(stack_phases(cfgs)[1:], 1):
+            later = [runs[m] for m in models]
+            out[f"batch-{later[0]}" if f"batch-{later[0]}" not in out else f"{name}/{k}"] = later
+    return out
 
 
 def seconds_per_step(models: int, gpu: bool) -> float:
@@ -118,7 +134,7 @@ def stage_name(*parts) -> str:
 
 # the modules whose code an experiment stage (aggregate + figure) and the tables stage run: a change in
 # one of them reruns the stage under `dvc repro`
-EXPERIMENT_MODULES = ("analysis", "figures", "methods", "verdicts")
+EXPERIMENT_MODULES = ("analysis", "figures", "methods", "plotting", "verdicts")
 TABLE_MODULES = ("analysis", "methods", "tables", "verdicts")
 
 
@@ -146,7 +162,8 @@ def dvc_yaml(params: dict) -> dict:
         for seed in seeds:
             out = run_dir(params, scale, run, seed)
             stages[stage_name("run", run, f"seed{seed}")] = {
-                "cmd": guard + f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out} --no-progress",
+                "cmd": guard + f"{py} -m trainability.train --scale {scale} --run {run} --seed {seed} --out {out}"
+                               " --no-progress",
                 "deps": ["data/MNIST/raw", "src/trainability"],
                 "params": ["scale", "run_defaults", f"scales.{scale}.run", f"runs.{run}"]
                           + family_params(params, scale, run),

@@ -94,17 +94,3 @@ def stack_phases(cfgs: list[dict]) -> list[tuple[list[int], int, int]]:
             stack, start = going, e
     return out
 
-
-def stacks(params: dict, scale: str) -> dict[str, list[str]]:
-    """{name: runs} of every batched job of `scale` and of the smaller stacks it shrinks to (the benches
-    profile those): a later phase is named after its first run (batch-l2-long: the 2x task length's
-    runs, the last phase of batch-l2-vanilla), or <job>/<k> where that is a job's name."""
-    from .pipeline import run_jobs
-    out, seed = {}, params["scales"][scale]["seeds"][0]
-    for name, runs in run_jobs(params, scale)[0].items():
-        out[name] = runs
-        cfgs = [config.resolve_run(params, scale, r, seed) for r in runs]
-        for k, (models, _, _) in enumerate(stack_phases(cfgs)[1:], 1):
-            later = [runs[m] for m in models]
-            out[f"batch-{later[0]}" if f"batch-{later[0]}" not in out else f"{name}/{k}"] = later
-    return out

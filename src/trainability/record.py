@@ -4,6 +4,7 @@ Layout in docs/DESIGN.md. Written atomically, so an interrupted run never leaves
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -146,7 +147,7 @@ def damaged(path: str | Path) -> str | None:
     return None
 
 
-# -- a run's life, shared by both engines (train.run and batched.run_batched write the same records)
+# -- a run's life, shared by both engines (train.run and stacked.engine.run_batched write the same records)
 
 def finished_record(path: Path, chash: str) -> dict | None:
     """The record at `path` if its run ended (completed or diverged) under the config hash `chash`, else
@@ -184,3 +185,57 @@ def finish_record(record: dict, path: Path, rule_counts: dict | None) -> None:
         record["status"] = "completed"
     record["provenance"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(record, path)
+
+
+def task_online_acc(correct_full: float, correct_partial: float, steps: int, n: int, B: int,
+                    drop_last: bool) -> float:
+    """"Task accuracy" (docs/METHOD.md §1): the mean over the task's minibatches of each one's pre-update accuracy,
+    a partial minibatch weighing as much as a full one (the authors' mean of per-batch means [code])."""
+    last = n % B
+    if drop_last or last == 0:
+        return (correct_full + correct_partial) / (steps * B)
+    return (correct_full + correct_partial * B / last) / (steps * B)
+
+
+class RunFolderError(RuntimeError):
+    """The output folder cannot be written, or another process is writing it."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path):
+    """Check that `out` is writable (before any training) and hold `out/.lock` while the run writes
+    there: a second process on the same folder is refused instead of racing on the same files. A lock
+    left by a process that no longer runs is taken over."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = out / ".lock"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                pid = lock.read_text().strip()
+                if pid.isdigit() and _alive(int(pid)):
+                    raise RunFolderError(f"{out} is in use by process {pid} (another run with the same "
+                                         "--out); wait for it or choose another --out") from None
+                lock.unlink(missing_ok=True)   # stale: its process is gone
+        else:
+            raise RunFolderError(f"could not lock {out}")
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as e:   # read-only, not a folder, no space...
+        raise RunFolderError(f"cannot write to {out} ({e.strerror}): choose a writable --out") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -21,6 +21,11 @@ def adam_weight_decay(cfg: dict) -> float:
     return float(cfg["lam"]) if cfg["kind"] == "l2" else 0.0
 
 
+def wasserstein_lam(cfg: dict) -> float:
+    """The Wasserstein penalty's lambda_W: cfg["lam"] if cfg["kind"] == "wasserstein", else 0."""
+    return float(cfg["lam"]) if cfg["kind"] == "wasserstein" else 0.0
+
+
 class WassersteinPenalty:
     """R(model) = lam * sum_p ||sort(vec p) - sort(vec p0)||^2 over `model.parameters()` (docs/METHOD.md §3).
 
@@ -70,10 +75,7 @@ def hessian_shift(cfg: dict) -> float:
     Hessian-vector products instead of differentiating the penalty twice (the sort's backward through
     full-size tensors in every Lanczos product); autograd's value is the same up to the order of a sum
     (tests/test_regularizers.py, tests/test_batched.py)."""
-    kind = cfg["kind"]
-    if kind == "wasserstein":
-        return 2.0 * float(cfg["lam"])
-    return adam_weight_decay(cfg)
+    return 2.0 * wasserstein_lam(cfg) if cfg["kind"] == "wasserstein" else adam_weight_decay(cfg)
 
 
 def build_regularizer(cfg: dict, model: nn.Module) -> WassersteinPenalty | None:

@@ -21,12 +21,17 @@ import math
 
 from . import bounds
 
+# Algorithm 1's constants (Table 1; params.yaml's `scheduler` block): both engines' schedulers hold these
+RULE_CONSTANTS = ("safety", "cool", "warm", "floor", "warm_frac", "warm_factor", "kappa")
+# the bound Algorithm 1 compares the effective step with (scheduler.bound) -> its field of layer_bounds
+BOUND_FIELDS = {"combined": "alpha_tilde", "noise": "alpha_g", "curvature": "tau"}
+BOUNDS = tuple(BOUND_FIELDS)
 ROW_FIELDS = ("lr", "alpha", "alpha_g", "alpha_vol", "tau", "alpha_tilde", "bound", "lam_max", "lam_bar",
               "vol", "mu", "sigma2_win", "sigma2_ps", "grad_sq", "eig_iters", "rule")
 
 
 # Algorithm 1's arithmetic is written once, below, for a float (train.run, one layer at a time) and for a
-# tensor of every (model, layer) at once (batched.StackedScheduler): the same operations in the same order,
+# tensor of every (model, layer) at once (stacked.scheduler.StackedScheduler): the same operations in the same order,
 # so a float run and a batched run differ by rounding only.
 def _isnan(x):
     return x != x
@@ -73,6 +78,23 @@ def algorithm1_rule(alpha, bound, task_frac: float, settings):
     return cool, warm
 
 
+def chosen_bound(bd: dict, bound):
+    """The bound of layer_bounds' `bd` that Algorithm 1 compares alpha with: `bound` one of BOUNDS, or
+    (tensors (M, C)) each model's index into BOUNDS, (M,)."""
+    if isinstance(bound, str):
+        return bd[BOUND_FIELDS[bound]]
+    import torch
+    every = torch.stack([bd[f] for f in BOUND_FIELDS.values()])
+    return every.gather(0, bound.view(1, -1, 1).expand(1, *every.shape[1:])).squeeze(0)
+
+
+def lr_after(lr, cool, warm, act, settings):
+    """Algorithm 1's learning-rate update: eta <- cool * eta on a cool, warm * eta on a warm, where the
+    scheduler acts (act: the scheduled arm, loop.acts); floats and Python bools, or tensors. `settings`
+    has cool and warm (the factors)."""
+    return _where(act & cool, lr * settings.cool, _where(act & warm, lr * settings.warm, lr))
+
+
 class NoiseCurvatureScheduler:
     """Algorithm 1 with Table 1's defaults; bound Eqs. 1-3 / A.3 from bounds.py (docs/METHOD.md §5-6).
 
@@ -87,7 +109,7 @@ class NoiseCurvatureScheduler:
                  code_alpha_agg: bool = False):
         if variant not in ("per_layer", "global"):
             raise ValueError(f"scheduler.variant: unknown {variant!r}")
-        if bound not in ("combined", "noise", "curvature"):
+        if bound not in BOUNDS:
             raise ValueError(f"scheduler.bound: unknown {bound!r}")
         if statistic not in bounds.STATISTICS:
             raise ValueError(f"scheduler.statistic: unknown {statistic!r}")   # fail at build, not mid-run
@@ -112,7 +134,7 @@ class NoiseCurvatureScheduler:
             {"mu": math.nan, "sigma2": math.nan, "vol": math.nan, "sq_dev": math.nan}
         B = m.get("batch_size", self.B)   # the measured minibatch's size (an epoch's last may be partial)
         bd = layer_bounds(m, lam_bar, stats, B, self)
-        bound = {"combined": bd["alpha_tilde"], "noise": bd["alpha_g"], "curvature": bd["tau"]}[self.bound]
+        bound = chosen_bound(bd, self.bound)
         alpha = m["alpha"]
         cool, warm = algorithm1_rule(alpha, bound, task_frac, self)
         rule = "cool" if cool else "warm" if warm else "none"
@@ -121,11 +143,8 @@ class NoiseCurvatureScheduler:
                 "grad_sq": m["grad_sq"], "eig_iters": m.get("eig_iters", 0), "rule": rule}
 
     def _apply(self, groups, rule: str) -> None:
-        if not self.act or rule == "none":
-            return
-        factor = self.cool if rule == "cool" else self.warm
         for g in groups:
-            g["lr"] *= factor
+            g["lr"] = lr_after(g["lr"], rule == "cool", rule == "warm", self.act, self)
 
     def step(self, measurement: dict, task_frac: float) -> dict:
         """One decision step (paper Algorithm 1): decide (and, if act, apply) for every layer.

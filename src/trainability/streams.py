@@ -1,4 +1,5 @@
-"""Task streams (paper Sec. 5, App. D.1; docs/METHOD.md §1): random-label MNIST (the paper) and permuted-pixel MNIST (beyond it).
+"""Task streams (paper Sec. 5, App. D.1; docs/METHOD.md §1): random-label MNIST (the paper) and
+permuted-pixel MNIST (beyond it).
 
 Data live on the device as tensors; every random draw is a function of (seed, task) alone, so a task
 can be regenerated after a restart without any saved random state.
@@ -18,6 +19,12 @@ def mix_seed(*parts: int, start: int = 0) -> int:
     for p in parts:
         s = (s * 1_000_003 + int(p) + 1) % (2**62)
     return s
+
+
+def sub_seed(seed: int, *parts: int) -> int:
+    """A run's derived seed of (seed, task, ...): mix_seed started at the run's seed (both engines' inits,
+    shuffles and probe starts)."""
+    return mix_seed(*parts, start=seed)
 
 
 def _generator(device: torch.device, *parts: int) -> torch.Generator:
@@ -103,9 +110,16 @@ def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=generator, device=generator.device)
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
-    """Index tensors of one shuffled epoch (epoch_order in minibatches). The last partial batch is dropped
-    by default so every minibatch has exactly B examples (B enters the noise bound)."""
-    perm = epoch_order(n, generator)
+def split_batches(order: torch.Tensor, batch_size: int, drop_last: bool = True):
+    """An epoch's minibatches from its order (..., n) (one model's, or every model's of a stack, (M, n)):
+    views of batch_size indices along the last dimension, then the partial tail of n % batch_size unless
+    drop_last (both engines; loop.steps_per_task counts them)."""
+    n = order.shape[-1]
     stop = n - n % batch_size if drop_last else n
-    return perm[:stop].split(batch_size) if stop else ()
+    return order[..., :stop].split(batch_size, dim=-1) if stop else ()
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
+    """Index tensors of one shuffled epoch (epoch_order in minibatches, split_batches). The last partial
+    batch is dropped by default so every minibatch has exactly B examples (B enters the noise bound)."""
+    return split_batches(epoch_order(n, generator), batch_size, drop_last)

@@ -16,7 +16,8 @@ from .verdicts import FORMS_RULE, NODATA, NOT, PART, REP, STREAM_RULE, VERDICT_R
 # Tag of each run-config key, copied from the comments in params.yaml / docs/LEDGER.md
 # (paper = stated in the paper, code = the authors' code, choice = ours).
 TAGS = {
-    "device": "choice", "threads": "choice", "cuda_graph": "choice", "decision_graph": "choice", "decision_step_graph": "choice", "fused_adam": "choice", "tf32": "choice",
+    "device": "choice", "threads": "choice", "cuda_graph": "choice", "decision_graph": "choice",
+    "decision_step_graph": "choice", "fused_adam": "choice", "tf32": "choice",
     "n_tasks": "paper", "epochs_per_task": "paper",
     "epochs_factor": "choice (task-length ablation factor)", "batch_size": "paper", "arm": "paper",
     "stream.kind": "paper", "stream.n_images": "code (App. D.1 says 21,000)", "stream.label_fraction": "paper",
@@ -104,7 +105,8 @@ def table1(params: dict, scale: str) -> str:
             f"Generated from params.yaml: `run_defaults` overridden by `scales.{scale}.run`. "
             f"Seeds: {params['scales'][scale]['seeds']}. {params['scales'][scale].get('description', '')}\n\n"
             + table(["setting", "value", "tag"], rows)
-            + "\n## Families (settings shared by a method's runs, with the scale's refinements)\n\n" + table(["family", "settings", "tag"], families)
+            + "\n## Families (settings shared by a method's runs, with the scale's refinements)\n\n"
+            + table(["family", "settings", "tag"], families)
             + "\n## Runs (overrides of the settings above, after the family they extend)\n\n"
             + table(["run", "overrides", "tag"], runs))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,47 +21,18 @@ import torch.nn.functional as F
 from .config import (ConfigError, config_hash, params_and_scale, params_parser, resolve_with_sets,
                      validate_run)
 from .data import DataError, load_mnist
+from .devices import setup_device
 from .indicators import task_start_indicators
-from .loop import measures, steps_per_task, train_stream
+from .loop import acts, measures, steps_per_task, train_stream
 from .measure import DecisionProbe
 from .models import build_model, param_groups
 from .optim import ramped_betas
-from .record import (CHECKPOINT_NAME, RECORD_NAME, DamagedFileError, append_decision, end_task, finish_record,
-                     finished_record, new_record)
+from .record import (CHECKPOINT_NAME, RECORD_NAME, DamagedFileError, RunFolderError, append_decision, end_task,
+                     finish_record, finished_record, new_record, run_folder_lock, task_online_acc)
 from .regularizers import adam_weight_decay, build_regularizer
 from .scheduler import build_scheduler
-from .streams import batches, input_dim, make_stream, mix_seed
-from .wandb_log import WandbLogger, run_summary, task_metrics
-
-
-def setup_device(cfg: dict) -> torch.device:
-    """The run's device, thread count and matmul precision (the keys device, threads, tf32)."""
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
-    device = pick_device(cfg["device"])
-    set_matmul_precision(cfg, device)
-    return device
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')")
-    return torch.device(name)
-
-
-def set_matmul_precision(cfg: dict, device: torch.device) -> None:
-    """The run's `tf32` key on CUDA (process-wide backend flags, set by every run for itself). TF32 keeps
-    10 mantissa bits in matmul products: faster on a GPU, and the records change. No effect on the CPU."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
-        torch.backends.cudnn.allow_tf32 = cfg["tf32"]
-
-
-def _sub_seed(seed: int, *parts: int) -> int:
-    """Derived seed of (seed, task, ...): streams.mix_seed started at the run's seed."""
-    return mix_seed(*parts, start=seed)
+from .streams import batches, input_dim, make_stream, sub_seed
+from .wandb_log import decision_metrics, run_logger, run_summary, task_metrics
 
 
 class Learner:
@@ -82,7 +52,7 @@ class Learner:
                                    eig_max_iter=m["eig_max_iter"], global_too=m["global"],
                                    code_alpha_agg=cfg["scheduler"]["code_alpha_agg"], seed=init_seed) \
             if self.measuring else None
-        sched_cfg = dict(cfg["scheduler"], act=cfg["arm"] == "scheduled")
+        sched_cfg = dict(cfg["scheduler"], act=acts(cfg))
         self.scheduler = build_scheduler(sched_cfg, self.optimizer, cfg["batch_size"])
 
     def loss(self, x, y):
@@ -121,25 +91,6 @@ def evaluate(model, x, y, chunk: int = 4096) -> tuple[float, float]:
     return loss / len(x), correct / len(x)
 
 
-def task_online_acc(correct_full: float, correct_partial: float, steps: int, n: int, B: int,
-                    drop_last: bool) -> float:
-    """"Task accuracy" (docs/METHOD.md §1): the mean over the task's minibatches of each one's pre-update accuracy,
-    a partial minibatch weighing as much as a full one (the authors' mean of per-batch means [code])."""
-    last = n % B
-    if drop_last or last == 0:
-        return (correct_full + correct_partial) / (steps * B)
-    return (correct_full + correct_partial * B / last) / (steps * B)
-
-
-def _wandb_logger(cfg: dict, meta: dict) -> WandbLogger:
-    w = cfg["wandb"]
-    run, scale = meta.get("run", "run"), meta.get("scale", "custom")
-    return WandbLogger(cfg, project=w["project"], entity=w["entity"], mode=w["mode"], dir=w["dir"],
-                       name=w["name"] or f"{scale}/{run}/seed{cfg['seed']}",
-                       group=w["group"] or f"{scale}/{run}", job_type=cfg["arm"],
-                       tags=[scale, cfg["arm"], run.split("-")[0], *w["tags"]])
-
-
 class SingleRun:
     """One run as an engine of loop.train_stream: a Learner (rebuilt at each task start in the reset arm)
     on one stream, its record, and its W&B run (logged live, task by task)."""
@@ -151,22 +102,22 @@ class SingleRun:
         self.B = cfg["batch_size"]
         self.epochs = steps_per_task(cfg)[0]
         self.task_epochs = [self.epochs]
-        self.learner = Learner(cfg, device, init_seed=_sub_seed(self.seed, 0))
+        self.learner = Learner(cfg, device, init_seed=sub_seed(self.seed, 0))
         self.measuring = self.learner.probe is not None
         self.record = new_record(cfg, device, self.learner.model.n_layers)
         self.record.update(name=meta.get("run"), scale=meta.get("scale"))
-        self.logger = _wandb_logger(cfg, meta)
+        self.logger = run_logger(cfg, meta)
 
     def start_task(self, tasks: dict[int, int]) -> None:
         cfg = self.cfg
         self.task = t = tasks[0]
         if cfg["arm"] == "reset" and t > 0:
-            self.learner = Learner(cfg, self.device, init_seed=_sub_seed(self.seed, t))
+            self.learner = Learner(cfg, self.device, init_seed=sub_seed(self.seed, t))
         self.x, self.y = self.stream.task(t)
         self.indicators = task_start_indicators(cfg, self.learner.model, self.x, self.y, self.learner.regularizer,
                                                 adam_weight_decay(cfg["regularizer"])) \
             if cfg["indicators"]["enabled"] else None
-        self.gen = torch.Generator(device=self.device).manual_seed(_sub_seed(self.seed, t, 1))
+        self.gen = torch.Generator(device=self.device).manual_seed(sub_seed(self.seed, t, 1))
         self.correct = torch.zeros((), device=self.device)          # over full minibatches
         self.correct_partial = torch.zeros((), device=self.device)  # over last partial ones (drop_last false)
         self.loss_sum = torch.zeros((), device=self.device)
@@ -195,8 +146,7 @@ class SingleRun:
             self.rows.append(rows)
             append_decision(self.record, step, self.task, frac[0], rows)
             if self.cfg["wandb"]["log_decisions"]:
-                self.logger.log({f"layer{l}/{k}": v for l, r in rows.items() for k, v in r.items()
-                                 if k != "rule"}, step=step)
+                self.logger.log(decision_metrics(rows), step=step)
         learner.optimizer.step()
 
     def ramp(self, epochs: list[int]) -> None:
@@ -258,50 +208,6 @@ def run(cfg: dict, out_dir: str | Path, *, meta: dict | None = None, resume: boo
     train_stream(engine, cfg, out_dir / CHECKPOINT_NAME, [chash], resume=resume, progress=progress,
                  desc=f"{meta.get('run', 'run')} s{cfg['seed']}", stop_after_task=stop_after_task)
     return engine.record
-
-
-class RunFolderError(RuntimeError):
-    """The output folder cannot be written, or another process is writing it."""
-
-
-@contextlib.contextmanager
-def run_folder_lock(out: Path):
-    """Check that `out` is writable (before any training) and hold `out/.lock` while the run writes
-    there: a second process on the same folder is refused instead of racing on the same files. A lock
-    left by a process that no longer runs is taken over."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = out / ".lock"
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                break
-            except FileExistsError:
-                pid = lock.read_text().strip()
-                if pid.isdigit() and _alive(int(pid)):
-                    raise RunFolderError(f"{out} is in use by process {pid} (another run with the same "
-                                         "--out); wait for it or choose another --out") from None
-                lock.unlink(missing_ok=True)   # stale: its process is gone
-        else:
-            raise RunFolderError(f"could not lock {out}")
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-    except OSError as e:   # read-only, not a folder, no space...
-        raise RunFolderError(f"cannot write to {out} ({e.strerror}): choose a writable --out") from None
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

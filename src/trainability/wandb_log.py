@@ -19,6 +19,11 @@ def task_metrics(task_rec: dict) -> dict:
             **{f"indicators/{k}": v for k, v in (task_rec["indicators"] or {}).items()}}
 
 
+def decision_metrics(rows: dict) -> dict:
+    """What W&B gets at a decision step (wandb.log_decisions), from its rows {layer: {field: value}}."""
+    return {f"layer{l}/{k}": v for l, r in rows.items() for k, v in r.items() if k != "rule"}
+
+
 def run_summary(record: dict) -> dict:
     """The W&B run summary of a finished record."""
     tasks = record["tasks"]
@@ -104,3 +109,32 @@ class WandbLogger:
         except Exception as e:  # noqa: BLE001
             self._fail(e)
         self.run = None
+
+
+def run_logger(cfg: dict, meta: dict) -> WandbLogger:
+    """The W&B run of one run (meta: its run and scale names), as both engines name and tag it."""
+    w = cfg["wandb"]
+    run, scale = meta.get("run", "run"), meta.get("scale", "custom")
+    return WandbLogger(cfg, project=w["project"], entity=w["entity"], mode=w["mode"], dir=w["dir"],
+                       name=w["name"] or f"{scale}/{run}/seed{cfg['seed']}",
+                       group=w["group"] or f"{scale}/{run}", job_type=cfg["arm"],
+                       tags=[scale, cfg["arm"], run.split("-")[0], *w["tags"]])
+
+
+def replay_record(rec: dict, cfg: dict, meta: dict) -> None:
+    """Replay a finished record into W&B, as the one-model engine logs it live (the batched engine's runs,
+    after their job): the decisions, the task entries and the summary."""
+    logger = run_logger(cfg, meta)
+    if logger.run is None:
+        return
+    d = rec["decisions"]
+    if cfg["wandb"]["log_decisions"]:
+        for i, s in enumerate(d["step"]):
+            logger.log(decision_metrics({l: {k: v[i] for k, v in series.items()} for l, series in d["layers"].items()}),
+                       step=s)
+    step = 0
+    for tr in rec["tasks"]:
+        step += tr["steps"]
+        logger.log(task_metrics(tr), step=step)
+    logger.summary(dict(run_summary(rec), batched=True))
+    logger.finish(exit_code=0 if rec["status"] == "completed" else 1)
