@@ -53,11 +53,15 @@ def _comparable(rec):
 
 # On a GPU (TRAINABILITY_TEST_DEVICE=cuda) baddbmm and addmm sum in different orders: alpha_g = B||g||^2 /
 # sigma2, a ratio of nearly cancelling sums, then differs by up to ~2e-3 (H200, torch 2.11).
+# A CPU's kernels can do the same: on the AMD EPYCs of 2026-11 both engines agreed within 1e-3, on an Intel
+# Xeon with AVX-512 (2026-12-07) alpha_g drifted apart by 1.3e-3 by the sixth decision of the authors' stream
+# test and one end-of-task prediction flipped, on the code that had passed on the EPYCs. So every device
+# gets the GPU's tolerance: a wrong factor, rule or step still moves the records far beyond it.
 ON_CPU = os.environ.get("TRAINABILITY_TEST_DEVICE", "cpu") == "cpu"
-RTOL = 1e-3 if ON_CPU else 5e-3
+RTOL = 5e-3
 # and accuracies are counts over a few hundred images: one prediction near a tie flipped by that rounding
 # moves an end-of-task accuracy by 1/600 (an H100 did, for relu-vanilla's third task, 2026-11-27)
-ACC_ATOL = 0.0 if ON_CPU else 3 / 600
+ACC_ATOL = 3 / 600
 
 
 def _structure(x):
@@ -185,11 +189,13 @@ def test_batchnorm_models_equal_single_runs(tmp_path, mnist_root):
     # an accuracy may differ by a few of the 512 images (counts measured: at most 2).
     # The Wasserstein model (3) adds the sort's amplification (bench/README.md: rounding_sensitivity.py): on an AMD EPYC
     # CPU its third task's indicators differed by 0.2% between the engines (2026-11-27). It is compared in
-    # its first task and first decision, and in its record's shape.
+    # its first task and first decision, and in its record's shape. So is the scheduled model (4): its
+    # alpha_agg reads the Adam state of that bias, whose rounding noise moved its window's Vol by 3% between
+    # the engines by the third decision on an Intel Xeon (2026-12-07; within 1e-3 on the EPYCs).
     acc = ("online_acc", "end_acc")
     for i, (s, b) in enumerate(zip(singles, batch)):
         s, b = _comparable(s), _comparable(b)
-        if i == 3:
+        if i in (3, 4):
             assert _structure(s) == _structure(b)
             for rec in (s, b):
                 rec["tasks"], rec["decisions"] = rec["tasks"][:1], _first_decision(rec)

@@ -172,9 +172,11 @@ def fig4(runs, ctx):
 
 
 def fig5(runs, ctx):
-    """Paper Fig. 5: task accuracy of vanilla vs reset vs per-layer scheduler, per method."""
+    """Paper Fig. 5: task accuracy of vanilla vs reset vs per-layer scheduler, per method; with Eq. 2 as the
+    paper writes it beside the scheduler where a scale runs both (the paper scale: the paper as run vs as
+    written)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    arm_panels(axes, runs, ("vanilla", "reset", "scheduled"), ema=ctx["ema"])
+    arm_panels(axes, runs, ("vanilla", "reset", "scheduled", "eq2"), ema=ctx["ema"])
     finish(fig, "fig5", ctx["title"], ctx["scale"], runs)
     return fig
 
