@@ -254,7 +254,7 @@ def test_forms_rows_judge_each_scheduler_form_against_the_papers_task1_level():
     task 1 (vanilla against the vanilla level), and a 'beats vanilla' row per scheduled form."""
     def summ(*accs):
         return analysis.run_summary([make_record(s, accs=(a,)) for s, a in enumerate(accs)])
-    runs = {"crelu-vanilla": summ(0.10, 0.10), "crelu-eq2": summ(0.10, 0.10), "crelu-authors": summ(0.60, 0.62),
+    runs = {"crelu-vanilla": summ(0.10, 0.10), "crelu-scheduled": summ(0.10, 0.10), "crelu-authors": summ(0.60, 0.62),
             "crelu-authors-nowarm": summ(0.14, 0.15)}
     rows = {r[0]: r for r in verdicts.forms_rows({"ablation-forms": {"runs": runs}})}
     assert rows["Fig. 5 task 1, CReLU, vanilla"][3] == verdicts.REP

@@ -358,8 +358,8 @@ def ablation_stream(runs, ctx):
     return fig
 
 
-FORM_COLORS = {"vanilla": "0.25", "eq2": "tab:blue", "authors": "tab:red", "authors-nowarm": "tab:purple"}
-FORM_TICKS = {"vanilla": "vanilla", "eq2": "Eq. 2\nas written", "authors": "authors'\nbound", "authors-nowarm":
+FORM_COLORS = {"vanilla": "0.25", "scheduled": "tab:blue", "authors": "tab:red", "authors-nowarm": "tab:purple"}
+FORM_TICKS = {"vanilla": "vanilla", "scheduled": "Eq. 2\nas written", "authors": "authors'\nbound", "authors-nowarm":
               "authors' bound,\nno warm, cool .95"}
 
 
@@ -370,7 +370,7 @@ def ablation_forms(runs, ctx):
     Fig. 5 at task 1; bottom: each scheduled form's per-layer LR through task 1, with its cool / warm
     decision counts per layer (mean over seeds)."""
     methods = [m for m in METHODS if any(runs.get(f"{m}-{f}") for f in FORMS)]
-    fig, axes = plt.subplots(2, len(methods), figsize=(5.4 * len(methods), 8.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(methods), figsize=(5.4 * len(methods), 9.2), squeeze=False)
     for col, method in enumerate(methods):
         ax, top = axes[0, col], 0.2
         forms = [f for f in FORMS if f"{method}-{f}" in runs]
@@ -412,8 +412,7 @@ def ablation_forms(runs, ctx):
         ax.set_title(f"{METHOD_NAMES[method]}: learned LR through task 1")
         if ax.lines:
             ax.legend(loc="upper right", fontsize=7)
-            ax.text(0.02, 0.02, "\n".join(text), transform=ax.transAxes, fontsize=7, va="bottom",
-                    bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+            ax.text(0.0, -0.2, "\n".join(text), transform=ax.transAxes, fontsize=7, va="top")
         else:
             note(ax, "no decisions")
     finish(fig, "ablation-forms", ctx["title"], ctx["scale"], runs)
