@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError
 from .record import DamagedFileError, save_checkpoint
 
 RESTART = "rerun with --fresh, or delete it, to start that run over"
@@ -67,11 +66,8 @@ def steps_per_task(cfg: dict) -> tuple[int, int, int]:
     """(epochs, steps per epoch, steps per task); an epoch keeps its last partial minibatch unless
     stream.drop_last (the authors' DataLoader keeps it: 60,000 images -> 235 steps [code])."""
     epochs = max(1, round(cfg["epochs_per_task"] * cfg["epochs_factor"]))
-    n, B = cfg["stream"]["n_images"], cfg["batch_size"]
+    n, B = cfg["stream"]["n_images"], cfg["batch_size"]   # n >= B: config.validate_run, where it enters
     per_epoch = n // B if cfg["stream"]["drop_last"] else -(-n // B)
-    if per_epoch < 1:
-        raise ConfigError(f"stream.n_images ({cfg['stream']['n_images']}) must be >= batch_size "
-                          f"({cfg['batch_size']})")
     return epochs, per_epoch, epochs * per_epoch
 
 
