@@ -9,7 +9,7 @@ from .. import config
 from ..data import DataError
 from ..devices import pick_device
 from ..planning import check_batchable, stack_phases
-from ..record import RECORD_NAME, RunFolderError, run_folder_lock
+from ..record import RECORD_NAME, DamagedFileError, RunFolderError, run_folder_lock
 from .engine import run_batched
 
 
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                 locks.enter_context(run_folder_lock(Path(d)))
             recs = run_batched(cfgs, dirs, metas=[{"run": r, "scale": scale} for r, _ in jobs], resume=not args.fresh,
                                progress=not args.no_progress)
-    except (RunFolderError, DataError) as e:
+    except (RunFolderError, DataError, DamagedFileError) as e:   # one line: the file and the remedy
         print(f"error: {e}", file=sys.stderr)
         return 2
     for (r, s), rec in zip(jobs, recs):
