@@ -97,7 +97,7 @@ def table1(params: dict, scale: str) -> str:
         rows.append([f"`{k}`", show(v), tag])
     refined = params["scales"][scale].get("families", {})   # the scale's refinements, merged in
     families = [[f"`{f}`", f"`{json.dumps(deep_merge(o or {}, refined.get(f)), sort_keys=True)}`",
-                 RUN_TAGS.get(f, "") + (f"; scheduler: `scales.{scale}.families` [code]" if f in refined else "")]
+                 RUN_TAGS.get(f, "") + (f"; refined by `scales.{scale}.families`" if f in refined else "")]
                 for f, o in sorted(params.get("families", {}).items())]
     runs = [[f"`{r}`", f"`{json.dumps(o or {}, sort_keys=True)}`", RUN_TAGS.get(r.split("-")[0], "")]
             for r, o in sorted(params["runs"].items())]
